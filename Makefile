@@ -1,0 +1,40 @@
+# The whole set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+WORKDIR ?= runs/demo
+# constraints.txt pins the versions tested together here; drop it (CONSTRAINTS=) on newer hosts.
+CONSTRAINTS ?= -c constraints.txt
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-slow bench venv clean
+
+$(VENV)/.installed: setup.py constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q $(CONSTRAINTS) -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(PIP) install -q $(CONSTRAINTS) -e ".[test]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) -m rat_jax.main --config=configs/demo.py --workdir=$(WORKDIR)
+
+# Default test run (< ~15 min on 2 cores). Exit code 5 (no tests collected) counts as failure
+# of the set-up, so it is reported, not hidden.
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+
+test-slow: $(VENV)/.installed-test
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS) tests
+
+bench: $(VENV)/.installed-test
+	$(PY) bench/members.py --quick
+
+clean:
+	rm -rf $(VENV) runs
