@@ -1,0 +1,19 @@
+"""Test set-up: 8 emulated CPU devices, before any JAX device use."""
+import os
+import pathlib
+
+import jax
+import pytest
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PACS_ROOT = REPO.parent / "shared" / "datasets" / "PACS"
+
+
+@pytest.fixture
+def pacs_root():
+    """The real PACS dataset beside the repo; tests using it skip when it is absent."""
+    if not PACS_ROOT.is_dir():
+        pytest.skip(f"PACS not found at {PACS_ROOT}")
+    return PACS_ROOT
