@@ -55,24 +55,25 @@ def test_tf_same_pads_put_extra_pixel_at_end():
 def test_param_tree_is_identical_for_every_conv_impl_and_logits_agree(arch):
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
     ref_model = create_model(arch, 5, conv_impl="xla")
-    variables = ref_model.init(jax.random.key(0), x)
-    ref = ref_model.apply(variables, x)
+    variables = jax.jit(ref_model.init)(jax.random.key(0), x)
+    ref = jax.jit(ref_model.apply)(variables, x)
     for impl in ("im2col", "auto"):
         model = create_model(arch, 5, conv_impl=impl)
         shapes = jax.eval_shape(model.init, jax.random.key(0), x)
         assert jax.tree.structure(shapes) == jax.tree.structure(variables)
-        np.testing.assert_allclose(model.apply(variables, x), ref, atol=1e-4, rtol=1e-4)
+        assert jax.tree.map(lambda a: a.shape, shapes) == jax.tree.map(lambda a: a.shape, variables)
+        np.testing.assert_allclose(jax.jit(model.apply)(variables, x), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_frozen_bn_stats_do_not_change_and_scale_bias_get_gradients():
     model = create_model("resnet_tiny", 3)
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
-    v = model.init(jax.random.key(0), x)
-    out, mutated = model.apply(v, x, train=True, rngs={"dropout": jax.random.key(2)},
-                               mutable=["batch_stats"])
+    v = jax.jit(model.init)(jax.random.key(0), x)
+    out, mutated = jax.jit(lambda v, x: model.apply(v, x, train=True, rngs={"dropout": jax.random.key(2)},
+                                                    mutable=["batch_stats"]))(v, x)
     for a, b in zip(jax.tree.leaves(mutated["batch_stats"]), jax.tree.leaves(v["batch_stats"])):
         np.testing.assert_array_equal(a, b)
-    grads = jax.grad(lambda p: model.apply({**v, "params": p}, x).sum())(v["params"])
+    grads = jax.jit(jax.grad(lambda p: model.apply({**v, "params": p}, x).sum()))(v["params"])
     assert float(jnp.abs(grads["featurizer"]["bn1"]["scale"]).sum()) > 0
     assert float(jnp.abs(grads["featurizer"]["layer1_0"]["bn2"]["bias"]).sum()) > 0
 
@@ -93,13 +94,14 @@ def test_dropout_rate_is_an_array_and_scales_kept_units():
 def test_features_only_and_train_dropout_paths():
     model = create_model("resnet_tiny", 4)
     x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
-    v = model.init(jax.random.key(0), x)
-    feats = model.apply(v, x, features_only=True)
+    v = jax.jit(model.init)(jax.random.key(0), x)
+    feats = jax.jit(lambda v, x: model.apply(v, x, features_only=True))(v, x)
     assert feats.shape == (3, model.num_features) == (3, 128)
-    logits = model.apply(v, x)
+    logits = jax.jit(model.apply)(v, x)
     np.testing.assert_allclose(feats @ v["params"]["classifier"]["kernel"]
                                + v["params"]["classifier"]["bias"], logits, atol=1e-5)
-    same = model.apply(v, x, train=True, dropout_rate=0.0, rngs={"dropout": jax.random.key(3)})
+    same = jax.jit(lambda v, x: model.apply(v, x, train=True, dropout_rate=0.0,
+                                            rngs={"dropout": jax.random.key(3)}))(v, x)
     np.testing.assert_allclose(same, logits, atol=1e-6)
 
 
