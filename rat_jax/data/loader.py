@@ -1,0 +1,254 @@
+"""Per-member training streams and evaluation iteration.
+
+Every step, each member draws one batch of `batch_size` per training env, with replacement,
+from that env's `in` split, and the per-env batches are concatenated in env order (DomainBed's
+InfiniteDataLoader + RandomSampler(replacement=True)). Step s of member m depends only on
+(seed_m, s): sample indices and augmentation come from numpy Generators seeded by
+(seed_m, s, env) -- so the stream is deterministic, resumable from a step count, and can be
+computed by any number of workers in any order.
+"""
+import collections
+import concurrent.futures
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from rat_jax.data import transforms as T
+from rat_jax.data.store import _DEFAULT, ImageStore, default_workers, train_side_for
+
+STATE_VERSION = 1
+
+
+def _as_list(x, n, what):
+    if isinstance(x, (int, np.integer)):
+        return [int(x)] * n
+    x = [int(v) for v in x]
+    if len(x) != n:
+        raise ValueError(f"{what} has {len(x)} entries for {n} members")
+    return x
+
+
+class MemberLoader:
+    """Iterator of dict(images=[M, D*B, H, W, 3] float32, labels=[M, D*B] int32).
+
+    `seeds`: one stream seed per member (e.g. protocol.run_seed). `trial_seeds`: the split
+    seed per member (int for all). `train_envs`: env indices trained on, in env order.
+    `output="uint8"` skips normalization (normalize on device with transforms.normalize).
+    """
+
+    def __init__(self, dataset, train_envs: Sequence[int], seeds: Sequence[int], *,
+                 trial_seeds: Union[int, Sequence[int]] = 0, batch_size: int = 32,
+                 image_size: int = 224, augment: bool = True, holdout_fraction: float = 0.2,
+                 store: Optional[ImageStore] = None, cache_dir=_DEFAULT,
+                 cache_side: Optional[int] = None, workers: Optional[int] = None,
+                 prefetch: int = 2, output: str = "float32"):
+        if not len(seeds):
+            raise ValueError("MemberLoader needs at least one member seed")
+        if any(int(s) < 0 for s in seeds):
+            raise ValueError(f"member seeds must be >= 0, got {list(seeds)}")
+        if output not in ("float32", "uint8"):
+            raise ValueError(f"output={output!r}: use 'float32' or 'uint8'")
+        self.dataset = dataset
+        self.train_envs = [dataset.env_index(e) for e in train_envs]
+        if not self.train_envs:
+            raise ValueError("train_envs is empty: pass the indices of the envs to train on")
+        self.seeds = [int(s) for s in seeds]
+        self.trial_seeds = _as_list(trial_seeds, len(self.seeds), "trial_seeds")
+        self.batch_size, self.image_size, self.augment = batch_size, image_size, augment
+        self.output = output
+        self.store = store or ImageStore(dataset, cache_dir, workers)
+        self.cache_side = cache_side or train_side_for(image_size)
+        self.workers = workers or default_workers()
+        self.prefetch = prefetch
+        splits = {t: dataset.splits(t, holdout_fraction) for t in set(self.trial_seeds)}
+        self.pools = [[splits[t][e][1] for e in self.train_envs] for t in self.trial_seeds]
+        for e, pool in zip(self.train_envs, self.pools[0]):
+            if len(pool) == 0:
+                raise ValueError(f"env {dataset.envs[e]!r} has an empty in split; it cannot be "
+                                 "trained on")
+        self._pool = None
+        self._producer = None
+        self._queue = collections.deque()
+        self._step = 0
+
+    @property
+    def num_members(self):
+        return len(self.seeds)
+
+    # -- pure per-step computation ----------------------------------------------------------
+    def plan(self, step: int):
+        """[(member, slot, env, dataset index, sample seed)] of one step, fully determined."""
+        out = []
+        for m, seed in enumerate(self.seeds):
+            for d, (env, pool) in enumerate(zip(self.train_envs, self.pools[m])):
+                rng = np.random.default_rng([seed, step, env])
+                picks = pool[rng.integers(0, len(pool), self.batch_size)]
+                sample_seeds = rng.integers(0, 2**63 - 1, self.batch_size)
+                for b in range(self.batch_size):
+                    out.append((m, d * self.batch_size + b, env, int(picks[b]),
+                                int(sample_seeds[b])))
+        return out
+
+    def _sample(self, env, idx, sample_seed):
+        if not self.augment:
+            return self.store.eval_array(env, idx, self.image_size)
+        img = self.store.train_image(env, idx, self.cache_side)
+        return T.train_transform_uint8(img, self.image_size, np.random.default_rng(sample_seed))
+
+    def batch(self, step: int) -> dict:
+        """The batch of `step` (same result whenever and wherever it is computed)."""
+        plan = self.plan(step)
+        m_count, n = self.num_members, len(self.train_envs) * self.batch_size
+        images = np.empty((m_count, n, self.image_size, self.image_size, 3), np.uint8)
+        labels = np.empty((m_count, n), np.int32)
+        samples = self.dataset.samples
+
+        def one(item):
+            m, slot, env, idx, sseed = item
+            images[m, slot] = self._sample(env, idx, sseed)
+            labels[m, slot] = samples[env][idx][1]
+        pool = self._get_pool()
+        if pool is None:
+            for item in plan:
+                one(item)
+        else:
+            list(pool.map(one, plan))
+        return {"images": T.normalize(images) if self.output == "float32" else images,
+                "labels": labels}
+
+    # -- iteration with prefetch ------------------------------------------------------------
+    def _get_pool(self):
+        if self.workers <= 1:
+            return None
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(self.workers)
+        return self._pool
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        if self.prefetch <= 0:
+            out = self.batch(self._step)
+        else:
+            if self._producer is None:
+                self._producer = concurrent.futures.ThreadPoolExecutor(1)
+            while len(self._queue) <= self.prefetch:
+                s = self._step + len(self._queue)
+                self._queue.append((s, self._producer.submit(self.batch, s)))
+            s, fut = self._queue.popleft()
+            assert s == self._step
+            out = fut.result()
+        self._step += 1
+        return out
+
+    def get_state(self) -> dict:
+        """JSON-serializable position: the next step returned, plus what defines the stream."""
+        return {"version": STATE_VERSION, "step": self._step, "seeds": list(self.seeds),
+                "trial_seeds": list(self.trial_seeds), "train_envs": list(self.train_envs),
+                "batch_size": self.batch_size, "image_size": self.image_size,
+                "augment": self.augment, "dataset": self.dataset.identity}
+
+    def set_state(self, state: dict):
+        """Continue from a get_state() result; refuses a state of a different stream."""
+        mine = self.get_state()
+        diff = [k for k in mine if k not in ("step",) and k in state and state[k] != mine[k]]
+        if diff:
+            raise ValueError(f"loader state differs in {diff} "
+                             f"(state {[state[k] for k in diff]}, loader {[mine[k] for k in diff]});"
+                             " build the loader with the same dataset, members and sizes")
+        self._drop_prefetch()
+        self._step = int(state["step"])
+
+    def _drop_prefetch(self):
+        for _, fut in self._queue:
+            fut.cancel()
+        for _, fut in self._queue:
+            if not fut.cancelled():
+                try:
+                    fut.result()
+                except Exception:
+                    pass
+        self._queue.clear()
+
+    def close(self):
+        self._drop_prefetch()
+        for ex in (self._producer, self._pool):
+            if ex is not None:
+                ex.shutdown(wait=True)
+        self._producer = self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+_SPLIT_CODES = {"out": 0, "in": 1, "all": 2}
+
+
+def eval_indices(dataset, trial_seed: int = 0, holdout_fraction: float = 0.2):
+    """{(env, split): indices} for split in in/out/all (all = every image, file order)."""
+    out = {}
+    for env, (o, i) in enumerate(dataset.splits(trial_seed, holdout_fraction)):
+        out[(env, "out")], out[(env, "in")] = o, i
+        out[(env, "all")] = np.arange(len(dataset.samples[env]))
+    return out
+
+
+def iterate_eval(dataset, *, trial_seed: int = 0, envs: Optional[Sequence[int]] = None,
+                 splits: Sequence[str] = ("in", "out"), batch_size: int = 64,
+                 image_size: int = 224, augment: bool = False, seed: int = 0,
+                 holdout_fraction: float = 0.2, store: Optional[ImageStore] = None,
+                 cache_dir=_DEFAULT, workers: Optional[int] = None, pad: bool = True,
+                 output: str = "float32") -> Iterator[dict]:
+    """Walk each env's splits once in fixed-size batches.
+
+    Yields dict(env, split, images [B, H, W, 3], labels [B] int32, mask [B] bool). With
+    pad=True the last batch is padded to batch_size (mask False on padding), else short.
+    augment=True applies the train transform (the reference's augmented validation), seeded
+    by (seed, env, split, position) so it is repeatable.
+    """
+    for s in splits:
+        if s not in _SPLIT_CODES:
+            raise ValueError(f"unknown split {s!r}: use 'in', 'out' or 'all'")
+    store = store or ImageStore(dataset, cache_dir, workers)
+    workers = workers or default_workers()
+    side = train_side_for(image_size)
+    index = eval_indices(dataset, trial_seed, holdout_fraction)
+    env_list = range(dataset.num_envs) if envs is None else [dataset.env_index(e) for e in envs]
+    pool = concurrent.futures.ThreadPoolExecutor(workers) if workers > 1 else None
+    try:
+        for env in env_list:
+            labels_all = dataset.labels(env)
+            for split in splits:
+                idx = index[(env, split)]
+                for start in range(0, len(idx), batch_size):
+                    chunk = idx[start:start + batch_size]
+                    n = batch_size if pad else len(chunk)
+                    images = np.zeros((n, image_size, image_size, 3), np.uint8)
+
+                    def one(k):
+                        i = int(chunk[k])
+                        if augment:
+                            rng = np.random.default_rng([seed, env, _SPLIT_CODES[split], start + k])
+                            images[k] = T.train_transform_uint8(
+                                store.train_image(env, i, side), image_size, rng)
+                        else:
+                            images[k] = store.eval_array(env, i, image_size)
+                    if pool is None:
+                        for k in range(len(chunk)):
+                            one(k)
+                    else:
+                        list(pool.map(one, range(len(chunk))))
+                    labels = np.zeros(n, np.int32)
+                    labels[:len(chunk)] = labels_all[chunk]
+                    mask = np.zeros(n, bool)
+                    mask[:len(chunk)] = True
+                    yield {"env": env, "split": split,
+                           "images": T.normalize(images) if output == "float32" else images,
+                           "labels": labels, "mask": mask}
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)

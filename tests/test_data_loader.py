@@ -1,0 +1,156 @@
+"""Member loader and eval iteration: shapes, determinism, resume, cache, eval coverage."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from rat_jax.data import ImageStore, MemberLoader, iterate_eval, load_folder
+from rat_jax.data import transforms as T
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """3 envs x 2 classes of small random RGB images (sizes vary, some above the cache cap)."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "tiny"
+    for e, n in (("e0", 7), ("e1", 9), ("e2", 5)):
+        for c in ("a", "b"):
+            os.makedirs(root / e / c)
+            for i in range(n):
+                w, h = int(rng.integers(12, 40)), int(rng.integers(12, 40))
+                Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+                    root / e / c / f"{i}.png")
+    return load_folder(root)
+
+
+def _loader(ds, tmp_path, **kw):
+    args = dict(batch_size=4, image_size=16, cache_dir=str(tmp_path / "cache"), workers=2)
+    args.update(kw)
+    return MemberLoader(ds, [0, 2], [11, 22], **args)
+
+
+def test_shapes_and_env_order(tiny, tmp_path):
+    with _loader(tiny, tmp_path) as loader:
+        batch = next(loader)
+        assert batch["images"].shape == (2, 8, 16, 16, 3) and batch["images"].dtype == np.float32
+        assert batch["labels"].shape == (2, 8) and batch["labels"].dtype == np.int32
+        plan = loader.plan(0)
+    assert [p[2] for p in plan if p[0] == 0] == [0] * 4 + [2] * 4  # env order, B per env
+    assert abs(float(batch["images"].mean())) < 2
+
+
+def test_samples_in_split_with_replacement(tiny, tmp_path):
+    loader = _loader(tiny, tmp_path, batch_size=32)
+    pools = [set(p.tolist()) for p in loader.pools[0]]
+    picks = {0: [], 2: []}
+    for step in range(3):
+        for m, _, env, idx, _ in loader.plan(step):
+            picks[env].append(idx)
+    assert set(picks[0]) <= pools[0] and set(picks[2]) <= pools[1]
+    assert len(picks[2]) > len(pools[1])  # 96 draws from 8 in-split images: repeats
+
+
+def test_deterministic_and_members_differ(tiny, tmp_path):
+    a = [next(_loader(tiny, tmp_path)) for _ in range(1)][0]
+    b = next(_loader(tiny, tmp_path, workers=1, prefetch=0))
+    assert np.array_equal(a["images"], b["images"]) and np.array_equal(a["labels"], b["labels"])
+    assert not np.array_equal(a["images"][0], a["images"][1])
+
+
+def test_resume_state(tiny, tmp_path):
+    loader = _loader(tiny, tmp_path)
+    for _ in range(3):
+        next(loader)
+    state = json.loads(json.dumps(loader.get_state()))
+    expected = next(loader)
+    loader.close()
+    fresh = _loader(tiny, tmp_path)
+    fresh.set_state(state)
+    got = next(fresh)
+    assert np.array_equal(got["images"], expected["images"]) and fresh.get_state()["step"] == 4
+    other = MemberLoader(tiny, [0, 2], [11, 23], batch_size=4, image_size=16, cache_dir=None)
+    with pytest.raises(ValueError, match=r"state differs in \['seeds'\]"):
+        other.set_state(state)
+
+
+def test_cache_second_run_decodes_nothing(tiny, tmp_path, monkeypatch):
+    first = next(_loader(tiny, tmp_path))                       # builds the cache
+    cold = next(_loader(tiny, tmp_path, cache_dir=None))        # decodes every file
+    monkeypatch.setattr(T, "decode", lambda p: (_ for _ in ()).throw(AssertionError(p)))
+    second = next(_loader(tiny, tmp_path))
+    assert np.array_equal(first["images"], second["images"])
+    assert np.array_equal(first["labels"], cold["labels"])  # same draws; pixels differ only
+    assert np.abs(first["images"] - cold["images"]).mean() < 0.5  # by the capped resampling
+
+
+def test_cached_eval_is_exact(tiny, tmp_path):
+    cold = list(iterate_eval(tiny, image_size=16, batch_size=5, cache_dir=None))
+    warm = list(iterate_eval(tiny, image_size=16, batch_size=5, cache_dir=str(tmp_path / "c")))
+    assert len(cold) == len(warm)
+    for a, b in zip(cold, warm):
+        assert np.array_equal(a["images"], b["images"])
+
+
+def test_uncapped_train_cache_is_exact(tiny, tmp_path):
+    # cache_side larger than every image: the cached image is the original.
+    kw = dict(cache_side=64)
+    a = next(_loader(tiny, tmp_path, **kw))
+    b = next(_loader(tiny, tmp_path, cache_dir=None, **kw))
+    assert np.array_equal(a["images"], b["images"])
+
+
+def test_iterate_eval_covers_splits_once(tiny, tmp_path):
+    seen = {}
+    for batch in iterate_eval(tiny, image_size=8, batch_size=4, cache_dir=str(tmp_path / "c")):
+        assert batch["images"].shape == (4, 8, 8, 3) and batch["mask"].shape == (4,)
+        key = (batch["env"], batch["split"])
+        seen[key] = seen.get(key, 0) + int(batch["mask"].sum())
+    sizes = tiny.env_sizes()
+    for env, n in enumerate(sizes):
+        assert seen[(env, "out")] == int(n * 0.2) and seen[(env, "in")] == n - int(n * 0.2)
+    short = list(iterate_eval(tiny, envs=[1], splits=["all"], image_size=8, batch_size=4,
+                              pad=False, cache_dir=None))
+    assert [len(b["labels"]) for b in short] == [4, 4, 4, 4, 2]
+    assert np.concatenate([b["labels"] for b in short]).tolist() == tiny.labels(1).tolist()
+
+
+def test_iterate_eval_augmented_is_repeatable(tiny, tmp_path):
+    kw = dict(image_size=8, batch_size=4, augment=True, cache_dir=None, envs=[0], splits=["out"])
+    a, b = next(iterate_eval(tiny, **kw)), next(iterate_eval(tiny, **kw))
+    c = next(iterate_eval(tiny, seed=1, **kw))
+    assert np.array_equal(a["images"], b["images"]) and not np.array_equal(a["images"], c["images"])
+
+
+def test_bad_arguments(tiny):
+    with pytest.raises(ValueError, match="at least one member"):
+        MemberLoader(tiny, [0], [], cache_dir=None)
+    with pytest.raises(ValueError, match="train_envs is empty"):
+        MemberLoader(tiny, [], [1], cache_dir=None)
+    with pytest.raises(ValueError, match="trial_seeds has 3 entries for 2 members"):
+        MemberLoader(tiny, [0], [1, 2], trial_seeds=[0, 1, 2], cache_dir=None)
+    with pytest.raises(ValueError, match="unknown split 'val'"):
+        next(iterate_eval(tiny, splits=["val"], cache_dir=None))
+
+
+def test_pacs_loader_subset(pacs_root, tmp_path):
+    from rat_jax.data import load_domainbed
+    ds = load_domainbed("PACS", pacs_root.parent)
+    with MemberLoader(ds, [1, 2, 3], [5], batch_size=2, image_size=32, cache_dir=None) as loader:
+        batch = next(loader)
+    assert batch["images"].shape == (1, 6, 32, 32, 3)
+    assert batch["labels"].max() < 7
+
+
+@pytest.mark.slow
+def test_pacs_full_cache(pacs_root, tmp_path):
+    """Decode all of PACS once into the cache, then iterate eval without decoding any JPEG."""
+    from rat_jax.data import load_domainbed
+    ds = load_domainbed("PACS", pacs_root.parent)
+    store = ImageStore(ds, str(tmp_path))
+    store.warm(eval_size=32)
+    counts = {}
+    for batch in iterate_eval(ds, image_size=32, batch_size=256, store=store, splits=["all"]):
+        counts[batch["env"]] = counts.get(batch["env"], 0) + int(batch["mask"].sum())
+    assert [counts[e] for e in range(4)] == [2048, 2344, 1670, 3929]
