@@ -9,8 +9,27 @@ import jax
 DEFAULT_CPU_DEVICES = 8
 
 
+def enable_compilation_cache(path: str | None = None) -> None:
+    """Persist compiled XLA programs across processes ($RAT_JAX_COMPILE_CACHE or ~/.cache/rat_jax/xla):
+    reruns, resumes and tests skip recompiling the same steps."""
+    path = path or os.environ.get("RAT_JAX_COMPILE_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "rat_jax", "xla")
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def quiet_logs() -> None:
+    """Orbax logs every save at INFO through absl; keep the console for progress and the table."""
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
+
+
 def setup(config=None) -> None:
-    """Emulate `config.engine.cpu_devices` host devices on CPU (0 = default); idempotent."""
+    """Emulate `config.engine.cpu_devices` host devices on CPU (0 = default), enable the compilation
+    cache and quiet library logs; idempotent."""
+    enable_compilation_cache()
+    quiet_logs()
     engine = getattr(config, "engine", None) if config is not None else None
     n = int(engine.get("cpu_devices", 0)) if engine is not None else 0
     n = n or int(os.environ.get("RAT_JAX_CPU_DEVICES", DEFAULT_CPU_DEVICES))

@@ -186,8 +186,13 @@ def build_demo_dataset(name: str, cache_dir=None, usps: bool = True) -> str:
     base = demo_root(cache_dir)
     path = os.path.join(base, name)
     marker = os.path.join(path, "BUILD.json")
-    if os.path.exists(marker) and json.load(open(marker)).get("version") == BUILD_VERSION:
-        return path
+    if os.path.exists(marker):
+        built = json.load(open(marker))
+        # A digits build made without USPS (usps=False) is not reused when USPS is asked for.
+        lacks_usps = (name == "digits" and usps and "usps" not in built.get("domains", [])
+                      and not built.get("usps_attempted", False))
+        if built.get("version") == BUILD_VERSION and not lacks_usps:
+            return path
     os.makedirs(base, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{name}-", dir=base)
     try:
@@ -203,7 +208,8 @@ def build_demo_dataset(name: str, cache_dir=None, usps: bool = True) -> str:
             shutil.rmtree(tmp, ignore_errors=True)
     # BUILD.json sits in the dataset root: a file, so it is not taken for a domain.
     with open(marker, "w") as f:
-        json.dump({"version": BUILD_VERSION, "name": name, **info}, f, indent=1)
+        json.dump({"version": BUILD_VERSION, "name": name, "usps_attempted": bool(usps), **info},
+                  f, indent=1)
     return path
 
 

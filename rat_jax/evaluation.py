@@ -1,0 +1,166 @@
+"""Evaluation on held arrays: load a split as uint8 images, jitted logits, accuracy and loss.
+
+Images stay uint8 on the host and are normalized on device (ImageNet mean/std, as
+`rat_jax.data.transforms.normalize`). Every batch has the same shape (the last one is padded), so
+one model is compiled once per (batch size, image size).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rat_jax.data.store import _DEFAULT
+from rat_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["load_split", "predict_logits", "predict_logits_stacked", "accuracy", "mean_loss",
+           "normalize_on_device", "take_member"]
+
+
+def load_split(dataset, *, trial_seed: int = 0, envs: Sequence[int | str] | None = None,
+               split: str = "all", image_size: int = 224, holdout_fraction: float = 0.2,
+               augment: bool = False, seed: int = 0, cache_dir=_DEFAULT,
+               workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, H, W, 3], labels int32 [N]): `split` ('in' | 'out' | 'all') of each env in
+    `envs` (all envs when None), concatenated in the order given.
+
+    `dataset` is a `DomainDataset` or anything `rat_jax.data.load_domainbed` accepts (a demo name,
+    a folder path).
+    """
+    from rat_jax.data import DomainDataset, iterate_eval, load_domainbed
+
+    if not isinstance(dataset, DomainDataset):
+        dataset = load_domainbed(dataset)
+    if split not in ("in", "out", "all"):
+        raise ValueError(f"split={split!r}: use 'in', 'out' or 'all'")
+    env_list = list(range(dataset.num_envs)) if envs is None else list(envs)
+    images, labels = [], []
+    for batch in iterate_eval(dataset, trial_seed=trial_seed, envs=env_list, splits=(split,),
+                              batch_size=256, image_size=image_size, augment=augment, seed=seed,
+                              holdout_fraction=holdout_fraction, cache_dir=cache_dir,
+                              workers=workers, pad=False, output="uint8"):
+        images.append(batch["images"])
+        labels.append(batch["labels"])
+    if not images:
+        return (np.zeros((0, image_size, image_size, 3), np.uint8), np.zeros((0,), np.int32))
+    return np.concatenate(images), np.concatenate(labels).astype(np.int32)
+
+
+def normalize_on_device(images_uint8: jax.Array) -> jax.Array:
+    """uint8 [..., 3] -> float32 ImageNet-normalized (same math as transforms.normalize)."""
+    x = images_uint8.astype(jnp.float32) * jnp.float32(1 / 255)
+    return (x - jnp.asarray(IMAGENET_MEAN)) * jnp.asarray(1 / IMAGENET_STD)
+
+
+@functools.lru_cache(maxsize=32)
+def _logits_fn(model):
+    """One jitted eval function per model (flax modules hash by their fields)."""
+    def fn(variables, images):
+        if images.dtype == jnp.uint8:
+            images = normalize_on_device(images)
+        return model.apply(variables, images, train=False).astype(jnp.float32)
+    return jax.jit(fn)
+
+
+def _get_fn(model):
+    try:
+        return _logits_fn(model)
+    except TypeError:  # an unhashable module: no cache, still one compile per call
+        return _logits_fn.__wrapped__(model)
+
+
+def _batches(n: int, batch_size: int):
+    bs = max(1, min(int(batch_size), n))
+    return bs, [(s, min(s + bs, n)) for s in range(0, n, bs)]
+
+
+def _padded(images: np.ndarray, start: int, stop: int, bs: int) -> np.ndarray:
+    chunk = images[start:stop]
+    if len(chunk) < bs:
+        pad = np.zeros((bs - len(chunk),) + chunk.shape[1:], chunk.dtype)
+        chunk = np.concatenate([chunk, pad])
+    return chunk
+
+
+def predict_logits(model, variables: dict, images, batch_size: int = 256) -> np.ndarray:
+    """Logits [N, C] (float32 numpy) of `model` with `variables` ({'params', 'batch_stats'}).
+
+    `images`: uint8 [N, H, W, 3] (normalized on device) or already-normalized float32.
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be [N, H, W, 3], got shape {images.shape}")
+    n = len(images)
+    if n == 0:
+        return np.zeros((0, _num_classes(variables)), np.float32)
+    fn = _get_fn(model)
+    bs, spans = _batches(n, batch_size)
+    out = [np.asarray(fn(variables, _padded(images, a, b, bs)))[: b - a] for a, b in spans]
+    return np.concatenate(out)
+
+
+def predict_logits_stacked(model, stacked_params: Any, batch_stats: Any, images,
+                           batch_size: int = 256) -> np.ndarray:
+    """Logits [M, N, C] of every member of `stacked_params` (leading member axis) with shared
+    frozen `batch_stats`. Each image batch is sent to the device once and run through every
+    member with the same compiled function."""
+    leaves = jax.tree.leaves(stacked_params)
+    if not leaves:
+        raise ValueError("predict_logits_stacked: stacked_params is empty")
+    m = int(leaves[0].shape[0])
+    members = [{"params": take_member(stacked_params, i), "batch_stats": batch_stats}
+               for i in range(m)]
+    images = np.asarray(images)
+    n = len(images)
+    if n == 0:
+        return np.zeros((m, 0, _num_classes(members[0])), np.float32)
+    fn = _get_fn(model)
+    bs, spans = _batches(n, batch_size)
+    out = [[] for _ in range(m)]
+    for a, b in spans:
+        batch = jax.device_put(_padded(images, a, b, bs))
+        for i, variables in enumerate(members):
+            out[i].append(fn(variables, batch))
+        for i in range(m):                      # fetch after dispatching every member
+            out[i][-1] = np.asarray(out[i][-1])[: b - a]
+    return np.stack([np.concatenate(o) for o in out])
+
+
+@jax.jit
+def _take(stacked, i):
+    return jax.tree.map(lambda x: x[i], stacked)
+
+
+def take_member(stacked: Any, i: int) -> Any:
+    """Member `i` of a stacked pytree (one compiled gather instead of one op per leaf)."""
+    return _take(stacked, jnp.int32(i))
+
+
+def accuracy(logits, labels) -> float:
+    """Top-1 accuracy of logits [N, C] (or [..., N, C]: mean over everything) against labels [N]."""
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    if labels.size == 0:
+        return float("nan")
+    return float(np.mean(np.argmax(logits, axis=-1) == labels))
+
+
+def mean_loss(logits, labels) -> float:
+    """Mean softmax cross-entropy (float64 on host) of logits [N, C] against labels [N]."""
+    logits = np.asarray(logits, np.float64)
+    labels = np.asarray(labels)
+    if labels.size == 0:
+        return float("nan")
+    z = logits - logits.max(axis=-1, keepdims=True)
+    logz = np.log(np.exp(z).sum(axis=-1))
+    picked = np.take_along_axis(z, labels[..., None].astype(np.int64), axis=-1)[..., 0]
+    return float(np.mean(logz - picked))
+
+
+def _num_classes(variables) -> int:
+    try:
+        return int(variables["params"]["classifier"]["bias"].shape[-1])
+    except (KeyError, TypeError):
+        return 0
