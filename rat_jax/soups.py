@@ -14,20 +14,29 @@ import numpy as np
 def average(stacked, weights=None, members: Sequence[int] | None = None):
     """Weighted mean over the member axis (uniform when `weights` is None) of a stacked pytree.
 
-    `members` restricts the average to those member indices (e.g. to drop flagged members).
+    `members` restricts the average to those member indices (e.g. to drop flagged members). One
+    compiled `tree_map` for every subset: excluded members get weight 0.
     """
+    m = int(jax.tree.leaves(stacked)[0].shape[0])
+    w = np.ones((m,), np.float64) if weights is None else np.asarray(weights, np.float64)
+    if w.shape != (m,):
+        raise ValueError(f"average(): {w.shape[0]} weights for {m} members.")
     if members is not None:
-        idx = np.asarray(members, dtype=np.int32)
+        idx = np.asarray(members, dtype=np.int64)
         if idx.size == 0:
             raise ValueError("average() got an empty member list: nothing to average.")
-        stacked = jax.tree.map(lambda x: x[idx], stacked)
-        weights = None if weights is None else np.asarray(weights)[idx]
-    if weights is None:
-        return jax.tree.map(lambda x: jnp.mean(x, axis=0), stacked)
-    w = jnp.asarray(weights, jnp.float32)
-    w = w / jnp.sum(w)
-    return jax.tree.map(lambda x: jnp.tensordot(w, x.astype(jnp.float32), axes=1).astype(x.dtype),
-                        stacked)
+        keep = np.zeros((m,), bool)
+        keep[idx] = True
+        w = np.where(keep, w, 0.0)
+    if w.sum() <= 0:
+        raise ValueError("average(): the weights sum to zero.")
+    return _weighted_mean(jnp.asarray(w / w.sum(), jnp.float32), stacked)
+
+
+@jax.jit
+def _weighted_mean(w, stacked):
+    return jax.tree.map(
+        lambda x: jnp.tensordot(w, x.astype(jnp.float32), axes=1).astype(x.dtype), stacked)
 
 
 def take_member(stacked, i: int):

@@ -1,0 +1,58 @@
+"""End to end: `python -m rat_jax.main --config=configs/demo.py:smoke` and its resume."""
+import json
+import math
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+from rat_jax import report
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+EXPECTED = {(m, s) for m, s, _ in report.ROW_ORDER}
+
+
+def _run(workdir, *extra):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "rat_jax.main", f"--config={REPO}/configs/demo.py:smoke",
+           f"--workdir={workdir}", *extra]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+def _table(stdout):
+    return "\n".join(l for l in stdout.splitlines() if l.startswith("|"))
+
+
+def test_demo_smoke_end_to_end_then_resume_without_training(tmp_path):
+    out1 = _run(tmp_path)
+    rows = json.loads((tmp_path / "results.json").read_text())
+    got = {(r["method"], r["selection"]) for r in rows}
+    assert got == EXPECTED, EXPECTED - got
+    for r in rows:
+        assert math.isfinite(r["accuracy"]) and 0.0 <= r["accuracy"] <= 1.0, r
+        assert set(report.ROW_KEYS) <= set(r)
+    dagger = [r for r in rows if r["selection"] == "Uniform†"]
+    assert all(r["trial"] == -1 and r["n_members"] == 2 * 3 for r in dagger)
+    assert re.search(r"Member runs trained by this invocation: [1-9]", out1)
+    assert (tmp_path / "results.md").read_text().strip().startswith("| Algorithm")
+    # Each stage left its fingerprint; the aux pool has a manifest with dataset identities.
+    manifest = json.loads((tmp_path / "aux" / "glyphs_notest" / "manifest.json").read_text())
+    assert len(manifest) == 2 and manifest[0]["identity"].startswith("glyphs:")
+
+    out2 = _run(tmp_path)
+    assert "Member runs trained by this invocation: 0." in out2
+    assert _table(out2) == _table(out1)
+
+
+def test_config_override_and_bad_test_env_is_a_clear_error(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "rat_jax.main", f"--config={REPO}/configs/demo.py:smoke",
+           f"--workdir={tmp_path}", "--config.target.test_envs=(7,)"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert res.returncode != 0
+    assert "config.target.test_envs has 7" in res.stderr
