@@ -33,22 +33,7 @@ def get_config(arg=None):
     })
     c.save_every = 40
     if arg == "smoke":
-        c.arch = "resnet_tiny"
-        c.foundation = "random"
-        c.image_size = 16
-        c.batch_size = 4
-        c.lp_steps = 1
-        c.n_aux_hparams = 2
-        c.n_hparams = 3
-        c.lp_probe_steps = 3
-        c.max_eval_images = 48
-        c.eval_batch_size = 64
-        c.target.steps, c.target.checkpoint_freq = 4, 2
-        c.target.test_envs = (0,)
-        for name in c.aux:
-            c.aux[name].steps, c.aux[name].checkpoint_freq = 3, 2
-        c.save_every = 1000          # only the end-of-run checkpoint
-        c.quiet = True
+        common.smoke(c)
     elif arg not in (None, ""):
         raise ValueError(f"Unknown variant {arg!r} for demo.py; use :smoke")
     return c

