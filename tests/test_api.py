@@ -1,0 +1,37 @@
+"""The functional API end to end on real (embedded) data with a tiny random net."""
+import jax
+import numpy as np
+
+import rat_jax as rj
+
+
+def test_api_train_average_evaluate_greedy_export(tmp_path):
+    featurizer, batch_stats, fhash = rj.load_foundation("random", "resnet_tiny", tmp_path / "f", 16)
+    assert fhash == "random:resnet_tiny"
+    ds = rj.dataset("digits")
+    assert ds.num_classes == 10 and ds.envs[:2] == ["mnist", "optdigits"]
+    model = rj.create_model("resnet_tiny", ds.num_classes)
+    head = jax.tree.map(np.asarray, model.init(jax.random.key(1), np.zeros((1, 16, 16, 3)))
+                        ["params"]["classifier"])
+    inits = [{"featurizer": featurizer, "classifier": head}] * 2
+    hp = rj.member_hparams([0, 1], 0, ds.name, 0, lr_scale=100.0)
+    assert np.allclose(hp["lr"], [5e-3, 3e-3])  # h=0 default 5e-5, h=1 at t=0: 3e-5 (x100)
+    res = rj.train(ds, inits, hp, test_envs=[0], arch="resnet_tiny", batch_stats=batch_stats,
+                   steps=4, checkpoint_freq=2, image_size=16, batch_size=4, quiet=True,
+                   max_eval_images=32)
+    assert res.best_score.shape == (2,) and np.all(np.isfinite(res.best_score))
+    assert len(res.records) == 2 and res.records[0][-1]["step"] == 3
+    moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), res.final_params["featurizer"],
+                         featurizer)
+    assert max(jax.tree.leaves(moved)) > 0
+    soup = rj.average(res.best_params)
+    acc = rj.evaluate(soup, batch_stats, ds, arch="resnet_tiny", envs=[1], split="out", image_size=16)
+    assert 0.0 <= acc <= 1.0
+    ens = rj.ensemble(res.best_params, batch_stats, ds, arch="resnet_tiny", envs=[1], split="out",
+                      image_size=16)
+    assert 0.0 <= ens <= 1.0
+    path = rj.export(tmp_path / "soup.safetensors", {"params": soup, "batch_stats": batch_stats},
+                     "resnet_tiny")
+    back = rj.convert_torch_checkpoint(path, "resnet_tiny")
+    np.testing.assert_array_equal(back["params"]["classifier"]["kernel"],
+                                  np.asarray(soup["classifier"]["kernel"]))
