@@ -15,7 +15,7 @@ def get_config(arg=None):
     c.arch = "efficientnet_lite0"
     c.foundation = "pypi:efficientnet_lite0"
     c.image_size = 32
-    c.batch_size = 16
+    c.batch_size = 8
     c.eval_batch_size = 256
     c.lp_steps = 20
     c.n_aux_hparams = 2
@@ -25,13 +25,13 @@ def get_config(arg=None):
     c.lr_scale = 10.0                 # short CPU runs: 10x the reference lrs (stated in the table)
     c.validation_augment = False
     c.eval_all_splits = False
-    c.max_eval_images = 300
-    c.target = common.dataset("digits", test_envs=(0, 1, 2), steps=120, checkpoint_freq=40)
+    c.max_eval_images = 150
+    c.target = common.dataset("digits", test_envs=(0, 1, 2), steps=50, checkpoint_freq=25)
     c.aux = ml_collections.ConfigDict({
         "textures": common.dataset("textures", steps=60, checkpoint_freq=30),
         "glyphs": common.dataset("glyphs", steps=60, checkpoint_freq=30),
     })
-    c.save_every = 40
+    c.save_every = 25
     if arg == "smoke":
         common.smoke(c)
     elif arg not in (None, ""):

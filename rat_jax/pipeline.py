@@ -76,6 +76,11 @@ class GroupResult:
         return cls(_np(tree["best_params"]), _np(tree["final_params"]),
                    np.asarray(tree["best_score"]), np.asarray(tree["nonfinite"]), info)
 
+    def subset(self, idx: Sequence[int]) -> "GroupResult":
+        take = lambda t: jax.tree.map(lambda x: x[np.asarray(idx, np.int64)], t)
+        return GroupResult(take(self.best_params), take(self.final_params), self.best_score[idx],
+                           self.nonfinite[idx], [self.info[i] for i in idx])
+
     @property
     def ok(self) -> list[int]:
         """Members to use downstream: flagged (non-finite) members are excluded."""
@@ -147,8 +152,8 @@ class Pipeline:
                 classifier_only=classifier_only, remat=c.engine.remat,
                 eval_sets=eval_sets, val_names=val_names, workdir=directory,
                 save_every=c.save_every, steps_per_epoch=n_train / (c.batch_size * len(train_envs)),
-                member_info=[{"hparams": {k: v for k, v in h.items() if k != "init"},
-                              "init": h.get("init")} for h in hp],
+                member_info=[{"hparams": {k: v for k, v in h.items() if k not in ("init", "group")},
+                              "init": h.get("init"), "group": h.get("group")} for h in hp],
                 stage=stage, quiet=c.quiet)
         self.trained_members += m
         out = GroupResult(_np(result.best_params), _np(result.final_params), result.best_score,
@@ -237,55 +242,50 @@ class Pipeline:
 
     def target_groups(self, target, k: int, trial: int, w_lp: dict, featurizer, batch_stats,
                       pool: dict, fhash: str) -> dict:
-        """Stage D (+ no-aux and fusing baselines) for one (test env, trial)."""
+        """Stage D with the no-aux and fusing baselines for one (test env, trial), trained as ONE
+        members run (one compiled step; per-member inits, hparams and LP schedules):
+          noaux   foundation init, whole net from step 0 (vanilla fine-tuning / soups). They are also
+                  Ratatouille's h % (A+1) == 0 members: same seed, hparams and init (§1.4.5);
+          aux     aux-init members: 201 classifier-only updates, Adam reset, then the whole net;
+          fusing  Σλ_j φ_j inits (§1.5) with the same LP phase.
+        Returns {group: GroupResult}."""
         c = self.c
         names = sorted(pool)
         n_runs = c.n_aux_hparams
-        base = self.workdir / "target" / f"{target.name}_test{k}_trial{trial}"
-        pool_fp = [pool[n]["fingerprint"] for n in names]
         head = w_lp["classifier"]
-        groups = {}
-        # No-aux members: foundation init, whole net from step 0 (also the h % (A+1) == 0 members
-        # of the aux group: same seed, hparams and init, so they are trained once and shared).
-        noaux_h = list(range(c.n_hparams))
-        hps = [dict(self._hparams(h, trial, target.name, k), lp_steps=-1, init=FOUNDATION, h=h)
-               for h in noaux_h]
-        fp = fingerprint("noaux", target.identity, k, trial, hps, fhash, self._train_fp())
-        groups["noaux"] = self.train_group(
-            base / "noaux", fp, target, [k], trial, [{"featurizer": featurizer, "classifier": head}]
-            * len(hps), batch_stats, hps, c.target.steps, c.target.checkpoint_freq,
-            f"target env{k} t{trial} no-aux")
-        # Aux-init members (Ratatouille): 201 classifier-only updates, then the whole net.
-        aux_h = [h for h in range(c.n_hparams) if h % (len(names) + 1) != 0]
-        if aux_h:
-            hps, inits = [], []
-            for h in aux_h:
-                i = h % (len(names) + 1)
-                aux_name, run = names[i - 1], h % n_runs
-                hps.append(dict(self._hparams(h, trial, target.name, k), lp_steps=c.lp_steps,
-                                init=f"aux:{aux_name}/run{run}", h=h))
-                inits.append({"featurizer": pool[aux_name]["featurizers"][run], "classifier": head})
-            fp = fingerprint("withaux", target.identity, k, trial, hps, fhash, pool_fp,
-                             self._train_fp())
-            groups["aux"] = self.train_group(base / "withaux", fp, target, [k], trial, inits,
-                                             batch_stats, hps, c.target.steps,
-                                             c.target.checkpoint_freq, f"target env{k} t{trial} aux")
+        hps, inits, tags = [], [], []
+        for h in range(c.n_hparams):
+            hps.append(dict(self._hparams(h, trial, target.name, k), lp_steps=-1, init=FOUNDATION,
+                            h=h))
+            inits.append({"featurizer": featurizer, "classifier": head})
+            tags.append("noaux")
+        for h in range(c.n_hparams):
+            i = h % (len(names) + 1)
+            if i == 0:
+                continue
+            aux_name, run = names[i - 1], h % n_runs
+            hps.append(dict(self._hparams(h, trial, target.name, k), lp_steps=c.lp_steps,
+                            init=f"aux:{aux_name}/run{run}", h=h))
+            inits.append({"featurizer": pool[aux_name]["featurizers"][run], "classifier": head})
+            tags.append("aux")
         if c.run_fusing and names:
-            hps, inits = [], []
             for h in range(c.n_hparams):
                 hp = dict(self._hparams(h, trial, target.name, k), lp_steps=c.lp_steps, h=h)
                 candidates = [featurizer] + [pool[n]["featurizers"][h % n_runs] for n in names]
                 lam = soups.fusing_coefficients(hp["seed"], c.fusing_range, len(candidates))
                 hp["init"] = "fusing:" + ",".join(f"{x:.3f}" for x in lam)
                 hps.append(hp)
-                inits.append({"featurizer": soups.fuse(candidates, lam), "classifier": head})
-            fp = fingerprint("fusing", target.identity, k, trial, hps, fhash, pool_fp,
-                             self._train_fp())
-            groups["fusing"] = self.train_group(base / "fusing", fp, target, [k], trial,
-                                                _np(inits), batch_stats, hps, c.target.steps,
-                                                c.target.checkpoint_freq,
-                                                f"target env{k} t{trial} fusing")
-        return groups
+                inits.append({"featurizer": _np(soups.fuse(candidates, lam)), "classifier": head})
+                tags.append("fusing")
+        for hp, tag in zip(hps, tags):
+            hp["group"] = tag
+        pool_fp = [pool[n]["fingerprint"] for n in names]
+        fp = fingerprint("target", target.identity, k, trial, hps, fhash, pool_fp, self._train_fp())
+        res = self.train_group(self.workdir / "target" / f"{target.name}_test{k}_trial{trial}", fp,
+                               target, [k], trial, inits, batch_stats, hps, c.target.steps,
+                               c.target.checkpoint_freq, f"target env{k} trial{trial}")
+        return {tag: res.subset([i for i, t in enumerate(tags) if t == tag])
+                for tag in dict.fromkeys(tags)}
 
     def _hparams(self, h: int, trial: int, dataset_name: str, test_env: int) -> dict:
         hp = random_hparams(h, trial)
