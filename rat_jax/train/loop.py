@@ -1,0 +1,304 @@
+"""The members training loop: steps, evaluation and best-so-far selection, records, checkpoints.
+
+DomainBed semantics (PROTOCOL §3.5, §5, §7.16): evaluate after update `step` when
+`step % checkpoint_freq == 0` (so step 0 is evaluated after its update) and at the last step; the
+ID-validation score is the mean `out` accuracy over the training envs; a member's best params are
+replaced only on a strict improvement. One DomainBed-style JSONL record per member per evaluation.
+
+Inputs are duck-typed so this module does not depend on rat_jax.data:
+  train_batches  an iterable of dict(images=float32 [M, N, H, W, C], labels=int32 [M, N]); if it
+                 (or its iterator) has get_state()/set_state(), that state is checkpointed;
+  eval_sets      {name: batches}, name like "env0_in"; batches is a re-iterable or a zero-argument
+                 callable returning an iterable of dict(images [B, H, W, C], labels [B]) (or tuples);
+                 the images are shared by all members.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import time
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from rat_jax.train.members import MemberEngine
+from rat_jax.train.progress import Progress
+from rat_jax.train.resume import RunCheckpoints, decode_state, encode_state
+
+RESULTS_FILE = "results.jsonl"
+
+
+def id_val_names(num_envs: int, test_envs: Sequence[int]) -> list[str]:
+    """Eval-set names whose accuracies average into the ID-val score: the train envs' out splits."""
+    return [f"env{i}_out" for i in range(num_envs) if i not in set(test_envs)]
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a members run returns: the stacked state (on device) and per-member records."""
+    state: dict
+    records: list[list[dict]]
+
+    @property
+    def best_params(self) -> Any:
+        return jax.tree.map(np.asarray, self.state["best_params"])
+
+    @property
+    def final_params(self) -> Any:
+        return jax.tree.map(np.asarray, self.state["members"]["params"])
+
+    @property
+    def best_score(self) -> np.ndarray:
+        return np.asarray(self.state["best_score"])
+
+    @property
+    def best_step(self) -> np.ndarray:
+        return np.asarray(self.state["best_step"])
+
+    @property
+    def nonfinite(self) -> np.ndarray:
+        return np.asarray(self.state["members"]["nonfinite"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+def _unpack(batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    if isinstance(batch, Mapping):
+        images, labels, mask = batch["images"], batch["labels"], batch.get("mask")
+    else:
+        images, labels, *rest = batch
+        mask = rest[0] if rest else None
+    images, labels = np.asarray(images), np.asarray(labels)
+    mask = np.ones(labels.shape, bool) if mask is None else np.asarray(mask, bool)
+    return images, labels, mask
+
+
+def _pad_to(n: int, images, labels, mask):
+    pad = n - labels.shape[0]
+    if pad <= 0:
+        return images, labels, mask
+    return (np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)]),
+            np.concatenate([labels, np.zeros((pad,), labels.dtype)]),
+            np.concatenate([mask, np.zeros((pad,), bool)]))
+
+
+def evaluate(engine: MemberEngine, params: Any, eval_sets: Mapping[str, Any]) -> dict:
+    """Accuracy [M] of every member on every eval set, in one pass over each set's images."""
+    accs = {}
+    batch_size = 0
+    for name, source in eval_sets.items():
+        batches = source() if callable(source) else source
+        counts, total = [], 0
+        for batch in batches:
+            images, labels, mask = _unpack(batch)
+            batch_size = max(batch_size, labels.shape[0])  # pad the ragged last batch: no recompile
+            images, labels, mask = _pad_to(batch_size, images, labels, mask)
+            counts.append(engine.evaluate_batch(params, images, labels, mask))
+            total += int(mask.sum())
+        correct = np.sum([np.asarray(c, np.int64) for c in counts], axis=0) if counts else 0
+        accs[name] = (np.asarray(correct, np.float64) / total if total
+                      else np.full((engine.num_members,), np.nan))
+    return accs
+
+
+# ----------------------------------------------------------------------------------------------
+# Records
+# ----------------------------------------------------------------------------------------------
+def _json_float(x) -> float | None:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def default_member_hparams(hparams: dict, i: int) -> dict:
+    return {"lr": float(hparams["lr"][i]), "weight_decay": float(hparams["weight_decay"][i]),
+            "resnet_dropout": float(hparams["dropout"][i]), "lp_steps": int(hparams["lp_steps"][i])}
+
+
+class RecordWriter:
+    """Per-member results.jsonl files (DomainBed layout: one folder per member) and in-memory lists."""
+
+    def __init__(self, num_members: int, workdir: pathlib.Path | None,
+                 member_dirs: Sequence[str] | None):
+        self.records: list[list[dict]] = [[] for _ in range(num_members)]
+        self.paths = None
+        if workdir is not None:
+            names = member_dirs or [f"member_{i}" for i in range(num_members)]
+            if len(names) != num_members:
+                raise ValueError(f"member_dirs has {len(names)} names for {num_members} members")
+            self.paths = [workdir / n / RESULTS_FILE for n in names]
+
+    def load_until(self, last_step: int) -> None:
+        """Keep records with step <= last_step (those covered by the checkpoint); drop the rest."""
+        if self.paths is None:
+            return
+        for i, path in enumerate(self.paths):
+            kept = []
+            if path.exists():
+                for line in path.read_text().splitlines():
+                    if line.strip():
+                        rec = json.loads(line)
+                        if rec["step"] <= last_step:
+                            kept.append(rec)
+            self.records[i] = kept
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+            os.replace(tmp, path)
+
+    def write(self, i: int, record: dict) -> None:
+        self.records[i].append(record)
+        if self.paths is not None:
+            with open(self.paths[i], "a") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+def _hparams_meta(hparams: dict) -> dict:
+    return {k: np.asarray(v).tolist() for k, v in hparams.items()}
+
+
+def run_loop(engine: MemberEngine, state: dict, hparams: dict, train_batches: Iterable, *,
+             num_steps: int, checkpoint_freq: int, eval_sets: Mapping[str, Any] | None = None,
+             val_names: Sequence[str] | None = None, workdir: str | os.PathLike | None = None,
+             save_every: int | None = None, steps_per_epoch: float | None = None,
+             member_info: Sequence[dict] | None = None, member_dirs: Sequence[str] | None = None,
+             stage: str = "train", quiet: bool = False, progress_stream=None,
+             progress_interval: float | None = None, max_to_keep: int = 1,
+             on_record: Callable[[int, dict], None] | None = None) -> TrainResult:
+    """Train the engine's members for `num_steps` updates (resuming from `workdir` if it holds a
+    checkpoint of this run), evaluating every `checkpoint_freq` steps. `state` / `hparams` are the
+    stacked state and [M] settings (host or placed). Checkpoints every `save_every` steps (default
+    `checkpoint_freq`) and at the end. Returns the final stacked state and per-member records.
+    """
+    m = engine.num_members
+    eval_sets = dict(eval_sets or {})
+    val_names = list(val_names or [])
+    missing = [n for n in val_names if n not in eval_sets]
+    if missing:
+        raise ValueError(f"val_names {missing} are not among eval_sets {sorted(eval_sets)}")
+    save_every = save_every or checkpoint_freq
+    workdir = pathlib.Path(workdir).absolute() if workdir is not None else None
+    writer = RecordWriter(m, workdir, member_dirs)
+    hp_meta = _hparams_meta(hparams)
+    state = engine.place(state)
+    hparams_dev = engine.place(jax.tree.map(np.asarray, hparams))
+    iterator = iter(train_batches)
+    stateful = iterator if hasattr(iterator, "get_state") else (
+        train_batches if hasattr(train_batches, "get_state") else None)
+
+    loss_sum = np.zeros((m,), np.float64)
+    time_sum, count, start = 0.0, 0, 0
+    ckpts = RunCheckpoints(workdir / "checkpoints", max_to_keep) if workdir is not None else None
+    latest = ckpts.latest_step() if ckpts is not None else None
+    if latest is not None:
+        state, meta = ckpts.restore(latest, state)
+        if meta["hparams"] != hp_meta:
+            raise ValueError(f"{workdir} holds a checkpoint of a run with other member settings "
+                             f"({meta['hparams']}); use a new workdir or the same settings")
+        if stateful is not None and meta.get("loader") is not None:
+            stateful.set_state(decode_state(meta["loader"]))
+        loss_sum = np.asarray(meta["loss_sum"], np.float64)
+        time_sum, count, start = meta["time_sum"], meta["count"], latest + 1
+    writer.load_until(latest if latest is not None else -1)
+
+    per_step_images = None
+    progress = Progress(stage, num_steps, start=start, quiet=quiet, stream=progress_stream,
+                        interval=progress_interval)
+    pending: list = []  # device losses not yet folded into loss_sum (no sync every step)
+    last_losses = None
+
+    def flush_losses():
+        nonlocal loss_sum, last_losses
+        for loss in pending:
+            last_losses = np.asarray(loss, np.float32)
+            loss_sum = loss_sum + last_losses.astype(np.float64)
+        pending.clear()
+
+    for step in range(start, num_steps):
+        t0 = time.perf_counter()
+        batch = next(iterator)
+        if per_step_images is None:
+            per_step_images = int(np.prod(np.shape(batch["labels"])))
+        state, metrics = engine.train_step(state, hparams_dev, batch)
+        if pending:  # keep at most one step in flight
+            jax.block_until_ready(pending[-1])
+        pending.append(metrics["loss"])
+        count += 1
+        is_eval = step % checkpoint_freq == 0 or step == num_steps - 1
+        is_save = ckpts is not None and ((step + 1) % save_every == 0 or step == num_steps - 1)
+        if is_eval or is_save or progress.due():
+            flush_losses()
+        time_sum += time.perf_counter() - t0
+
+        if is_eval:
+            accs = evaluate(engine, state["members"]["params"], eval_sets)
+            score = (np.mean([accs[n] for n in val_names], axis=0) if val_names
+                     else np.full((m,), np.nan))
+            # no validation splits: keep the latest evaluated params as "best"
+            select = score if val_names else np.full((m,), float(step))
+            state = engine.update_best(state, select, step)
+            nonfinite = np.asarray(state["members"]["nonfinite"])
+            for i in range(m):
+                rec = {"step": step, "loss": _json_float(loss_sum[i] / count),
+                       "step_time": time_sum / count, "member": i,
+                       "score": _json_float(score[i]) if val_names else None,
+                       "nonfinite": bool(nonfinite[i])}
+                if steps_per_epoch:
+                    rec["epoch"] = step / steps_per_epoch
+                for name, acc in accs.items():
+                    rec[f"{name}_acc"] = _json_float(acc[i])
+                info = dict(member_info[i]) if member_info else {}
+                rec["hparams"] = info.pop("hparams", None) or default_member_hparams(hparams, i)
+                rec.update(info)
+                writer.write(i, rec)
+                if on_record is not None:
+                    on_record(i, rec)
+            loss_sum, time_sum, count = np.zeros((m,), np.float64), 0.0, 0
+
+        if is_save:
+            meta = {"step": step, "num_steps": num_steps, "hparams": hp_meta,
+                    "loader": encode_state(stateful.get_state()) if stateful is not None else None,
+                    "loss_sum": loss_sum.tolist(), "time_sum": time_sum, "count": count}
+            ckpts.save(step, state, meta)
+        progress.update(step + 1, per_step_images or 0, last_losses)
+
+    flush_losses()
+    jax.block_until_ready(state)
+    if ckpts is not None:
+        ckpts.close()
+    if start < num_steps:
+        progress.close(num_steps, last_losses)
+    return TrainResult(state=state, records=writer.records)
+
+
+def train_members(model, params: Sequence[Any] | Any, batch_stats: Any, hparams: dict,
+                  train_batches: Iterable, *, num_steps: int, checkpoint_freq: int,
+                  batch_size: int | None = None, strategy: str | None = None,
+                  devices: Sequence[jax.Device] | None = None, model_axis: int | None = None,
+                  classifier_only: bool = False, remat: bool | str = False,
+                  **loop_kwargs) -> TrainResult:
+    """Train M members together and return stacked best/final params and per-member records.
+
+    `params`: a list of M param trees (e.g. each from its own checkpoint) or one stacked tree.
+    `batch_stats`: the frozen BN statistics shared by all members. `hparams`: from
+    `members.make_hparams` ([M] lr, weight_decay, dropout, lp_steps, key). `batch_size`: images per
+    member per step (lets the engine split each member's batch over spare devices).
+    `classifier_only=True` is the linear-probe stage (featurizer never stepped). Other keyword
+    arguments go to `run_loop` (eval_sets, val_names, workdir, save_every, quiet, ...).
+    """
+    from rat_jax.train import members as members_lib
+    stacked = members_lib.stack_trees(list(params)) if isinstance(params, (list, tuple)) else params
+    m = members_lib.num_members_of(stacked)
+    engine = MemberEngine(model, batch_stats, m, batch_size=batch_size, devices=devices,
+                          strategy=strategy, classifier_only=classifier_only, remat=remat,
+                          model_axis=model_axis)
+    state = members_lib.init_state(stacked)
+    return run_loop(engine, state, hparams, train_batches, num_steps=num_steps,
+                    checkpoint_freq=checkpoint_freq, **loop_kwargs)

@@ -1,0 +1,304 @@
+"""The one module that lays members on devices.
+
+Members are stored *stacked*: one pytree whose leaves carry a leading member axis [M, ...]. Steps run
+as `jit(shard_map(local_fn))` over a mesh ('model', 'data'): the member axis is split over 'model',
+each member's batch over 'data' (data parallelism inside a member when devices outnumber members).
+On each device the local members run with a strategy:
+  "vmap"    all local members at once (convolutions become grouped convolutions),
+  "map"     `lax.map`, one member at a time (plain convolutions, least memory),
+  "unroll"  a Python loop over the local members inside the compiled step (plain convolutions,
+            no while loop; compile time grows with the local member count),
+  "chunk:k" `lax.map` over chunks of k vmapped members.
+See ARCHITECTURE.md "Parallel members" and bench/members.py for the measurements behind the default.
+
+Data-parallel gradients: with `check_vma=True`, the gradient of a parameter that is replicated over
+'data' is already summed over 'data' by autodiff (the transpose of the implicit broadcast is a psum).
+The local loss is therefore the shard's summed CE divided by the *global* batch size, and there is no
+extra pmean/psum of the gradients (tests/test_members.py checks the gradient norm).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from rat_jax.train import step as step_lib
+
+MEMBER_AXIS, DATA_AXIS = "model", "data"
+STRATEGIES = ("vmap", "map", "unroll", "chunk:k")
+
+
+# ----------------------------------------------------------------------------------------------
+# Stacked pytrees and per-member settings
+# ----------------------------------------------------------------------------------------------
+def stack_trees(trees: Sequence[Any]) -> Any:
+    """[tree_0, ..., tree_{M-1}] -> one tree with a leading member axis (host numpy arrays)."""
+    if not trees:
+        raise ValueError("stack_trees needs at least one tree")
+    structure = jax.tree.structure(trees[0])
+    for i, t in enumerate(trees[1:], 1):
+        if jax.tree.structure(t) != structure:
+            raise ValueError(f"member {i} has a different parameter tree than member 0; every member "
+                             "must be the same architecture with the same number of classes")
+    return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
+
+
+def unstack_tree(tree: Any, index: int) -> Any:
+    """Member `index` of a stacked tree."""
+    return jax.tree.map(lambda x: x[index], tree)
+
+
+def num_members_of(tree: Any) -> int:
+    return int(jax.tree.leaves(tree)[0].shape[0])
+
+
+def member_keys(seeds: Sequence[int]) -> np.ndarray:
+    """Raw uint32 [M, 2] PRNG keys, one independent dropout stream per member (flax#4195)."""
+    return np.stack([np.asarray(jax.random.key_data(jax.random.key(int(s)))) for s in seeds])
+
+
+def make_hparams(num_members: int, *, lr: Any = 5e-5, weight_decay: Any = 0.0, dropout: Any = 0.0,
+                 lp_steps: Any = -1, seed: Any = 0) -> dict:
+    """Per-member settings as [M] arrays (scalars are broadcast); seeds give each member its RNG.
+
+    `lp_steps`: L >= 0 for an aux-init member (classifier-only updates 0..L, then Adam reset and
+    whole net), -1 for a member trained whole from update 0 (PROTOCOL §1.4).
+    """
+    def arr(x, dtype):
+        a = np.broadcast_to(np.asarray(x, dtype), (num_members,)).copy()
+        return a
+    seeds = np.broadcast_to(np.asarray(seed, np.int64), (num_members,))
+    if seeds.size > 1 and np.ndim(seed) == 0:  # one seed for all: still give members distinct keys
+        seeds = seeds + np.arange(num_members)
+    return {"lr": arr(lr, np.float32), "weight_decay": arr(weight_decay, np.float32),
+            "dropout": arr(dropout, np.float32), "lp_steps": arr(lp_steps, np.int32),
+            "key": member_keys(seeds)}
+
+
+def init_state(params: Any) -> dict:
+    """Stacked training state from stacked params (leading member axis on every leaf)."""
+    m = num_members_of(params)
+    members = jax.vmap(step_lib.init_member)(jax.tree.map(jnp.asarray, params))
+    members = jax.tree.map(np.asarray, members)
+    return {
+        "members": members,
+        "best_params": jax.tree.map(np.array, params),
+        "best_score": np.full((m,), -np.inf, np.float32),
+        "best_step": np.full((m,), -1, np.int32),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Mesh and local strategy
+# ----------------------------------------------------------------------------------------------
+def default_strategy(backend: str | None = None) -> str:
+    """Local strategy for members sharing a device, by backend (bench/members.py).
+
+    CPU: "unroll" (XLA:CPU runs convolutions inside a while loop, i.e. lax.map, several times slower,
+    and vmap turns them into slow grouped convolutions). With one member per device, the default
+    layout on 8 emulated CPU devices for M in {1, 2, 4, 8}, no strategy runs at all.
+    GPU/TPU: "map" (plain convolutions, least memory); not measured here.
+    """
+    backend = backend or jax.default_backend()
+    return "unroll" if backend == "cpu" else "map"
+
+
+def plan_mesh(num_members: int, batch_size: int | None = None,
+              devices: Sequence[jax.Device] | None = None, model_axis: int | None = None) -> Mesh:
+    """Mesh ('model', 'data') over (a prefix of) `devices`.
+
+    'model' = the largest count of devices that divides the members evenly (gcd); the devices left
+    per member group go to 'data' if they divide the per-member `batch_size`, else fewer are used.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    model = math.gcd(num_members, n) if model_axis is None else model_axis
+    if num_members % model or n % model:
+        raise ValueError(f"model_axis={model} must divide both the {num_members} members and the "
+                         f"{n} devices")
+    data = n // model
+    if batch_size is not None:
+        while data > 1 and batch_size % data:
+            data -= 1
+    else:
+        data = 1
+    grid = np.asarray(devices[: model * data], dtype=object).reshape(model, data)
+    return Mesh(grid, (MEMBER_AXIS, DATA_AXIS))  # Auto axes (jax.make_mesh would make Explicit ones)
+
+
+def _parse_strategy(strategy: str) -> tuple[str, int | None]:
+    if strategy in ("vmap", "map", "unroll"):
+        return strategy, None
+    if strategy.startswith("chunk:"):
+        k = int(strategy.split(":", 1)[1])
+        if k < 1:
+            raise ValueError(f"chunk size must be >= 1, got {strategy!r}")
+        return "chunk", k
+    raise ValueError(f"unknown member strategy {strategy!r}; use one of {STRATEGIES}")
+
+
+def run_local(strategy: str, fn, *xs):
+    """Apply `fn` to each local member (leading axis of every leaf of `xs`) with `strategy`.
+
+    A single local member is called directly, without vmap or a loop: that is the fast path of the
+    one-member-per-device layout (XLA:CPU runs convolutions inside a while loop several times slower,
+    so "map" is for memory, not speed, on CPU).
+    """
+    kind, k = _parse_strategy(strategy)
+    m = jax.tree.leaves(xs)[0].shape[0]
+    index = lambda i: jax.tree.map(lambda x: x[i], xs)
+    if m == 1:
+        return jax.tree.map(lambda y: y[None], fn(*index(0)))
+    if kind == "vmap":
+        return jax.vmap(fn)(*xs)
+    if kind == "unroll":
+        outs = [fn(*index(i)) for i in range(m)]
+        return jax.tree.map(lambda *ys: jnp.stack(ys), *outs)
+    body = lambda args: fn(*args)
+    if kind == "map":
+        return jax.lax.map(body, xs)
+    return jax.lax.map(body, xs, batch_size=k)
+
+
+# ----------------------------------------------------------------------------------------------
+# The engine
+# ----------------------------------------------------------------------------------------------
+class MemberEngine:
+    """Compiled stacked steps for one model, one member count and one mesh.
+
+    `train_step(state, hparams, batch)` updates every member once; `evaluate_batch(params, images,
+    labels, mask)` returns per-member correct counts on images shared by all members;
+    `update_best(state, score, step)` keeps each member's params on strict score improvement.
+    """
+
+    def __init__(self, model, batch_stats: Any, num_members: int, *, batch_size: int | None = None,
+                 mesh: Mesh | None = None, devices: Sequence[jax.Device] | None = None,
+                 strategy: str | None = None, classifier_only: bool = False,
+                 remat: bool | str = False, model_axis: int | None = None):
+        self.model = model
+        self.num_members = num_members
+        self.mesh = mesh or plan_mesh(num_members, batch_size, devices, model_axis)
+        self.strategy = strategy or default_strategy(jax.default_backend())
+        _parse_strategy(self.strategy)
+        self.classifier_only = classifier_only
+        self.remat = remat
+        self.model_size = self.mesh.shape[MEMBER_AXIS]
+        self.data_size = self.mesh.shape[DATA_AXIS]
+        if num_members % self.model_size:
+            raise ValueError(f"{num_members} members do not split over a 'model' axis of "
+                             f"{self.model_size}")
+        self.member_sharding = NamedSharding(self.mesh, P(MEMBER_AXIS))
+        # A size-1 'data' axis is left out of the specs: values that vary over it could not be
+        # returned as replicated over it (check_vma).
+        self.batch_spec = P(MEMBER_AXIS, DATA_AXIS) if self.data_size > 1 else P(MEMBER_AXIS)
+        self.eval_spec = P(DATA_AXIS) if self.data_size > 1 else P()
+        self.batch_sharding = NamedSharding(self.mesh, self.batch_spec)
+        self.eval_sharding = NamedSharding(self.mesh, self.eval_spec)
+        self.replicated = NamedSharding(self.mesh, P())
+        self.batch_stats = jax.device_put(batch_stats, self.replicated)
+        self._train = self._build_train()
+        self._eval = self._build_eval()
+        self._best = jax.jit(_update_best, donate_argnums=(0,))
+
+    # -- placement ---------------------------------------------------------------------------
+    def place(self, stacked: Any) -> Any:
+        """Put a stacked tree (leading member axis) on the mesh, split over 'model'."""
+        return jax.device_put(stacked, self.member_sharding)
+
+    def place_batch(self, batch: dict) -> tuple[jax.Array, jax.Array]:
+        images, labels = batch["images"], batch["labels"]
+        if images.shape[0] != self.num_members:
+            raise ValueError(f"the member loader gave a batch for {images.shape[0]} members; the "
+                             f"engine trains {self.num_members} (images must be [M, N, H, W, C])")
+        if images.shape[1] % self.data_size:
+            raise ValueError(f"per-member batch {images.shape[1]} does not split over the 'data' "
+                             f"axis of {self.data_size} devices; pass batch_size to plan_mesh")
+        return (jax.device_put(images, self.batch_sharding),
+                jax.device_put(labels, self.batch_sharding))
+
+    # -- compiled functions ------------------------------------------------------------------
+    def _build_train(self):
+        model, strategy, data_size = self.model, self.strategy, self.data_size
+        classifier_only, remat = self.classifier_only, self.remat
+
+        def local(members, hparams, images, labels, batch_stats):
+            def one(member, hp, x, y):
+                kwargs = {}
+                if data_size > 1:  # shard of a member's batch: own dropout masks, global mean CE
+                    shard = jax.lax.axis_index(DATA_AXIS)
+                    kwargs = dict(global_batch=y.shape[0] * data_size,
+                                  key=jax.random.fold_in(
+                                      step_lib.dropout_key(hp, member["step"]), shard),
+                                  reduce_loss=lambda l: jax.lax.psum(l, DATA_AXIS))
+                return step_lib.train_step(model, batch_stats, member, hp, x, y,
+                                           classifier_only=classifier_only, remat=remat, **kwargs)
+            return run_local(strategy, one, members, hparams, images, labels)
+
+        mapped = jax.shard_map(
+            local, mesh=self.mesh,
+            in_specs=(P(MEMBER_AXIS), P(MEMBER_AXIS), self.batch_spec, self.batch_spec, P()),
+            out_specs=(P(MEMBER_AXIS), P(MEMBER_AXIS)))
+        return jax.jit(mapped, donate_argnums=(0,))
+
+    def _build_eval(self):
+        model, strategy, data_size = self.model, self.strategy, self.data_size
+
+        def local(params, images, labels, mask, batch_stats):
+            one = lambda p: step_lib.eval_step(model, batch_stats, p, images, labels, mask)
+            correct = run_local(strategy, one, params)
+            return jax.lax.psum(correct, DATA_AXIS) if data_size > 1 else correct
+
+        mapped = jax.shard_map(
+            local, mesh=self.mesh,
+            in_specs=(P(MEMBER_AXIS), self.eval_spec, self.eval_spec, self.eval_spec, P()),
+            out_specs=P(MEMBER_AXIS))
+        return jax.jit(mapped)
+
+    # -- public steps ------------------------------------------------------------------------
+    def train_step(self, state: dict, hparams: dict, batch: dict) -> tuple[dict, dict]:
+        """Update every member once on its own batch; returns (state, metrics [M])."""
+        images, labels = self.place_batch(batch)
+        members, metrics = self._train(state["members"], hparams, images, labels,
+                                       self.batch_stats)
+        return {**state, "members": members}, metrics
+
+    def evaluate_batch(self, params: Any, images: np.ndarray, labels: np.ndarray,
+                       mask: np.ndarray | None = None) -> jax.Array:
+        """Correct counts [M] of all members on one batch of shared images ([B, H, W, C])."""
+        n = images.shape[0]
+        mask = np.ones((n,), bool) if mask is None else np.asarray(mask, bool)
+        pad = (-n) % self.data_size
+        if pad:
+            images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+            labels = np.concatenate([labels, np.zeros((pad,), labels.dtype)])
+            mask = np.concatenate([mask, np.zeros((pad,), bool)])
+        put = lambda x: jax.device_put(x, self.eval_sharding)
+        return self._eval(params, put(images), put(labels), put(mask), self.batch_stats)
+
+    def update_best(self, state: dict, score: jax.Array, step: int) -> dict:
+        """Replace best params/score/step of members whose score strictly improved."""
+        best = self._best({"best_params": state["best_params"], "best_score": state["best_score"],
+                           "best_step": state["best_step"]},
+                          state["members"]["params"], jnp.asarray(score, jnp.float32),
+                          jnp.int32(step))
+        return {**state, **best}
+
+
+def _update_best(best: dict, params: Any, score: jax.Array, step: jax.Array) -> dict:
+    improved = score > best["best_score"]  # strict: ties keep the earlier checkpoint (PROTOCOL §3.5)
+
+    def pick(new, old):
+        return jnp.where(improved.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
+    return {"best_params": jax.tree.map(pick, params, best["best_params"]),
+            "best_score": jnp.where(improved, score, best["best_score"]),
+            "best_step": jnp.where(improved, step, best["best_step"])}
+
+
+def slice_members(tree: Any, count: int, start: int = 0) -> Any:
+    """Members start..start+count-1 of a stacked tree (e.g. [M] hparams)."""
+    return jax.tree.map(lambda x: x[start:start + count], tree)

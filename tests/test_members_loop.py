@@ -1,0 +1,172 @@
+"""The members loop: evaluation schedule, records, strict best-so-far selection, progress, resume."""
+import io
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from rat_jax.train import loop as loop_lib
+from rat_jax.train import members as members_lib
+from rat_jax.train.progress import Progress
+from test_members_helpers import (IMAGE, NUM_CLASSES, ListLoader, engine_for, max_abs_diff,
+                                  member_inits, run_engine, synthetic_batches, tiny_model, unstack)
+
+M, N = 2, 8
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = tiny_model()
+    params, bs = member_inits(model, M)
+    batches = synthetic_batches(M, N, 6, seed=3)
+    hp = members_lib.make_hparams(M, lr=[1e-2, 3e-2], weight_decay=[0.0, 1e-3],
+                                  dropout=[0.0, 0.1], lp_steps=[-1, 1], seed=[5, 6])
+    rng = np.random.RandomState(7)
+
+    def split(n):  # ragged: batches of 10 then n - 10
+        x = rng.randn(n, IMAGE, IMAGE, 3).astype(np.float32)
+        y = rng.randint(0, NUM_CLASSES, n).astype(np.int32)
+        return [{"images": x[:10], "labels": y[:10]}, (x[10:], y[10:])]
+    eval_sets = {f"env{e}_{s}": split(13 if s == "out" else 17) for e in range(3)
+                 for s in ("in", "out")}
+    return dict(model=model, params=params, bs=bs, batches=batches, hp=hp, eval_sets=eval_sets)
+
+
+def _engine(s):
+    return engine_for(s["model"], s["bs"], M, 1, "map")
+
+
+def _run(s, workdir=None, loader=None, num_steps=6, **kw):
+    eng = _engine(s)
+    state = members_lib.init_state(members_lib.stack_trees(s["params"]))
+    return loop_lib.run_loop(
+        eng, state, s["hp"], loader or ListLoader(s["batches"]), num_steps=num_steps,
+        checkpoint_freq=2, eval_sets=s["eval_sets"], val_names=loop_lib.id_val_names(3, [2]),
+        workdir=workdir, steps_per_epoch=4.0, quiet=True, member_info=[{"args": {"i": 0}},
+                                                                        {"args": {"i": 1}}], **kw)
+
+
+def _direct_acc(s, params, name):
+    correct = total = 0
+    for b in s["eval_sets"][name]:
+        x, y = (b["images"], b["labels"]) if isinstance(b, dict) else b
+        logits = s["model"].apply({"params": params, "batch_stats": s["bs"]}, x)
+        correct += int((np.argmax(logits, -1) == y).sum())
+        total += len(y)
+    return correct / total
+
+
+def test_records_schedule_accuracy_and_strict_best(setup, tmp_path):
+    s = setup
+    res = _run(s, workdir=tmp_path)
+    _, metrics, _ = run_engine(_engine(s), s["params"], s["hp"], s["batches"])
+    assert loop_lib.id_val_names(3, [2]) == ["env0_out", "env1_out"]
+    for i in range(M):
+        recs = res.records[i]
+        assert [r["step"] for r in recs] == [0, 2, 4, 5]  # step 0 after its update, last step
+        on_disk = [json.loads(l) for l in (tmp_path / f"member_{i}" / "results.jsonl").open()]
+        assert on_disk == recs
+        r = recs[1]
+        assert r["member"] == i and r["args"] == {"i": i} and r["epoch"] == 0.5
+        assert r["hparams"]["lr"] == pytest.approx(float(s["hp"]["lr"][i]))
+        assert r["loss"] == pytest.approx(np.mean([metrics[t]["loss"][i] for t in (1, 2)]), rel=1e-6)
+        assert r["step_time"] > 0 and r["nonfinite"] is False
+        for rec in recs:
+            assert rec["score"] == pytest.approx((rec["env0_out_acc"] + rec["env1_out_acc"]) / 2)
+        final = unstack(res.final_params, i)
+        for name in s["eval_sets"]:
+            assert recs[-1][f"{name}_acc"] == pytest.approx(_direct_acc(s, final, name))
+        scores = [rec["score"] for rec in recs]
+        first_best = int(np.argmax(scores))  # argmax returns the first maximum: strict improvement
+        assert res.best_step[i] == recs[first_best]["step"]
+        assert res.best_score[i] == pytest.approx(scores[first_best])
+
+
+def test_update_best_is_strict(setup):
+    s = setup
+    eng = _engine(s)
+    state = eng.place(members_lib.init_state(members_lib.stack_trees(s["params"])))
+    seen = []
+    for step, score in enumerate([[0.5, 0.2], [0.5, 0.3], [0.7, 0.3], [0.6, 0.1]]):
+        marker = jax.tree.map(lambda x: x * 0 + step, state["members"]["params"])
+        state = {**state, "members": {**state["members"], "params": marker}}
+        state = eng.update_best(state, np.asarray(score, np.float32), step)
+        seen.append(np.asarray(state["best_step"]).tolist())
+    assert seen == [[0, 0], [0, 1], [2, 1], [2, 1]]
+    np.testing.assert_array_equal(np.asarray(state["best_params"]["classifier"]["bias"]),
+                                  np.array([[2.0] * NUM_CLASSES, [1.0] * NUM_CLASSES]))
+    np.testing.assert_allclose(np.asarray(state["best_score"]), [0.7, 0.3])
+
+
+class _CrashingLoader(ListLoader):
+    def __init__(self, batches, crash_at):
+        super().__init__(batches)
+        self.crash_at = crash_at
+
+    def __next__(self):
+        if self.pos == self.crash_at:
+            raise RuntimeError("simulated crash")
+        return super().__next__()
+
+
+def test_crash_and_resume_in_process_is_bit_identical(setup, tmp_path):
+    s = setup
+    full = _run(s, workdir=tmp_path / "full", save_every=3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(s, workdir=tmp_path / "crash", save_every=3,
+             loader=_CrashingLoader(s["batches"], crash_at=5))
+    # the crash came after the checkpoint at step 2 and the record at step 4: that record is
+    # dropped on resume and written again
+    resumed = _run(s, workdir=tmp_path / "crash", save_every=3)
+    assert max_abs_diff(resumed.state, full.state) == 0.0
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "step_time"} for r in recs]
+    for i in range(M):
+        assert strip(resumed.records[i]) == strip(full.records[i])
+    again = _run(s, workdir=tmp_path / "crash", save_every=3)  # finished: nothing left to do
+    assert max_abs_diff(again.state, full.state) == 0.0 and len(again.records[0]) == 4
+
+
+def test_resume_refuses_other_settings(setup, tmp_path):
+    s = setup
+    _run(s, workdir=tmp_path, num_steps=2)
+    other = {**s["hp"], "lr": s["hp"]["lr"] * 2}
+    with pytest.raises(ValueError, match="other member settings"):
+        loop_lib.run_loop(_engine(s), members_lib.init_state(members_lib.stack_trees(s["params"])),
+                          other, ListLoader(s["batches"]), num_steps=2, checkpoint_freq=2,
+                          workdir=tmp_path, quiet=True)
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_progress_plain_lines_tty_and_quiet():
+    clock, out = _Clock(), io.StringIO()
+    p = Progress("target", 100, stream=out, interval=10.0, clock=clock)
+    for step in range(1, 41):
+        clock.t += 0.5
+        p.update(step, images=96, losses=np.array([0.5, 1.25, np.nan]))
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2  # every 10 s of the 20 s
+    assert lines[-1].startswith("[target] 40/100  2.00 steps/s  192.0 img/s  ETA 00:30")
+    assert "loss 0.5000..1.2500" in lines[-1] and "(1 non-finite)" in lines[-1]
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+    tty, clock2 = Tty(), _Clock()
+    p = Progress("lp", 10, stream=tty, clock=clock2)
+    clock2.t = 1.0
+    p.update(1, images=8)
+    p.close(10)
+    assert tty.getvalue().startswith("\r") and tty.getvalue().endswith("\n")
+    quiet = io.StringIO()
+    q = Progress("x", 5, stream=quiet, quiet=True, clock=clock2)
+    q.update(1, force=True)
+    q.close(5)
+    assert quiet.getvalue() == ""

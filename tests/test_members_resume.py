@@ -1,0 +1,105 @@
+"""Kill -9 a members run after its first checkpoint, rerun the same command: it resumes and ends
+with the same bits as an uninterrupted run."""
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+TESTS = pathlib.Path(__file__).resolve().parent
+REPO = TESTS.parent
+
+SCRIPT = r'''
+import sys, time
+import jax
+import numpy as np
+from rat_jax.train import make_hparams, train_members
+from test_members_helpers import ListLoader, StandInNet, member_inits, synthetic_batches
+
+
+class SlowLoader(ListLoader):
+    def __init__(self, batches, sleep):
+        super().__init__(batches)
+        self.sleep = sleep
+
+    def __next__(self):
+        time.sleep(self.sleep)  # leave time to kill the run between checkpoints
+        return super().__next__()
+
+
+def run(workdir, sleep=0.0):
+    model = StandInNet(5)
+    params, bs = member_inits(model, 2)
+    batches = synthetic_batches(2, 8, 12, seed=1)
+    rng = np.random.RandomState(0)
+    ev = {"env0_out": [{"images": rng.randn(6, 16, 16, 3).astype(np.float32),
+                        "labels": rng.randint(0, 5, 6)}]}
+    hp = make_hparams(2, lr=[1e-2, 2e-2], dropout=[0.5, 0.1], lp_steps=[-1, 3], seed=[1, 2])
+    res = train_members(model, params, bs, hp, SlowLoader(batches, sleep), num_steps=12,
+                        checkpoint_freq=4, batch_size=8, devices=jax.devices()[:2],
+                        eval_sets=ev, val_names=["env0_out"], workdir=workdir, save_every=3,
+                        quiet=True)
+    flat = {f"final/{i}": x for i, x in enumerate(jax.tree.leaves(res.final_params))}
+    flat.update({f"best/{i}": x for i, x in enumerate(jax.tree.leaves(res.best_params))})
+    flat["best_step"] = res.best_step
+    return flat
+
+
+if __name__ == "__main__":
+    jax.config.update("jax_num_cpu_devices", 2)
+    jax.config.update("jax_compilation_cache_dir", sys.argv[2])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    np.savez(sys.argv[1] + ".npz", **run(sys.argv[1], sleep=0.25))
+    print("DONE", flush=True)
+'''
+
+
+def _cmd(tmp_path, name):
+    script = tmp_path / "run.py"
+    script.write_text(SCRIPT)
+    return [sys.executable, str(script), str(tmp_path / name), str(tmp_path / "jax_cache")]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS), env.get("PYTHONPATH", "")])
+    return env
+
+
+def _committed_steps(workdir: pathlib.Path):
+    d = workdir / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
+def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path):
+    # the uninterrupted run, in this process on the same 2-device mesh (same compiled program)
+    namespace = {"__name__": "members_resume_script"}
+    exec(compile(SCRIPT, "run.py", "exec"), namespace)
+    ref = namespace["run"](str(tmp_path / "ref"))
+
+    cmd = _cmd(tmp_path, "killed")
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not _committed_steps(tmp_path / "killed") and proc.poll() is None:
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = _committed_steps(tmp_path / "killed")
+    assert killed_at and killed_at[-1] < 11
+
+    rerun = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    got = np.load(tmp_path / "killed.npz")
+    assert sorted(got.files) == sorted(ref)
+    for k in got.files:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+    strip = lambda p: [l.split('"step_time"')[0] for l in p.read_text().splitlines()]
+    for i in range(2):
+        rel = pathlib.Path(f"member_{i}") / "results.jsonl"
+        assert strip(tmp_path / "ref" / rel) == strip(tmp_path / "killed" / rel)
