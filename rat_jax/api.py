@@ -91,11 +91,9 @@ def ensemble(stacked: Any, batch_stats: Any, ds, *, arch: str, envs: Sequence[in
     return accuracy(ensemble_logits(predict_logits_stacked(model, stacked, batch_stats, x)), y)
 
 
-export = export_torch
-
 __all__ = [
     "accuracy", "average", "barrier", "build_demo_datasets", "convert_torch_checkpoint",
-    "create_model", "dataset", "diversity", "ensemble", "ensemble_logits", "evaluate", "export",
+    "create_model", "dataset", "diversity", "ensemble", "ensemble_logits", "evaluate",
     "export_flax", "export_torch", "fuse", "fusing_coefficients", "greedy_soup", "id_val_names",
     "interpolate", "lmc_curve", "lmc_gate", "load_foundation", "load_split", "member_hparams",
     "predict_logits", "predict_logits_stacked", "random_hparams", "read_torch_file", "run_seed",

@@ -107,7 +107,7 @@ class Pipeline:
         if entry.root:
             return load_domainbed(entry.name, entry.root)
         if entry.name in demo.DEMO_DATASETS:
-            return load_domainbed(entry.name, self.cache_dir)
+            return demo.load_demo(entry.name, self.cache_dir, usps=True)
         if not self.c.data_root and not os.path.isabs(entry.name):
             raise ValueError(f"dataset {entry.name!r} needs a data folder: pass "
                              f"--config.data_root=DIR (DIR holding DomainBed's dataset folders) or "

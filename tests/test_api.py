@@ -30,7 +30,7 @@ def test_api_train_average_evaluate_greedy_export(tmp_path):
     ens = rj.ensemble(res.best_params, batch_stats, ds, arch="resnet_tiny", envs=[1], split="out",
                       image_size=16)
     assert 0.0 <= ens <= 1.0
-    path = rj.export(tmp_path / "soup.safetensors", {"params": soup, "batch_stats": batch_stats},
+    path = rj.export_torch(tmp_path / "soup.safetensors", {"params": soup, "batch_stats": batch_stats},
                      "resnet_tiny")
     back = rj.convert_torch_checkpoint(path, "resnet_tiny")
     np.testing.assert_array_equal(back["params"]["classifier"]["kernel"],

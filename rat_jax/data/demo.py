@@ -218,10 +218,14 @@ def build_demo_datasets(cache_dir=None, usps: bool = True) -> Dict[str, str]:
     return {name: build_demo_dataset(name, cache_dir, usps) for name in DEMO_DATASETS}
 
 
-def load_demo(name: str, cache_dir=None):
-    """A demo dataset by name, built on first use."""
+def load_demo(name: str, cache_dir=None, usps: bool | None = None):
+    """A demo dataset by name, built on first use. `usps=None` reuses any existing build;
+    `usps=True` rebuilds a digits build made without USPS (the pipeline asks for it)."""
     from rat_jax.data.domainbed import load_folder
-    return load_folder(build_demo_dataset(name, cache_dir), name)
+    path = os.path.join(demo_root(cache_dir), name)
+    if usps is None and os.path.exists(os.path.join(path, "BUILD.json")):
+        return load_folder(path, name)
+    return load_folder(build_demo_dataset(name, cache_dir, usps=usps is not False), name)
 
 
 # ---------------------------------------------------------------- domain shift -----------
