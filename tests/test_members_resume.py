@@ -76,10 +76,12 @@ def _committed_steps(workdir: pathlib.Path):
 
 
 def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path):
-    # the uninterrupted run, in this process on the same 2-device mesh (same compiled program)
-    namespace = {"__name__": "members_resume_script"}
-    exec(compile(SCRIPT, "run.py", "exec"), namespace)
-    ref = namespace["run"](str(tmp_path / "ref"))
+    # the uninterrupted run: the same command in its own process (same device count and thread
+    # pools as the killed one, so the same reduction orders)
+    done = subprocess.run(_cmd(tmp_path, "ref"), env=_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ref = dict(np.load(tmp_path / "ref.npz"))
 
     cmd = _cmd(tmp_path, "killed")
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -89,7 +91,8 @@ def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert proc.returncode == -signal.SIGKILL, (
+        "the run ended before it could be killed: " + proc.stderr.read().decode()[-3000:])
     killed_at = _committed_steps(tmp_path / "killed")
     assert killed_at and killed_at[-1] < 11
 
