@@ -95,6 +95,7 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Seconds-long structural check of a DomainBed config: the reference stages and member
     counts' shape, on the embedded demo data (a tiny random net), so it runs without the dataset."""
     c.arch = "resnet_tiny"
+    c.conv_impl = "xla"               # the smallest programs: compile time dominates a smoke run
     c.foundation = "random"
     c.image_size = 16
     c.batch_size = 4

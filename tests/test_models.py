@@ -51,7 +51,7 @@ def test_tf_same_pads_put_extra_pixel_at_end():
     assert tf_same_pads((7, 7), 5, 2) == ((2, 2), (2, 2))
 
 
-@pytest.mark.parametrize("arch", ["resnet_tiny", "resnet18", "efficientnet_lite0"])
+@pytest.mark.parametrize("arch", ["resnet_tiny", "efficientnet_lite0"])
 def test_param_tree_is_identical_for_every_conv_impl_and_logits_agree(arch):
     x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
     ref_model = create_model(arch, 5, conv_impl="xla")
@@ -66,7 +66,7 @@ def test_param_tree_is_identical_for_every_conv_impl_and_logits_agree(arch):
 
 
 def test_frozen_bn_stats_do_not_change_and_scale_bias_get_gradients():
-    model = create_model("resnet_tiny", 3)
+    model = create_model("resnet_tiny", 3, conv_impl="xla")
     x = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
     v = jax.jit(model.init)(jax.random.key(0), x)
     out, mutated = jax.jit(lambda v, x: model.apply(v, x, train=True, rngs={"dropout": jax.random.key(2)},
@@ -92,7 +92,7 @@ def test_dropout_rate_is_an_array_and_scales_kept_units():
 
 
 def test_features_only_and_train_dropout_paths():
-    model = create_model("resnet_tiny", 4)
+    model = create_model("resnet_tiny", 4, conv_impl="xla")
     x = jax.random.normal(jax.random.key(1), (3, 32, 32, 3))
     v = jax.jit(model.init)(jax.random.key(0), x)
     feats = jax.jit(lambda v, x: model.apply(v, x, features_only=True))(v, x)
