@@ -1,0 +1,82 @@
+"""rat_jax's default members path against a plain PyTorch training loop on the same CPU, side by side.
+
+    python bench/cpu_vs_torch.py [--json] [--rows resnet18@64,resnet50@64,efficientnet_lite0@64,resnet18@224]
+                                 [--members 1,8] [--batch 96] [--seconds 10]
+
+Per row: member-steps/s of MemberEngine's defaults (CPU device emulation, auto conv paths,
+default local strategy) training M members, and of torch doing the same network + Adam step with
+frozen BN for M members one after another (torch.set_num_threads = cores). ratio = rat_jax / torch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", default="resnet18@64,resnet50@64,efficientnet_lite0@64,resnet18@224")
+    p.add_argument("--members", default="1,8")
+    p.add_argument("--batch", type=int, default=96)
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--devices", type=int, default=8)
+    p.add_argument("--json", action="store_true")
+    a = p.parse_args(argv)
+
+    import jax
+    jax.config.update("jax_num_cpu_devices", a.devices)
+    import numpy as np
+    import torch
+
+    import members as member_bench  # bench/members.py: Runner, measure, torch_step
+    from rat_jax.models import create_model
+    from rat_jax.train import members as members_lib
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    for spec in a.rows.split(","):
+        arch, size = spec.split("@")
+        size = int(size)
+        model = create_model(arch, 7)
+        v = jax.jit(model.init)(jax.random.key(0), np.zeros((1, size, size, 3), np.float32))
+        params = jax.tree.map(np.asarray, v["params"])
+        targs = argparse.Namespace(image=size)
+        torch_one = member_bench.torch_step(arch, 7, a.batch, targs)
+        for m in (int(x) for x in a.members.split(",")):
+            engine = members_lib.MemberEngine(model, v["batch_stats"], m, batch_size=a.batch)
+            state = engine.place(members_lib.init_state(members_lib.stack_trees([params] * m)))
+            hp = engine.place(members_lib.make_hparams(m, lr=5e-5, seed=list(range(m))))
+            rng = np.random.RandomState(0)
+            batch = {"images": rng.randn(m, a.batch, size, size, 3).astype(np.float32),
+                     "labels": rng.randint(0, 7, (m, a.batch)).astype(np.int32)}
+            box = {"state": state}
+
+            def jax_call():
+                box["state"], metrics = engine.train_step(box["state"], hp, batch)
+                jax.block_until_ready(metrics["loss"])
+
+            def torch_call():
+                for _ in range(m):
+                    torch_one()
+            rows = [member_bench.Runner({"impl": "rat_jax"}, jax_call, m),
+                    member_bench.Runner({"impl": "torch"}, torch_call, m)]
+            member_bench.measure(rows, a.rounds, a.seconds)
+            jx, tr = max(rows[0].rates), max(rows[1].rates)
+            row = {"model": arch, "size": size, "members": m, "batch": a.batch,
+                   "rat_jax_member_steps_per_s": round(jx, 4), "torch_member_steps_per_s": round(tr, 4),
+                   "ratio": round(jx / tr, 3), "mesh": dict(engine.mesh.shape),
+                   "strategy": engine.strategy}
+            print(json.dumps(row) if a.json else
+                  f"{arch:>18} @{size:<4} M={m:<2} rat_jax {jx:8.3f}  torch {tr:8.3f}  "
+                  f"ratio {jx / tr:5.2f}  mesh {dict(engine.mesh.shape)} {engine.strategy}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
