@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax.numpy as jnp
+import numpy as np
 
 from rat_jax.models.layers import Conv, FrozenBatchNorm
 
@@ -16,8 +17,10 @@ from rat_jax.models.layers import Conv, FrozenBatchNorm
 LITE0_BLOCKS = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
                 (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
 BN_EPS = 1e-3
-IMAGENET_MEAN = jnp.array([0.485, 0.456, 0.406])
-IMAGENET_STD = jnp.array([0.229, 0.224, 0.225])
+# numpy, not jnp: a jnp constant at import time would start the XLA backend before
+# jax.distributed.initialize / jax_num_cpu_devices (rat_jax.runtime.setup) can run.
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 
 class MBConv(nn.Module):
@@ -54,7 +57,8 @@ class EfficientNetLite0(nn.Module):
     @nn.compact
     def __call__(self, x, capture_stages: bool = False):
         if self.tf_input_scaling:
-            x = ((x * IMAGENET_STD + IMAGENET_MEAN) * 255.0 - 127.0) / 128.0
+            mean, std = IMAGENET_MEAN.astype(x.dtype), IMAGENET_STD.astype(x.dtype)  # bf16 stays bf16
+            x = ((x * std + mean) * 255.0 - 127.0) / 128.0
         x = Conv(32, 3, 2, "tf_same", impl=self.conv_impl, name="conv_stem")(x)
         x = nn.relu6(FrozenBatchNorm(BN_EPS, name="bn0")(x))
         stages = [x]
