@@ -49,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=8, help="interleaved timing rounds")
     p.add_argument("--burst", type=float, default=0.75, help="seconds per row per round")
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--max-unroll", type=int, default=4, help="skip 'unroll' rows with more local "
+                   "members than this (compile time grows with each unrolled member)")
     a = p.parse_args(argv)
     if a.quick:
         a.models, a.members, a.per_domain, a.rounds, a.burst = "resnet_tiny", "1,4", 16, 5, 0.4
@@ -143,6 +145,10 @@ def bench_model(arch, args, emit):
                                            strategy=strategy)
             mesh = dict(eng.mesh.shape)
             local = m // mesh["model"]
+            if strategy == "unroll" and local > args.max_unroll:
+                print(f"# {arch} M={m}: unroll@{ndev} skipped ({local} local members > "
+                      f"--max-unroll {args.max_unroll})", file=sys.stderr)
+                continue
             effective = eng.strategy if local > 1 else "1/dev"  # one local member: no strategy
             name = f"{effective}@{eng.mesh.devices.size}"
             if strategy is None:

@@ -27,7 +27,8 @@ def quiet_logs() -> None:
 
 def setup(config=None) -> None:
     """Emulate `config.engine.cpu_devices` host devices on CPU (0 = default), enable the compilation
-    cache and quiet library logs; idempotent."""
+    cache, quiet library logs, then join the other processes of a multi-process run
+    (rat_jax.distributed.initialize: a no-op for one process); idempotent."""
     enable_compilation_cache()
     quiet_logs()
     engine = getattr(config, "engine", None) if config is not None else None
@@ -37,3 +38,5 @@ def setup(config=None) -> None:
         jax.config.update("jax_num_cpu_devices", n)
     except RuntimeError:  # backend already initialised (e.g. in a notebook): keep what is there
         pass
+    from rat_jax import distributed
+    distributed.initialize(config)

@@ -43,7 +43,7 @@ def _compare(state, ref, idx):
         assert int(state["members"]["step"][j]) == int(ref[i]["step"])
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "map", "chunk:2"])
+@pytest.mark.parametrize("strategy", ["vmap", "map", "unroll", "chunk:2"])
 def test_stacked_equals_one_by_one_on_one_device(setup, strategy):
     s = setup
     eng = engine_for(s["model"], s["bs"], 4, 1, strategy)
@@ -200,7 +200,7 @@ def test_classifier_only_mode(setup):
                             s["params"][i]["featurizer"]) == 0.0
 
 
-@pytest.mark.parametrize("remat", [True, pytest.param("full", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("remat", [True, pytest.param("nothing", marks=pytest.mark.slow)])
 def test_remat_and_chunks_give_the_same_result(setup, remat):
     s = setup
     idx = range(3)  # 3 members in chunks of 2: one full chunk and a remainder

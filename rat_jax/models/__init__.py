@@ -37,9 +37,15 @@ class Classifier(nn.Module):
 
 
 class ImageClassifier(nn.Module):
-    """featurizer -> dropout(rate array) -> linear classifier, as DomainBed's ERM network."""
+    """featurizer -> dropout(rate array) -> linear classifier, as DomainBed's ERM network.
+
+    `dtype`: the compute dtype. "bfloat16" casts the images, hence every activation (each layer
+    casts its float32 params to its input's dtype), and returns float32 outputs; params, gradients
+    and optimizer state stay float32 (mixed precision).
+    """
     featurizer: nn.Module
     num_classes: int
+    dtype: str = "float32"
 
     @property
     def num_features(self) -> int:
@@ -48,25 +54,39 @@ class ImageClassifier(nn.Module):
     @nn.compact
     def __call__(self, images, train: bool = False, dropout_rate=0.0, features_only: bool = False,
                  capture_stages: bool = False):
+        mixed = self.dtype != "float32"  # float32: inputs and outputs untouched
+        out = lambda t: jax.tree.map(lambda x: x.astype(jnp.float32), t) if mixed else t
+        if mixed:
+            images = jnp.asarray(images).astype(self.dtype)
         if capture_stages:  # (pooled features, [stem output, stage 1, ..., last stage])
-            return self.featurizer(images, capture_stages=True)
+            return out(self.featurizer(images, capture_stages=True))
         feats = self.featurizer(images)
         if features_only:
-            return feats
+            return out(feats)
         if train:
             feats = dropout(feats, dropout_rate, self.make_rng("dropout"))
-        return Classifier(self.num_classes, name="classifier")(feats)
+        return out(Classifier(self.num_classes, name="classifier")(feats))
 
 
-def create_model(arch: str, num_classes: int, conv_impl: str = "auto") -> ImageClassifier:
-    """The network for `arch` in ARCHS with a `num_classes`-way linear head."""
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def create_model(arch: str, num_classes: int, conv_impl: str = "auto",
+                 dtype: str = "float32") -> ImageClassifier:
+    """The network for `arch` in ARCHS with a `num_classes`-way linear head; `dtype` is the compute
+    dtype ("bfloat16": bf16 activations, float32 params and outputs)."""
     if arch not in FEATURIZERS:
         raise ValueError(f"Unknown arch {arch!r}; choose one of {', '.join(ARCHS)}.")
     if conv_impl not in CONV_IMPLS:
         raise ValueError(f"Unknown conv_impl {conv_impl!r}; choose one of {', '.join(CONV_IMPLS)}.")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}.")
-    return ImageClassifier(FEATURIZERS[arch](conv_impl=conv_impl), num_classes, name=None)
+    dtype = jnp.dtype(dtype).name
+    if dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"Unknown compute dtype {dtype!r}; choose one of "
+                         f"{', '.join(COMPUTE_DTYPES)}.")
+    return ImageClassifier(FEATURIZERS[arch](conv_impl=conv_impl), num_classes, dtype=dtype,
+                           name=None)
 
 
 def init_variables(model: ImageClassifier, key, image_size: int = 32):
@@ -74,4 +94,5 @@ def init_variables(model: ImageClassifier, key, image_size: int = 32):
     return model.init(key, jnp.zeros((1, image_size, image_size, 3), jnp.float32))
 
 
-__all__ = ["ARCHS", "CONV_IMPLS", "create_model", "init_variables", "conv2d", "dropout"]
+__all__ = ["ARCHS", "COMPUTE_DTYPES", "CONV_IMPLS", "create_model", "init_variables", "conv2d",
+           "dropout"]

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 
+from rat_jax import distributed
 from rat_jax.train.members import MemberEngine
 from rat_jax.train.progress import Progress
 from rat_jax.train.resume import RunCheckpoints, decode_state, encode_state
@@ -45,23 +46,23 @@ class TrainResult:
 
     @property
     def best_params(self) -> Any:
-        return jax.tree.map(np.asarray, self.state["best_params"])
+        return distributed.to_host(self.state["best_params"])
 
     @property
     def final_params(self) -> Any:
-        return jax.tree.map(np.asarray, self.state["members"]["params"])
+        return distributed.to_host(self.state["members"]["params"])
 
     @property
     def best_score(self) -> np.ndarray:
-        return np.asarray(self.state["best_score"])
+        return distributed.to_host(self.state["best_score"])
 
     @property
     def best_step(self) -> np.ndarray:
-        return np.asarray(self.state["best_step"])
+        return distributed.to_host(self.state["best_step"])
 
     @property
     def nonfinite(self) -> np.ndarray:
-        return np.asarray(self.state["members"]["nonfinite"])
+        return distributed.to_host(self.state["members"]["nonfinite"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,7 +101,8 @@ def evaluate(engine: MemberEngine, params: Any, eval_sets: Mapping[str, Any]) ->
             images, labels, mask = _pad_to(batch_size, images, labels, mask)
             counts.append(engine.evaluate_batch(params, images, labels, mask))
             total += int(mask.sum())
-        correct = np.sum([np.asarray(c, np.int64) for c in counts], axis=0) if counts else 0
+        counts = [distributed.to_host(c).astype(np.int64) for c in counts]
+        correct = np.sum(counts, axis=0) if counts else 0
         accs[name] = (np.asarray(correct, np.float64) / total if total
                       else np.full((engine.num_members,), np.nan))
     return accs
@@ -126,7 +128,7 @@ class RecordWriter:
                  member_dirs: Sequence[str] | None):
         self.records: list[list[dict]] = [[] for _ in range(num_members)]
         self.paths = None
-        if workdir is not None:
+        if workdir is not None and distributed.is_main_process():  # one writer per run
             names = member_dirs or [f"member_{i}" for i in range(num_members)]
             if len(names) != num_members:
                 raise ValueError(f"member_dirs has {len(names)} names for {num_members} members")
@@ -171,11 +173,14 @@ def run_loop(engine: MemberEngine, state: dict, hparams: dict, train_batches: It
              member_info: Sequence[dict] | None = None, member_dirs: Sequence[str] | None = None,
              stage: str = "train", quiet: bool = False, progress_stream=None,
              progress_interval: float | None = None, max_to_keep: int = 1,
-             on_record: Callable[[int, dict], None] | None = None) -> TrainResult:
+             async_checkpoints: bool = False, on_record: Callable[[int, dict], None] | None = None) -> TrainResult:
     """Train the engine's members for `num_steps` updates (resuming from `workdir` if it holds a
     checkpoint of this run), evaluating every `checkpoint_freq` steps. `state` / `hparams` are the
     stacked state and [M] settings (host or placed). Checkpoints every `save_every` steps (default
-    `checkpoint_freq`) and at the end. Returns the final stacked state and per-member records.
+    `checkpoint_freq`) and at the end (`async_checkpoints`: write them in the background).
+    Per-member results.jsonl go to `workdir/<member_dirs[i]>/` (default `member_<i>`);
+    `member_info[i]` is merged into member i's records (its "hparams" replace the default ones).
+    Returns the final stacked state and per-member records.
     """
     m = engine.num_members
     eval_sets = dict(eval_sets or {})
@@ -195,7 +200,8 @@ def run_loop(engine: MemberEngine, state: dict, hparams: dict, train_batches: It
 
     loss_sum = np.zeros((m,), np.float64)
     time_sum, count, start = 0.0, 0, 0
-    ckpts = RunCheckpoints(workdir / "checkpoints", max_to_keep) if workdir is not None else None
+    ckpts = (RunCheckpoints(workdir / "checkpoints", max_to_keep, async_checkpoints)
+             if workdir is not None else None)
     latest = ckpts.latest_step() if ckpts is not None else None
     if latest is not None:
         state, meta = ckpts.restore(latest, state)
@@ -209,6 +215,7 @@ def run_loop(engine: MemberEngine, state: dict, hparams: dict, train_batches: It
     writer.load_until(latest if latest is not None else -1)
 
     per_step_images = None
+    quiet = quiet or not distributed.is_main_process()
     progress = Progress(stage, num_steps, start=start, quiet=quiet, stream=progress_stream,
                         interval=progress_interval)
     pending: list = []  # device losses not yet folded into loss_sum (no sync every step)
@@ -217,7 +224,7 @@ def run_loop(engine: MemberEngine, state: dict, hparams: dict, train_batches: It
     def flush_losses():
         nonlocal loss_sum, last_losses
         for loss in pending:
-            last_losses = np.asarray(loss, np.float32)
+            last_losses = distributed.to_host(loss).astype(np.float32)
             loss_sum = loss_sum + last_losses.astype(np.float64)
         pending.clear()
 
@@ -244,7 +251,7 @@ def run_loop(engine: MemberEngine, state: dict, hparams: dict, train_batches: It
             # no validation splits: keep the latest evaluated params as "best"
             select = score if val_names else np.full((m,), float(step))
             state = engine.update_best(state, select, step)
-            nonfinite = np.asarray(state["members"]["nonfinite"])
+            nonfinite = distributed.to_host(state["members"]["nonfinite"])
             for i in range(m):
                 rec = {"step": step, "loss": _json_float(loss_sum[i] / count),
                        "step_time": time_sum / count, "member": i,

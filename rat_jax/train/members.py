@@ -18,7 +18,6 @@ extra pmean/psum of the gradients (tests/test_members.py checks the gradient nor
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Sequence
 
@@ -69,15 +68,19 @@ def make_hparams(num_members: int, *, lr: Any = 5e-5, weight_decay: Any = 0.0, d
     `lp_steps`: L >= 0 for an aux-init member (classifier-only updates 0..L, then Adam reset and
     whole net), -1 for a member trained whole from update 0 (PROTOCOL §1.4).
     """
-    def arr(x, dtype):
-        a = np.broadcast_to(np.asarray(x, dtype), (num_members,)).copy()
-        return a
-    seeds = np.broadcast_to(np.asarray(seed, np.int64), (num_members,))
-    if seeds.size > 1 and np.ndim(seed) == 0:  # one seed for all: still give members distinct keys
+    def arr(name, x, dtype):
+        x = np.asarray(x, dtype)
+        if x.ndim > 1 or (x.ndim == 1 and x.shape[0] != num_members):
+            raise ValueError(f"{name} has shape {x.shape}; give one value per member "
+                             f"({num_members}) or a scalar for all")
+        return np.broadcast_to(x, (num_members,)).copy()
+    seeds = arr("seed", seed, np.int64)
+    if np.ndim(seed) == 0:  # one seed for all: members still get distinct keys (seed, seed+1, ...)
         seeds = seeds + np.arange(num_members)
-    return {"lr": arr(lr, np.float32), "weight_decay": arr(weight_decay, np.float32),
-            "dropout": arr(dropout, np.float32), "lp_steps": arr(lp_steps, np.int32),
-            "key": member_keys(seeds)}
+    return {"lr": arr("lr", lr, np.float32),
+            "weight_decay": arr("weight_decay", weight_decay, np.float32),
+            "dropout": arr("dropout", dropout, np.float32),
+            "lp_steps": arr("lp_steps", lp_steps, np.int32), "key": member_keys(seeds)}
 
 
 def init_state(params: Any) -> dict:
@@ -187,6 +190,8 @@ class MemberEngine:
         _parse_strategy(self.strategy)
         self.classifier_only = classifier_only
         self.remat = remat
+        if remat:
+            step_lib.remat_policy(remat)  # fail early on an unknown policy
         self.model_size = self.mesh.shape[MEMBER_AXIS]
         self.data_size = self.mesh.shape[DATA_AXIS]
         if num_members % self.model_size:
@@ -200,7 +205,7 @@ class MemberEngine:
         self.batch_sharding = NamedSharding(self.mesh, self.batch_spec)
         self.eval_sharding = NamedSharding(self.mesh, self.eval_spec)
         self.replicated = NamedSharding(self.mesh, P())
-        self.batch_stats = jax.device_put(batch_stats, self.replicated)
+        self.batch_stats = jax.tree.map(lambda x: _put(x, self.replicated), batch_stats)
         self._train = self._build_train()
         self._eval = self._build_eval()
         self._best = jax.jit(_update_best, donate_argnums=(0,))
@@ -208,7 +213,7 @@ class MemberEngine:
     # -- placement ---------------------------------------------------------------------------
     def place(self, stacked: Any) -> Any:
         """Put a stacked tree (leading member axis) on the mesh, split over 'model'."""
-        return jax.device_put(stacked, self.member_sharding)
+        return jax.tree.map(lambda x: _put(x, self.member_sharding), stacked)
 
     def place_batch(self, batch: dict) -> tuple[jax.Array, jax.Array]:
         images, labels = batch["images"], batch["labels"]
@@ -218,8 +223,7 @@ class MemberEngine:
         if images.shape[1] % self.data_size:
             raise ValueError(f"per-member batch {images.shape[1]} does not split over the 'data' "
                              f"axis of {self.data_size} devices; pass batch_size to plan_mesh")
-        return (jax.device_put(images, self.batch_sharding),
-                jax.device_put(labels, self.batch_sharding))
+        return _put(images, self.batch_sharding), _put(labels, self.batch_sharding)
 
     # -- compiled functions ------------------------------------------------------------------
     def _build_train(self):
@@ -259,6 +263,19 @@ class MemberEngine:
             out_specs=P(MEMBER_AXIS))
         return jax.jit(mapped)
 
+    def train_memory(self, state: dict, hparams: dict, batch: dict) -> dict:
+        """XLA's memory analysis of the compiled train step (bytes per device), without running it."""
+        images = jax.ShapeDtypeStruct(np.shape(batch["images"]), np.float32,
+                                      sharding=self.batch_sharding)
+        labels = jax.ShapeDtypeStruct(np.shape(batch["labels"]), np.int32,
+                                      sharding=self.batch_sharding)
+        compiled = self._train.lower(state["members"], hparams, images, labels,
+                                     self.batch_stats).compile()
+        mem = compiled.memory_analysis()
+        return {k: int(getattr(mem, k)) for k in (
+            "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+            "alias_size_in_bytes") if hasattr(mem, k)}
+
     # -- public steps ------------------------------------------------------------------------
     def train_step(self, state: dict, hparams: dict, batch: dict) -> tuple[dict, dict]:
         """Update every member once on its own batch; returns (state, metrics [M])."""
@@ -277,7 +294,7 @@ class MemberEngine:
             images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
             labels = np.concatenate([labels, np.zeros((pad,), labels.dtype)])
             mask = np.concatenate([mask, np.zeros((pad,), bool)])
-        put = lambda x: jax.device_put(x, self.eval_sharding)
+        put = lambda x: _put(x, self.eval_sharding)
         return self._eval(params, put(images), put(labels), put(mask), self.batch_stats)
 
     def update_best(self, state: dict, score: jax.Array, step: int) -> dict:
@@ -287,6 +304,16 @@ class MemberEngine:
                           state["members"]["params"], jnp.asarray(score, jnp.float32),
                           jnp.int32(step))
         return {**state, **best}
+
+
+def _put(x, sharding):
+    """Place a host array that every process holds whole (or a ready global jax.Array). With several
+    processes each one copies only its devices' blocks (device_put would also all-gather the whole
+    array to check that the processes agree)."""
+    if jax.process_count() > 1 and not isinstance(x, jax.Array):
+        x = np.asarray(x)
+        return jax.make_array_from_process_local_data(sharding, x, x.shape)
+    return jax.device_put(x, sharding)
 
 
 def _update_best(best: dict, params: Any, score: jax.Array, step: jax.Array) -> dict:

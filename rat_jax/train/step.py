@@ -40,9 +40,20 @@ def loss_fn(model, batch_stats: Any, params: Any, images: jax.Array, labels: jax
     return cross_entropy(logits, labels) / denominator
 
 
-def all_finite(tree: Any) -> jax.Array:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+REMAT_POLICIES = {
+    # keep convolution / matmul outputs, recompute the elementwise ops (BN, ReLU, ...) in backward
+    "dots": jax.checkpoint_policies.dots_saveable,
+    # keep nothing: the whole forward is recomputed during backward
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def remat_policy(remat: bool | str):
+    """The jax.checkpoint policy for `remat` (True means "dots")."""
+    name = "dots" if remat is True else remat
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}: use False, True or one of {sorted(REMAT_POLICIES)}")
+    return REMAT_POLICIES[name]
 
 
 def train_step(model, batch_stats: Any, member: dict, hparams: dict, images: jax.Array,
@@ -63,7 +74,7 @@ def train_step(model, batch_stats: Any, member: dict, hparams: dict, images: jax
     fn = lambda p: loss_fn(model, batch_stats, p, images, labels, hparams["dropout"], key,
                            denominator)
     if remat:
-        fn = jax.checkpoint(fn)
+        fn = jax.checkpoint(fn, policy=remat_policy(remat))
     if classifier_only:  # the featurizer is never stepped: do not backprop into it
         feat = jax.lax.stop_gradient(params["featurizer"])
         loss, g_cls = jax.value_and_grad(
@@ -76,14 +87,20 @@ def train_step(model, batch_stats: Any, member: dict, hparams: dict, images: jax
     new_params, new_opt = optim.apply_updates(
         params, member["opt_state"], grads, lr=hparams["lr"], weight_decay=hparams["weight_decay"],
         step=step, lp_steps=hparams["lp_steps"], classifier_only=classifier_only)
-    ok = (~member["nonfinite"]) & jnp.isfinite(loss) & all_finite(grads) & all_finite(new_params)
+    # A finite loss and gradient norm (one reduction the metrics need anyway) mean finite grads,
+    # and torch-Adam's update of finite params with finite grads, lr and wd is finite. Checking
+    # every leaf of the grads and new params instead made XLA:CPU compile an EfficientNet-Lite0
+    # step 4-5x longer (26 s -> 114 s).
+    grad_norm = optax.global_norm(grads)
+    ok = ((~member["nonfinite"]) & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+          & jnp.isfinite(hparams["lr"]) & jnp.isfinite(hparams["weight_decay"]))
     new_member = {
         "params": optim.tree_where(ok, new_params, params),
         "opt_state": optim.tree_where(ok, new_opt, member["opt_state"]),
         "step": step + 1,
         "nonfinite": ~ok,
     }
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": grad_norm}
     return new_member, metrics
 
 
