@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import jax
 import numpy as np
 
 from rat_jax.convert import convert_torch_checkpoint, read_torch_file
@@ -74,6 +75,56 @@ def train(ds, inits: Sequence[Any], hparams: dict, *, test_envs: Sequence[int], 
                              quiet=quiet, **engine_kwargs)
 
 
+def new_head(arch: str, num_classes: int, seed: int = 0) -> dict:
+    """A fresh linear head for `arch`'s features with torch's nn.Linear default init (the
+    reference's classifier init), as numpy {kernel [F, C], bias [C]}."""
+    from rat_jax.models.layers import torch_linear_init
+    n = create_model(arch, num_classes).num_features
+    init = torch_linear_init(n)
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return {"kernel": np.asarray(init(k1, (n, num_classes))),
+            "bias": np.asarray(init(k2, (num_classes,)))}
+
+
+def linear_probe(ds, featurizer: Any, batch_stats: Any, *, test_envs: Sequence[int], arch: str,
+                 steps: int, lr: float = 5e-5, seed: int = 0, **train_kwargs) -> dict:
+    """Train a fresh head on frozen `featurizer` features of `ds` minus `test_envs` (default
+    hparams, PROTOCOL §1.1) and return the best-ID-val {"featurizer", "classifier"} tree."""
+    head = new_head(arch, ds.num_classes, seed)
+    hp = _members.make_hparams(1, lr=lr, weight_decay=0.0, dropout=0.0, seed=seed)
+    res = train(ds, [{"featurizer": featurizer, "classifier": head}], hp, test_envs=test_envs,
+                arch=arch, batch_stats=batch_stats, steps=steps, classifier_only=True,
+                **train_kwargs)
+    return take_member(res.best_params, 0)
+
+
+def diagnostic_figures(stacked: Any, scores: Sequence[float], batch_stats: Any, ds, *,
+                       test_env: int, arch: str, out_dir: str, inits: Sequence[str] | None = None,
+                       image_size: int = 224, trial_seed: int = 0, tag: str = "members",
+                       flagged: Sequence[bool] | None = None, batch_size: int = 256) -> dict:
+    """The pipeline's four PNGs (LMC curves, soup vs #members, ID-val vs OOD scatter, diversity
+    heat-map) and their numbers for members `stacked` with ID-val `scores`, tested on the full
+    test env `test_env` of `ds` (greedy selection on the train envs' out splits). `inits`: each
+    member's init source ('foundation', 'aux:textures/run0', ...). Returns the numbers, with
+    the PNG paths under 'figures'."""
+    from rat_jax import figures as figures_lib
+    m = len(scores)
+    model = create_model(arch, ds.num_classes)
+    full = load_split(ds, trial_seed=trial_seed, envs=[test_env], split="all",
+                      image_size=image_size)
+    train_envs = [e for e in range(ds.num_envs) if e != test_env]
+    sel = load_split(ds, trial_seed=trial_seed, envs=train_envs, split="out",
+                     image_size=image_size)
+
+    def acc(params, data):
+        return accuracy(predict_logits(model, {"params": params, "batch_stats": batch_stats},
+                                       data[0], batch_size), data[1])
+    info = [{"init": (inits[i] if inits is not None else "foundation")} for i in range(m)]
+    return figures_lib.env_figures(out_dir, tag, model, batch_stats, stacked, scores,
+                                   np.zeros(m, bool) if flagged is None else np.asarray(flagged),
+                                   info, acc, full, sel, batch_size)
+
+
 def evaluate(params: Any, batch_stats: Any, ds, *, arch: str, envs: Sequence[int], split: str = "all",
              image_size: int = 224, trial_seed: int = 0, batch_size: int = 256) -> float:
     """Accuracy of one network on `split` ('in' | 'out' | 'all') of `envs` of `ds`."""
@@ -93,9 +144,9 @@ def ensemble(stacked: Any, batch_stats: Any, ds, *, arch: str, envs: Sequence[in
 
 __all__ = [
     "accuracy", "average", "barrier", "build_demo_datasets", "convert_torch_checkpoint",
-    "create_model", "dataset", "diversity", "ensemble", "ensemble_logits", "evaluate",
+    "create_model", "dataset", "diagnostic_figures", "diversity", "ensemble", "ensemble_logits", "evaluate",
     "export_flax", "export_torch", "fuse", "fusing_coefficients", "greedy_soup", "id_val_names",
-    "interpolate", "lmc_curve", "lmc_gate", "load_foundation", "load_split", "member_hparams",
+    "interpolate", "linear_probe", "lmc_curve", "lmc_gate", "load_foundation", "new_head", "load_split", "member_hparams",
     "predict_logits", "predict_logits_stacked", "random_hparams", "read_torch_file", "run_seed",
     "seed_hash", "split_indices", "stack", "take_member", "train",
 ]

@@ -62,7 +62,15 @@ def base() -> ml_collections.ConfigDict:
     c.aux_pool_dir = ""               # share an auxiliary pool between runs (default workdir/aux)
     c.eval_all_splits = True          # records every env's in/out accuracy, as DomainBed
     c.max_eval_images = 0             # >0: evaluate a fixed subset per split (CPU runs)
-    c.make_plots = True
+    c.compute_dtype = "float32"       # "bfloat16": bf16 activations, float32 params and Adam
+    # Multi-process runs (rat_jax/distributed.py; LAUNCH.md): empty = $RAT_JAX_* or auto-detect.
+    c.distributed = ml_collections.ConfigDict(dict(
+        mode="auto", coordinator="", num_processes=0, process_id=-1, local_device_ids="",
+        initialization_timeout=300, heartbeat_timeout=60, shutdown_timeout=300))
+    c.make_plots = True               # workdir/plots: LMC, soup vs #members, scatter, diversity
+    # Before each uniform soup: warn about members whose accuracy barrier with the running soup
+    # (ID-val set) exceeds `threshold` (0 = off); `skip=True` also leaves them out.
+    c.lmc_gate = ml_collections.ConfigDict(dict(threshold=0.05, skip=False))
     return c
 
 

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from rat_jax import checkpoint, report, soups
+from rat_jax import checkpoint, distributed, report, soups
 from rat_jax.data import (DomainDataset, MemberLoader, iterate_eval, load_domainbed,
                           random_hparams, run_seed)
 from rat_jax.data.protocol import default_hparams
@@ -45,9 +45,12 @@ def stage_done(directory: pathlib.Path, fp: str) -> bool:
 
 
 def mark_done(directory: pathlib.Path, fp: str, **info) -> None:
-    tmp = directory / "done.json.tmp"
-    tmp.write_text(json.dumps({"fingerprint": fp, **info}, indent=1, default=str))
-    os.replace(tmp, directory / "done.json")
+    """Atomically record a finished stage (process 0 writes; every process waits for it)."""
+    if distributed.is_main_process():
+        tmp = directory / "done.json.tmp"
+        tmp.write_text(json.dumps({"fingerprint": fp, **info}, indent=1, default=str))
+        os.replace(tmp, directory / "done.json")
+    distributed.barrier(f"done:{directory}")
 
 
 def _np(tree):
@@ -136,7 +139,8 @@ class Pipeline:
             m, lr=[h["lr"] for h in hp], weight_decay=[h["weight_decay"] for h in hp],
             dropout=[h["resnet_dropout"] for h in hp], lp_steps=[h["lp_steps"] for h in hp],
             seed=[h["seed"] for h in hp])
-        model = create_model(c.arch, dataset.num_classes, conv_impl=c.conv_impl)
+        model = create_model(c.arch, dataset.num_classes, conv_impl=c.conv_impl,
+                             dtype=c.get("compute_dtype", "float32"))
         loader = MemberLoader(dataset, train_envs, [h["seed"] for h in hp], trial_seeds=trial,
                               batch_size=c.batch_size, image_size=c.image_size, augment=True,
                               holdout_fraction=c.holdout_fraction, **self._cache_kw())
@@ -320,9 +324,11 @@ class Pipeline:
                                                 fhash) for t in c.trials}
             rows += selection.select_and_evaluate(self, target, k, per_env[k], batch_stats,
                                                   n_aux=len(pool))
-        notes = selection.notes(c, target, self.trained_members)
-        md = report.write(self.workdir, rows, notes)
-        print(md, flush=True)
+        notes = selection.notes(c, target, self.trained_members, rows)
+        md = report.table(rows) + "\n\n" + notes + "\n"
+        if distributed.is_main_process():  # one writer and one printed table per run
+            md = report.write(self.workdir, rows, notes)
+            print(md, flush=True)
         return rows
 
 
@@ -355,7 +361,10 @@ def _leakage_guard_manifest(manifest: list[dict], target: DomainDataset) -> None
 
 
 def _write_json(path: pathlib.Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    """Atomic JSON write by process 0 (the others wait for it)."""
+    if distributed.is_main_process():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(obj, indent=1, default=str))
+        os.replace(tmp, path)
+    distributed.barrier(f"json:{path}")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rat_jax import report, soups
+from rat_jax import diagnostics, distributed, figures, report, soups
 from rat_jax.evaluation import accuracy, load_split, predict_logits, predict_logits_stacked
 from rat_jax.models import create_model
 
@@ -40,7 +40,8 @@ class _Evaluator:
     def __init__(self, pipe, dataset, batch_stats):
         self.c = pipe.c
         self.cache = pipe._cache_kw().get("cache_dir", None)
-        self.model = create_model(self.c.arch, dataset.num_classes, conv_impl=self.c.conv_impl)
+        self.model = create_model(self.c.arch, dataset.num_classes, conv_impl=self.c.conv_impl,
+                                  dtype=self.c.get("compute_dtype", "float32"))
         self.batch_stats = batch_stats
         self.dataset = dataset
         self.limit = self.c.get("max_eval_images", 0)
@@ -98,6 +99,11 @@ def select_and_evaluate(pipe, target, k: int, by_trial: dict, batch_stats, n_aux
             logits = ev.logits(_take(params, ok), full_test)
             rows.append(row("Ensemble of Ratatouille members", "Logits", t,
                             accuracy(soups.ensemble_logits(logits), full_test[1]), len(ok)))
+            if (ev.c.get("make_plots", True) and t == min(by_trial)
+                    and distributed.is_main_process()):
+                figures.env_figures(pipe.workdir / "plots", f"test{k}_trial{t}", ev.model,
+                                    ev.batch_stats, params, scores, flagged, info, ev.acc,
+                                    full_test, selection_set, ev.c.eval_batch_size)
             dagger["Ratatouille†"].append((params, flagged))
         if "fusing" in groups:
             f = groups["fusing"]
@@ -117,16 +123,36 @@ def select_and_evaluate(pipe, target, k: int, by_trial: dict, batch_stats, n_aux
 
 def _soup_rows(ev, method, params, scores, flagged, full_test, selection_set, t, row):
     ok = [j for j in range(len(scores)) if not flagged[j]]
-    uniform = soups.average(params, members=ok)
-    out = [row(method, "Uniform", t, ev.acc(uniform, full_test), len(ok))]
+    gate = ev.c.get("lmc_gate", None)
+    extra = {}
+    if gate is not None and gate.threshold > 0 and len(ok) > 1:
+        # LMC gate on the ID-val selection set, members in score order (PROTOCOL: no test data).
+        order = soups.sort_by_score(scores, exclude=np.flatnonzero(flagged))
+        uniform, kept, records = diagnostics.lmc_gate(
+            ev.model, ev.batch_stats, params, order, *selection_set, threshold=gate.threshold,
+            skip=bool(gate.skip), batch_size=ev.c.eval_batch_size)
+        extra = {"gated": [r["member"] for r in records if r["gated"]],
+                 "gate_excluded": [r["member"] for r in records if r["excluded"]],
+                 "gate_barriers": {str(r["member"]): r["barrier"] for r in records}}
+        n_uniform = len(kept)
+    else:
+        uniform, n_uniform = soups.average(params, members=ok), len(ok)
+    out = [row(method, "Uniform", t, ev.acc(uniform, full_test), n_uniform, **extra)]
     soup, selected, _ = soups.greedy_soup(params, scores, lambda p: ev.acc(p, selection_set),
                                           exclude=np.flatnonzero(flagged))
     out.append(row(method, "Greedy", t, ev.acc(soup, full_test), len(selected), selected=selected))
     return out
 
 
-def notes(c, target, trained_members: int) -> str:
+def notes(c, target, trained_members: int, rows=()) -> str:
     flagged = ""
+    gated = [f"{r['method']} env {r['test_env']} trial {r['trial']}: members {r['gated']}"
+             + (" left out" if r.get("gate_excluded") else " kept (warn only)")
+             for r in rows if r.get("gated")]
+    gate = c.get("lmc_gate", None)
+    if gate is not None and gate.threshold > 0:
+        flagged += (f" LMC gate (accuracy barrier with the running soup > {gate.threshold} on the "
+                    f"ID-val set): " + ("; ".join(gated) if gated else "no member gated") + ".")
     return (f"Target {target.name} ({', '.join(f'{i}={e}' for i, e in enumerate(target.envs))}); "
             f"arch {c.arch}, {c.image_size}px, batch {c.batch_size}/domain, "
             f"{c.target.steps} steps, {c.n_hparams} members per (test env, trial), "

@@ -44,6 +44,29 @@ def test_demo_smoke_end_to_end_then_resume_without_training(tmp_path):
     manifest = json.loads((tmp_path / "aux" / "glyphs_notest" / "manifest.json").read_text())
     assert len(manifest) == 2 and manifest[0]["identity"].startswith("glyphs:")
 
+    # The diagnostics of the first trial: four PNGs and their numbers, consistent with the rows.
+    plots = tmp_path / "plots"
+    for name in ("interpolation", "soup_vs_members", "idval_vs_ood", "diversity"):
+        data = (plots / f"test0_trial0_{name}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000, name
+    diag = json.loads((plots / "test0_trial0_diagnostics.json").read_text())
+    members = diag["members"]
+    inits = {m["init"].split("/")[0] for m in members}
+    assert inits == {"foundation", "aux:glyphs", "aux:textures"}, inits
+    assert len(diag["soup_vs_members"]["uniform_ood"]) == len(members)
+    uniform_row = next(r for r in rows if r["method"] == "Ratatouille"
+                       and r["selection"] == "Uniform" and r["trial"] == 0)
+    gate_off = not uniform_row.get("gate_excluded")
+    # with nobody left out by the gate, the last point of the curve is the uniform soup's row
+    if gate_off:
+        assert math.isclose(diag["soup_vs_members"]["uniform_ood"][-1], uniform_row["accuracy"])
+    for curve in diag["lmc"].values():
+        assert len(curve["acc"]) == 11 and curve["barrier"] >= 0.0
+    div = diag["diversity"]["disagreement"]
+    assert all(div[i][i] == 0.0 for i in range(len(div)))
+    # the LMC gate ran before each uniform soup and its barriers are in the row
+    assert set(uniform_row["gate_barriers"]) == {str(m["member"]) for m in members}
+
     out2 = _run(tmp_path)
     assert "Member runs trained by this invocation: 0." in out2
     assert _table(out2) == _table(out1)

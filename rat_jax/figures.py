@@ -1,0 +1,137 @@
+"""The pipeline's diagnostics for one (test env, trial): LMC curves, soup vs #members, ID-val vs
+OOD scatter and the diversity heat-map as PNGs, plus their numbers in a JSON file.
+
+Everything is computed from the members the selection stage already holds, with the same
+evaluator (so the same eval subsets); nothing here trains.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from rat_jax import diagnostics, plots, soups
+from rat_jax.evaluation import accuracy, predict_logits_stacked
+
+__all__ = ["member_groups", "env_figures"]
+
+
+def member_groups(info: Sequence[dict]) -> dict[str, list[int]]:
+    """{init source: member indices}: 'foundation', 'aux:<dataset>' (all runs of that dataset),
+    'fusing' — from each member's `init` string."""
+    groups: dict[str, list[int]] = {}
+    for i, hp in enumerate(info):
+        init = str(hp.get("init", "foundation"))
+        if init.startswith("aux:"):
+            name = "aux:" + init[4:].split("/")[0]
+        elif init.startswith("fusing"):
+            name = "fusing"
+        else:
+            name = "foundation"
+        groups.setdefault(name, []).append(i)
+    return groups
+
+
+def env_figures(directory: pathlib.Path, tag: str, model, batch_stats, params, scores, flagged,
+                info: Sequence[dict], acc: Callable, full_test, selection_set,
+                eval_batch_size: int = 256, gate: dict | None = None) -> dict:
+    """Write `<tag>_*.png` and `<tag>_diagnostics.json` into `directory` for the stacked members
+    `params` ([M] ID-val `scores`, `flagged` non-finite, per-member `info`), evaluated by
+    `acc(params, (images, labels))` on `full_test` (OOD) and `selection_set` (ID val). Returns the
+    numbers written (paths under 'figures')."""
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    scores = np.asarray(scores, np.float64)
+    ok = [j for j in range(len(scores)) if not flagged[j]]
+    order = soups.sort_by_score(scores, exclude=np.flatnonzero(flagged))
+    groups = member_groups(info)
+    names = [f"m{i} {_short(info[i])}" for i in range(len(info))]
+    out: dict = {"members": [dict(member=i, init=str(info[i].get("init")), h=info[i].get("h"),
+                                  id_val=float(scores[i]), flagged=bool(flagged[i]))
+                             for i in range(len(info))]}
+    figs = {}
+
+    # Per-member OOD accuracy and diversity from one stacked forward pass.
+    kept_params = jax.tree.map(lambda x: x[np.asarray(ok, np.int64)], params)
+    logits = np.asarray(predict_logits_stacked(model, kept_params, batch_stats, full_test[0],
+                                               eval_batch_size))
+    ood = np.full(len(scores), np.nan)
+    ood[ok] = [accuracy(logits[j], full_test[1]) for j in range(len(ok))]
+    for i, m in enumerate(out["members"]):
+        m["ood_test"] = float(ood[i])
+    ok_groups = {g: [ok.index(i) for i in idx if i in ok] for g, idx in groups.items()}
+    div = diagnostics.diversity_from_logits(logits, full_test[1],
+                                            {g: v for g, v in ok_groups.items() if v},
+                                            [names[i] for i in ok])
+    out["diversity"] = {k: div[k] for k in ("names", "disagreement", "ratio_error", "per_member",
+                                             "group_stats") if k in div}
+    figs["diversity"] = plots.plot_diversity_heatmap(
+        div["disagreement"], directory / f"{tag}_diversity.png", labels=[names[i] for i in ok],
+        metric="prediction disagreement on the test env",
+        title=f"Pairwise prediction disagreement ({tag})")
+
+    # Soup accuracy vs number of averaged members: uniform (score order) and greedy order.
+    uniform_curve = [acc(soups.average(params, members=order[:n]), full_test)
+                     for n in range(1, len(order) + 1)]
+    _, selected, log = soups.greedy_soup(params, scores, lambda p: acc(p, selection_set),
+                                         exclude=np.flatnonzero(flagged))
+    greedy_curve, counts, kept = [], [], []
+    for rec in log:
+        if rec["accept"]:
+            kept.append(rec["member"])
+            greedy_curve.append(acc(soups.average(params, members=kept), full_test))
+            counts.append(len(kept))
+    out["soup_vs_members"] = {"order": order, "uniform_ood": uniform_curve,
+                              "greedy_selected": selected, "greedy_ood": greedy_curve}
+    figs["soup_vs_members"] = plots.plot_soup_vs_members(
+        uniform_curve, greedy_curve, directory / f"{tag}_soup_vs_members.png",
+        metric="OOD test accuracy", greedy_counts=counts, best_member=float(np.nanmax(ood)),
+        title=f"Soup accuracy vs number of averaged members ({tag})")
+
+    # ID-val vs OOD per member, soups marked (ID val of a soup: accuracy on the selection set).
+    uniform = soups.average(params, members=ok)
+    greedy = soups.average(params, members=selected)
+    marks = {"uniform": (acc(uniform, selection_set), uniform_curve[-1]),
+             "greedy": (acc(greedy, selection_set), greedy_curve[-1])}
+    out["soups"] = {k: {"id_val": float(a), "ood_test": float(b)} for k, (a, b) in marks.items()}
+    figs["scatter"] = plots.plot_member_scatter(
+        scores[ok], ood[ok], directory / f"{tag}_idval_vs_ood.png", soups=marks,
+        groups={g: v for g, v in ok_groups.items() if v},
+        title=f"Members: ID-val vs OOD test accuracy ({tag})")
+
+    # Linear mode connectivity on the test env: best member vs soup, foundation vs aux init.
+    pairs = {f"m{order[0]} (best) - uniform soup": (soups.take_member(params, order[0]), uniform)}
+    found = [i for i in order if i in groups.get("foundation", [])]
+    aux = [i for i in order if str(info[i].get("init", "")).startswith("aux:")]
+    if found and aux:
+        pairs[f"m{found[0]} foundation - m{aux[0]} {_short(info[aux[0]])}"] = (
+            soups.take_member(params, found[0]), soups.take_member(params, aux[0]))
+    if len(order) > 1:
+        pairs[f"m{order[0]} - m{order[-1]} (best - worst)"] = (
+            soups.take_member(params, order[0]), soups.take_member(params, order[-1]))
+    curves, barriers = {}, {}
+    for name, (a, b) in pairs.items():
+        c = diagnostics.lmc_curve(model, batch_stats, a, b, *full_test,
+                                  batch_size=eval_batch_size)
+        curves[name] = (c["alphas"], c["acc"])
+        barriers[name] = diagnostics.barrier(c["acc"], c["alphas"])
+    out["lmc"] = {n: {"alphas": curves[n][0], "acc": curves[n][1], "barrier": barriers[n]}
+                  for n in curves}
+    figs["interpolation"] = plots.plot_interpolation(
+        curves, directory / f"{tag}_interpolation.png", metric="OOD test accuracy",
+        barriers=barriers, title=f"Linear interpolation between members ({tag})")
+    if gate is not None:
+        out["lmc_gate"] = gate
+    out["figures"] = {k: str(v) for k, v in figs.items()}
+    tmp = directory / f"{tag}_diagnostics.json.tmp"
+    tmp.write_text(json.dumps(out, indent=1, default=float))
+    tmp.replace(directory / f"{tag}_diagnostics.json")
+    return out
+
+
+def _short(hp: dict) -> str:
+    init = str(hp.get("init", "foundation"))
+    return init.split(":")[0] if init.startswith("fusing") else init
