@@ -1,6 +1,6 @@
 """rat_jax's default members path against a plain PyTorch training loop on the same CPU, side by side.
 
-    python bench/cpu_vs_torch.py [--json] [--rows resnet18@64,resnet50@64,efficientnet_lite0@64,resnet18@224]
+    python bench/cpu_vs_torch.py [--json] [--rows resnet18@64,resnet50@64,efficientnet_lite0@64,efficientnet_lite0@32,resnet18@224]
                                  [--members 1,8] [--batch 96] [--seconds 10]
 
 Per row: member-steps/s of MemberEngine's defaults (CPU device emulation, auto conv paths,
@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--rows", default="resnet18@64,resnet50@64,efficientnet_lite0@64,resnet18@224")
+    p.add_argument("--rows", default="resnet18@64,resnet50@64,efficientnet_lite0@64,efficientnet_lite0@32,resnet18@224")
     p.add_argument("--members", default="1,8")
     p.add_argument("--batch", type=int, default=96)
     p.add_argument("--seconds", type=float, default=10.0)

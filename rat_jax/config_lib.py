@@ -52,7 +52,9 @@ def base() -> ml_collections.ConfigDict:
     c.lr_scale = 1.0                  # multiplies every drawn lr (1.0 = reference)
     c.cache_dir = ""                  # decoded-image cache; default ~/.cache/rat_jax
     c.num_workers = 2
-    c.engine = ml_collections.ConfigDict(dict(strategy="auto", remat=False, chunk=0))
+    # compute_dtype "bfloat16": bf16 activations, float32 params, grads and Adam state (LAUNCH.md)
+    c.engine = ml_collections.ConfigDict(dict(strategy="auto", remat=False, chunk=0,
+                                              compute_dtype="float32"))
     c.save_every = 500                # engine checkpoint period (steps) for resume
     c.quiet = False
     c.target = dataset("PACS")
@@ -62,7 +64,6 @@ def base() -> ml_collections.ConfigDict:
     c.aux_pool_dir = ""               # share an auxiliary pool between runs (default workdir/aux)
     c.eval_all_splits = True          # records every env's in/out accuracy, as DomainBed
     c.max_eval_images = 0             # >0: evaluate a fixed subset per split (CPU runs)
-    c.compute_dtype = "float32"       # "bfloat16": bf16 activations, float32 params and Adam
     # Multi-process runs (rat_jax/distributed.py; LAUNCH.md): empty = $RAT_JAX_* or auto-detect.
     c.distributed = ml_collections.ConfigDict(dict(
         mode="auto", coordinator="", num_processes=0, process_id=-1, local_device_ids="",

@@ -140,7 +140,7 @@ class Pipeline:
             dropout=[h["resnet_dropout"] for h in hp], lp_steps=[h["lp_steps"] for h in hp],
             seed=[h["seed"] for h in hp])
         model = create_model(c.arch, dataset.num_classes, conv_impl=c.conv_impl,
-                             dtype=c.get("compute_dtype", "float32"))
+                             dtype=c.engine.get("compute_dtype", "float32"))
         loader = MemberLoader(dataset, train_envs, [h["seed"] for h in hp], trial_seeds=trial,
                               batch_size=c.batch_size, image_size=c.image_size, augment=True,
                               holdout_fraction=c.holdout_fraction, **self._cache_kw())

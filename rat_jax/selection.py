@@ -41,7 +41,7 @@ class _Evaluator:
         self.c = pipe.c
         self.cache = pipe._cache_kw().get("cache_dir", None)
         self.model = create_model(self.c.arch, dataset.num_classes, conv_impl=self.c.conv_impl,
-                                  dtype=self.c.get("compute_dtype", "float32"))
+                                  dtype=self.c.engine.get("compute_dtype", "float32"))
         self.batch_stats = batch_stats
         self.dataset = dataset
         self.limit = self.c.get("max_eval_images", 0)

