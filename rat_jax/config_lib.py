@@ -135,15 +135,15 @@ def cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.eval_batch_size = 256
     c.lp_steps = 20
     c.n_aux_hparams = 2
-    c.n_hparams = 6
+    c.n_hparams = 3                   # + 2 aux-init + 3 fusing: one 8-member run per test env
     c.trials = (0,)
-    c.lp_probe_steps = 100
+    c.lp_probe_steps = 50
     c.lr_scale = 10.0
     c.validation_augment = False
     c.eval_all_splits = False
     c.max_eval_images = 400
-    c.target.steps, c.target.checkpoint_freq = 150, 50
-    c.aux = ml_collections.ConfigDict({"textures": dataset("textures", steps=60, checkpoint_freq=30),
-                                       "glyphs": dataset("glyphs", steps=60, checkpoint_freq=30)})
+    c.target.steps, c.target.checkpoint_freq = 100, 50
+    c.aux = ml_collections.ConfigDict({"textures": dataset("textures", steps=40, checkpoint_freq=20),
+                                       "glyphs": dataset("glyphs", steps=40, checkpoint_freq=20)})
     c.save_every = 50
     return c
