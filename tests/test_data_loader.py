@@ -59,6 +59,21 @@ def test_deterministic_and_members_differ(tiny, tmp_path):
     assert not np.array_equal(a["images"][0], a["images"][1])
 
 
+def test_load_only_decodes_just_those_members(tiny, tmp_path, monkeypatch):
+    full = _loader(tiny, tmp_path, output="uint8", workers=1, prefetch=0).batch(3)
+    part = _loader(tiny, tmp_path, output="uint8", workers=1, prefetch=0)
+    sampled = []
+    real = part._sample
+    monkeypatch.setattr(part, "_sample", lambda *a: sampled.append(a) or real(*a))
+    part.load_only([1])
+    got = part.batch(3)
+    np.testing.assert_array_equal(got["images"][1], full["images"][1])  # same rows as all-loaded
+    np.testing.assert_array_equal(got["labels"][1], full["labels"][1])
+    assert not got["images"][0].any() and len(sampled) == 8  # member 0 never decoded
+    with pytest.raises(ValueError, match="outside 0..1"):
+        part.load_only([2])
+
+
 def test_resume_state(tiny, tmp_path):
     loader = _loader(tiny, tmp_path)
     for _ in range(3):

@@ -197,10 +197,28 @@ def _loop(args, distributed):
                  for e in range(2) for s in ("in", "out")}
     hparams = members_lib.make_hparams(M, lr=np.linspace(1e-3, 3e-2, M), dropout=0.1,
                                        seed=list(range(M)))
+    class OwnShard:  # the loader contract: load_only(members) -> the others' rows are not read
+        local = None
+
+        def load_only(self, members):
+            self.local = [int(i) for i in members]
+
+        def __iter__(self):
+            for b in batches:
+                if self.local is None:
+                    yield b
+                else:
+                    keep = np.zeros((M,), bool)
+                    keep[self.local] = True
+                    yield {"images": np.where(keep[:, None, None, None, None], b["images"], np.nan),
+                           "labels": np.where(keep[:, None], b["labels"], -1)}
+    source = OwnShard()
     result = loop_lib.train_members(
-        model, [v["params"] for v in variables], variables[0]["batch_stats"], hparams, batches,
+        model, [v["params"] for v in variables], variables[0]["batch_stats"], hparams, source,
         num_steps=4, checkpoint_freq=2, batch_size=N, eval_sets=eval_sets,
         val_names=["env0_out", "env1_out"], workdir=args.workdir, quiet=True)
+    if jax.process_count() > 1:  # each process was told to load only its half of the members
+        assert source.local is not None and len(source.local) == M // 2, source.local
     # every property is a to_host() of member-sharded arrays: a collective, so on every process
     final, best = result.final_params, result.best_params
     score, step = result.best_score, result.best_step

@@ -70,6 +70,20 @@ class MemberLoader:
         self._producer = None
         self._queue = collections.deque()
         self._step = 0
+        self.local_members = None  # None: every member; else only these are decoded (load_only)
+
+    def load_only(self, members: Sequence[int] | None) -> None:
+        """Decode and augment only `members` (e.g. those whose batches live on this process's
+        devices in a multi-process run); the other members' rows of each batch stay zero and
+        are never read. The loaded members' rows are the same as with every member loaded."""
+        if members is not None:
+            members = sorted({int(i) for i in members})
+            bad = [i for i in members if not 0 <= i < self.num_members]
+            if bad:
+                raise ValueError(f"load_only: members {bad} outside 0..{self.num_members - 1}")
+        if self._queue:
+            raise RuntimeError("load_only must be called before the first batch is drawn")
+        self.local_members = members
 
     @property
     def num_members(self):
@@ -99,8 +113,13 @@ class MemberLoader:
         """The batch of `step` (same result whenever and wherever it is computed)."""
         plan = self.plan(step)
         m_count, n = self.num_members, len(self.train_envs) * self.batch_size
-        images = np.empty((m_count, n, self.image_size, self.image_size, 3), np.uint8)
-        labels = np.empty((m_count, n), np.int32)
+        shape = (m_count, n, self.image_size, self.image_size, 3)
+        if self.local_members is None:
+            images, labels = np.empty(shape, np.uint8), np.empty((m_count, n), np.int32)
+        else:  # zeros: pages of members that are never written are never touched
+            keep = set(self.local_members)
+            plan = [item for item in plan if item[0] in keep]
+            images, labels = np.zeros(shape, np.uint8), np.zeros((m_count, n), np.int32)
         samples = self.dataset.samples
 
         def one(item):

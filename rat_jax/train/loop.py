@@ -307,5 +307,10 @@ def train_members(model, params: Sequence[Any] | Any, batch_stats: Any, hparams:
                           strategy=strategy, classifier_only=classifier_only, remat=remat,
                           model_axis=model_axis)
     state = members_lib.init_state(stacked)
+    if jax.process_count() > 1 and hasattr(train_batches, "load_only"):
+        # each process decodes only the members whose batches live on its devices
+        spec_shape = (m, batch_size or engine.data_size)
+        local = distributed.process_indices(engine.mesh, engine.batch_spec, spec_shape)[0]
+        train_batches.load_only(local)
     return run_loop(engine, state, hparams, train_batches, num_steps=num_steps,
                     checkpoint_freq=checkpoint_freq, **loop_kwargs)
