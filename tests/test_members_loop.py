@@ -165,6 +165,14 @@ def test_progress_plain_lines_tty_and_quiet():
     p.update(1, images=8)
     p.close(10)
     assert tty.getvalue().startswith("\r") and tty.getvalue().endswith("\n")
+    # the final line is printed once, whether or not the last update already printed it
+    plain, clock3 = io.StringIO(), _Clock()
+    p = Progress("aux", 4, stream=plain, interval=0.0, clock=clock3)
+    for step in range(1, 5):
+        clock3.t += 1.0
+        p.update(step, images=8)
+    p.close(4)
+    assert [l.split()[1] for l in plain.getvalue().splitlines()] == ["1/4", "2/4", "3/4", "4/4"]
     quiet = io.StringIO()
     q = Progress("x", 5, stream=quiet, quiet=True, clock=clock2)
     q.update(1, force=True)

@@ -36,6 +36,7 @@ class Progress:
         self.images = 0
         self._printed = False
         self.last_line = ""
+        self.last_step = None
 
     def line(self, step: int, losses=None) -> str:
         """The status after `step` updates of this stage (`step` counts from 0 at stage start)."""
@@ -63,6 +64,7 @@ class Progress:
         if not force and now - self.last_print < self.interval:
             return
         self.last_print = now
+        self.last_step = step
         self.last_line = self.line(step, losses)
         if self.tty:
             self.stream.write("\r\033[K" + self.last_line)
@@ -75,7 +77,11 @@ class Progress:
         return not self.quiet and self.clock() - self.last_print >= self.interval
 
     def close(self, step: int, losses=None) -> None:
-        if self.quiet:
+        """Print the final line (unless the last one printed was already for `step`)."""
+        if self.quiet or (self.last_step == step and self._printed):
+            if self.tty and self._printed and not self.quiet:
+                self.stream.write("\n")
+                self.stream.flush()
             return
         self.update(step, 0, losses, force=True)
         if self.tty:
