@@ -32,6 +32,8 @@ def main(argv=None):
     a = p.parse_args(argv)
 
     import jax
+    from rat_jax import runtime
+    runtime.configure_cpu_xla_flags()  # the CPU flags train_members runs with (set before JAX starts)
     jax.config.update("jax_num_cpu_devices", a.devices)
     import numpy as np
     import torch

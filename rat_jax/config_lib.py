@@ -53,8 +53,10 @@ def base() -> ml_collections.ConfigDict:
     c.cache_dir = ""                  # decoded-image cache; default ~/.cache/rat_jax
     c.num_workers = 2
     # compute_dtype "bfloat16": bf16 activations, float32 params, grads and Adam state (LAUNCH.md)
+    # data_parallel "auto": split a member's batch over spare devices on accelerators, not on one
+    # CPU process (members.default_data_parallel); "on" / "off" force it
     c.engine = ml_collections.ConfigDict(dict(strategy="auto", remat=False, chunk=0,
-                                              compute_dtype="float32"))
+                                              compute_dtype="float32", data_parallel="auto"))
     c.save_every = 500                # engine checkpoint period (steps) for resume
     c.quiet = False
     c.target = dataset("PACS")

@@ -154,6 +154,7 @@ class Pipeline:
                 checkpoint_freq=checkpoint_freq, batch_size=c.batch_size * len(train_envs),
                 strategy=None if c.engine.strategy == "auto" else c.engine.strategy,
                 classifier_only=classifier_only, remat=c.engine.remat,
+                data_parallel=_data_parallel(c.engine.get("data_parallel", "auto")),
                 eval_sets=eval_sets, val_names=val_names, workdir=directory,
                 save_every=c.save_every, steps_per_epoch=n_train / (c.batch_size * len(train_envs)),
                 member_info=[{"hparams": {k: v for k, v in h.items() if k not in ("init", "group")},
@@ -368,3 +369,13 @@ def _write_json(path: pathlib.Path, obj) -> None:
         tmp.write_text(json.dumps(obj, indent=1, default=str))
         os.replace(tmp, path)
     distributed.barrier(f"json:{path}")
+
+
+def _data_parallel(value) -> bool | None:
+    """config.engine.data_parallel: "auto" (by backend) / "on" / "off" (booleans accepted too)."""
+    if isinstance(value, bool):
+        return value
+    table = {"auto": None, "on": True, "off": False, "true": True, "false": False}
+    if str(value).lower() not in table:
+        raise ValueError(f"config.engine.data_parallel={value!r}: use 'auto', 'on' or 'off'")
+    return table[str(value).lower()]

@@ -1,10 +1,13 @@
-"""Test set-up: 8 emulated CPU devices, before any JAX device use."""
+"""Test set-up: rat_jax's CPU XLA flags and 8 emulated CPU devices, before any JAX device use."""
 import os
 import pathlib
 
 import jax
 import pytest
 
+from rat_jax import runtime
+
+runtime.configure_cpu_xla_flags()  # the XLA:CPU flags every rat_jax entry point sets
 jax.config.update("jax_num_cpu_devices", 8)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

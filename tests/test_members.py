@@ -77,7 +77,7 @@ def test_data_parallel_split_equals_one_by_one_and_grads_are_not_summed_twice(se
     not catch a double gradient reduction: compare the gradient norm and the loss too.
     """
     s = setup
-    eng = engine_for(s["model"], s["bs"], 4, 8)
+    eng = engine_for(s["model"], s["bs"], 4, 8, data_parallel=True)
     assert dict(eng.mesh.shape) == {"model": 4, "data": 2}
     idx = range(4)
     state, metrics, _ = run_engine(eng, s["params"][:4], slice_hparams(s["hp_nodrop"], idx),
@@ -213,14 +213,25 @@ def test_remat_and_chunks_give_the_same_result(setup, remat):
 def test_plan_mesh():
     d = jax.devices()
     shape = lambda *a, **k: dict(members_lib.plan_mesh(*a, **k).shape)
-    assert shape(8, 96, d[:8]) == {"model": 8, "data": 1}
-    assert shape(4, 96, d[:8]) == {"model": 4, "data": 2}
-    assert shape(1, 96, d[:8]) == {"model": 1, "data": 8}
-    assert shape(20, 96, d[:8]) == {"model": 4, "data": 2}
-    assert shape(3, 96, d[:8]) == {"model": 1, "data": 8}
-    assert shape(2, 6, d[:8]) == {"model": 2, "data": 3}   # 4 spare devices per member; 6 % 4 != 0
+    dp = lambda *a: shape(*a, data_parallel=True)
+    assert dp(8, 96, d[:8]) == {"model": 8, "data": 1}
+    assert dp(4, 96, d[:8]) == {"model": 4, "data": 2}
+    assert dp(1, 96, d[:8]) == {"model": 1, "data": 8}
+    assert dp(20, 96, d[:8]) == {"model": 4, "data": 2}
+    assert dp(3, 96, d[:8]) == {"model": 1, "data": 8}
+    assert dp(2, 6, d[:8]) == {"model": 2, "data": 3}   # 4 spare devices per member; 6 % 4 != 0
     with pytest.raises(ValueError, match="model_axis"):
-        members_lib.plan_mesh(4, 96, d[:8], model_axis=3)
+        members_lib.plan_mesh(4, 96, d[:8], model_axis=3, data_parallel=True)
+    # One CPU process: no batch split by default; members spread one per device where they divide.
+    assert members_lib.default_data_parallel(d) is False
+    assert shape(1, 96, d[:8]) == {"model": 1, "data": 1}
+    assert shape(4, 96, d[:8]) == {"model": 4, "data": 1}
+    assert shape(3, 96, d[:8]) == {"model": 3, "data": 1}
+    assert shape(8, 96, d[:8]) == {"model": 8, "data": 1}
+    assert shape(20, 96, d[:8]) == {"model": 5, "data": 1}
+    assert shape(12, 96, d[:8]) == {"model": 6, "data": 1}
+    with pytest.raises(ValueError, match="at most 8 devices"):
+        members_lib.plan_mesh(16, 96, d[:8], model_axis=16)
 
 
 def test_make_hparams_gives_distinct_keys_and_checks_batches(setup):

@@ -290,13 +290,14 @@ def train_members(model, params: Sequence[Any] | Any, batch_stats: Any, hparams:
                   batch_size: int | None = None, strategy: str | None = None,
                   devices: Sequence[jax.Device] | None = None, model_axis: int | None = None,
                   classifier_only: bool = False, remat: bool | str = False,
-                  **loop_kwargs) -> TrainResult:
+                  data_parallel: bool | None = None, **loop_kwargs) -> TrainResult:
     """Train M members together and return stacked best/final params and per-member records.
 
     `params`: a list of M param trees (e.g. each from its own checkpoint) or one stacked tree.
     `batch_stats`: the frozen BN statistics shared by all members. `hparams`: from
     `members.make_hparams` ([M] lr, weight_decay, dropout, lp_steps, key). `batch_size`: images per
-    member per step (lets the engine split each member's batch over spare devices).
+    member per step (lets the engine split each member's batch over spare devices; `data_parallel`
+    None = by backend, see members.default_data_parallel).
     `classifier_only=True` is the linear-probe stage (featurizer never stepped). Other keyword
     arguments go to `run_loop` (eval_sets, val_names, workdir, save_every, quiet, ...).
     """
@@ -305,7 +306,7 @@ def train_members(model, params: Sequence[Any] | Any, batch_stats: Any, hparams:
     m = members_lib.num_members_of(stacked)
     engine = MemberEngine(model, batch_stats, m, batch_size=batch_size, devices=devices,
                           strategy=strategy, classifier_only=classifier_only, remat=remat,
-                          model_axis=model_axis)
+                          model_axis=model_axis, data_parallel=data_parallel)
     state = members_lib.init_state(stacked)
     if jax.process_count() > 1 and hasattr(train_batches, "load_only"):
         # each process decodes only the members whose batches live on its devices

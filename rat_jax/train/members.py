@@ -111,21 +111,42 @@ def default_strategy(backend: str | None = None) -> str:
     return "unroll" if backend == "cpu" else "map"
 
 
+def default_data_parallel(devices: Sequence[jax.Device]) -> bool:
+    """Whether spare devices split a member's batch by default.
+
+    Accelerators (and multi-process runs): yes. One CPU process: no. Emulated CPU devices share the
+    same cores, and splitting one member's batch over them made its step 1.8x (ResNet-18 @ 64 px)
+    to 3.8x (EfficientNet-Lite0 @ 64 px) slower than running it whole on one device
+    (bench/cpu_vs_torch.py, README); members still spread one per device.
+    """
+    return devices[0].platform != "cpu" or jax.process_count() > 1
+
+
 def plan_mesh(num_members: int, batch_size: int | None = None,
-              devices: Sequence[jax.Device] | None = None, model_axis: int | None = None) -> Mesh:
+              devices: Sequence[jax.Device] | None = None, model_axis: int | None = None,
+              data_parallel: bool | None = None) -> Mesh:
     """Mesh ('model', 'data') over (a prefix of) `devices`.
 
-    'model' = the largest count of devices that divides the members evenly (gcd); the devices left
-    per member group go to 'data' if they divide the per-member `batch_size`, else fewer are used.
+    With `data_parallel` (default: default_data_parallel): 'model' = gcd(members, devices), and the
+    devices left per member group go to 'data' if they divide the per-member `batch_size`, else
+    fewer are used. Without it: 'model' = the largest member count's divisor that is at most the
+    device count, 'data' = 1 (e.g. 3 members on 8 CPU devices: one per device on 3 of them).
     """
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
-    model = math.gcd(num_members, n) if model_axis is None else model_axis
-    if num_members % model or n % model:
-        raise ValueError(f"model_axis={model} must divide both the {num_members} members and the "
-                         f"{n} devices")
+    if data_parallel is None:
+        data_parallel = default_data_parallel(devices)
+    if model_axis is not None:
+        model = model_axis
+    elif data_parallel:
+        model = math.gcd(num_members, n)
+    else:  # no batch split: as many devices as the members divide evenly, the rest stay idle
+        model = max(k for k in range(1, min(n, num_members) + 1) if num_members % k == 0)
+    if num_members % model or (n % model if data_parallel else model > n):
+        raise ValueError(f"model_axis={model} must divide the {num_members} members and "
+                         + (f"the {n} devices" if data_parallel else f"be at most {n} devices"))
     data = n // model
-    if batch_size is not None:
+    if batch_size is not None and data_parallel:
         while data > 1 and batch_size % data:
             data -= 1
     else:
@@ -182,10 +203,11 @@ class MemberEngine:
     def __init__(self, model, batch_stats: Any, num_members: int, *, batch_size: int | None = None,
                  mesh: Mesh | None = None, devices: Sequence[jax.Device] | None = None,
                  strategy: str | None = None, classifier_only: bool = False,
-                 remat: bool | str = False, model_axis: int | None = None):
+                 remat: bool | str = False, model_axis: int | None = None,
+                 data_parallel: bool | None = None):
         self.model = model
         self.num_members = num_members
-        self.mesh = mesh or plan_mesh(num_members, batch_size, devices, model_axis)
+        self.mesh = mesh or plan_mesh(num_members, batch_size, devices, model_axis, data_parallel)
         self.strategy = strategy or default_strategy(jax.default_backend())
         _parse_strategy(self.strategy)
         self.classifier_only = classifier_only
