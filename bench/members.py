@@ -8,8 +8,8 @@ Rows per (model, M):
   loop          one jitted single-member step (rat_jax.train.step) called M times per round
   <s>@1         MemberEngine on 1 device, local strategy <s> (vmap / map / unroll / chunk:2)
   1/dev@<M>     MemberEngine over M devices, one member per device
-  1/dev@<D>     MemberEngine over all D (emulated) devices: mesh ('model'=gcd(M, D), 'data'=rest),
-                each member's batch split over its 'data' devices
+  1/dev@<D>     MemberEngine over all D (emulated) devices with data_parallel=True: mesh
+                ('model'=gcd(M, D), 'data'=rest), each member's batch split over its 'data' devices
   default       MemberEngine(strategy=None, devices=None): what train_members uses
   torch         the same network and Adam step in plain PyTorch, one member after another
 Rows of one (model, M) are timed in interleaved bursts (rounds), so load from other processes hits
@@ -135,14 +135,14 @@ def bench_model(arch, args, emit):
         configs = []
         for layout in [x for x in args.layouts.split(",") if x]:
             ndev = {"all": total, "m": min(m, total)}.get(layout) or int(layout)
-            configs += [(s, ndev) for s in args.strategies.split(",") if s]
-        configs.append((None, None))
+            configs += [(s, ndev, layout == "all") for s in args.strategies.split(",") if s]
+        configs.append((None, None, None))
         batch = {k: v[:m] for k, v in data.items()}
         seen = set()
-        for strategy, ndev in configs:
+        for strategy, ndev, split in configs:
             devices = None if ndev is None else jax.devices()[:ndev]
             eng = members_lib.MemberEngine(model, bs, m, batch_size=n, devices=devices,
-                                           strategy=strategy)
+                                           strategy=strategy, data_parallel=split or None)
             mesh = dict(eng.mesh.shape)
             local = m // mesh["model"]
             if strategy == "unroll" and local > args.max_unroll:
@@ -249,6 +249,8 @@ def torch_step(arch, num_classes, n, args):
 def main(argv=None):
     args = parse_args(argv)
     import jax
+    from rat_jax import runtime
+    runtime.configure_cpu_xla_flags()  # the CPU flags train_members runs with (set before JAX starts)
     jax.config.update("jax_num_cpu_devices", args.devices)
     rows = []
 
