@@ -27,14 +27,15 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=96)
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--devices", type=int, default=8)
+    p.add_argument("--devices", type=int, default=0,
+                   help="emulated CPU devices (0 = rat_jax's default, runtime.DEFAULT_CPU_DEVICES)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
 
     import jax
     from rat_jax import runtime
     runtime.configure_cpu_xla_flags()  # the CPU flags train_members runs with (set before JAX starts)
-    jax.config.update("jax_num_cpu_devices", a.devices)
+    jax.config.update("jax_num_cpu_devices", a.devices or runtime.DEFAULT_CPU_DEVICES)
     import numpy as np
     import torch
 

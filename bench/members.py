@@ -10,7 +10,8 @@ Rows per (model, M):
   1/dev@<M>     MemberEngine over M devices, one member per device
   1/dev@<D>     MemberEngine over all D (emulated) devices with data_parallel=True: mesh
                 ('model'=gcd(M, D), 'data'=rest), each member's batch split over its 'data' devices
-  default       MemberEngine(strategy=None, devices=None): what train_members uses
+  default       MemberEngine(strategy=None) on runtime.DEFAULT_CPU_DEVICES devices: what
+                train_members does under rat_jax's default CPU set-up
   torch         the same network and Adam step in plain PyTorch, one member after another
 Rows of one (model, M) are timed in interleaved bursts (rounds), so load from other processes hits
 every row alike; member_steps_per_s is the median over rounds of M * calls / seconds (the best burst
@@ -39,7 +40,7 @@ def parse_args(argv=None):
     p.add_argument("--json", action="store_true", help="one JSON object per row")
     p.add_argument("--models", default="resnet_tiny,efficientnet_lite0")
     p.add_argument("--members", default="1,2,4,8")
-    p.add_argument("--strategies", default="vmap,map,unroll,chunk:2")
+    p.add_argument("--strategies", default="vmap,map,unroll,chunk:2,loop")
     p.add_argument("--layouts", default="1,m,all", help="device counts for the engine rows: a "
                    "number, 'm' (one device per member) or 'all'")
     p.add_argument("--image", type=int, default=64)
@@ -136,11 +137,14 @@ def bench_model(arch, args, emit):
         for layout in [x for x in args.layouts.split(",") if x]:
             ndev = {"all": total, "m": min(m, total)}.get(layout) or int(layout)
             configs += [(s, ndev, layout == "all") for s in args.strategies.split(",") if s]
-        configs.append((None, None, None))
+        configs.append((None, "default", None))
         batch = {k: v[:m] for k, v in data.items()}
         seen = set()
         for strategy, ndev, split in configs:
-            devices = None if ndev is None else jax.devices()[:ndev]
+            # the default row: the devices rat_jax's runtime.setup() emulates by default
+            from rat_jax import runtime
+            devices = (jax.devices()[:runtime.DEFAULT_CPU_DEVICES] if ndev == "default"
+                       else jax.devices()[:ndev])
             eng = members_lib.MemberEngine(model, bs, m, batch_size=n, devices=devices,
                                            strategy=strategy, data_parallel=split or None)
             mesh = dict(eng.mesh.shape)

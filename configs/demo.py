@@ -36,6 +36,7 @@ def get_config(arg=None):
         "glyphs": common.dataset("glyphs", steps=40, checkpoint_freq=20),
     })
     c.save_every = 50                 # resume points: the end of each run (runs are ~1 minute)
+    c.engine.cpu_devices = 8          # one member per emulated CPU device (small steps: faster)
     if arg == "smoke":
         common.smoke(c)
     elif arg not in (None, ""):

@@ -183,10 +183,9 @@ def _peak_bytes(device) -> int | None:
 def _compiled_bytes(engine, state, hparams, images, labels) -> int | None:
     """XLA's memory analysis of the compiled train step: arguments + outputs + temps - aliased."""
     try:
-        mem = engine._train.lower(state["members"], hparams, images, labels,
-                                  engine.batch_stats).compile().memory_analysis()
-        return int(mem.argument_size_in_bytes + mem.output_size_in_bytes
-                   + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+        mem = engine.train_memory(state, hparams, {"images": images, "labels": labels})
+        return int(mem["argument_size_in_bytes"] + mem["output_size_in_bytes"]
+                   + mem["temp_size_in_bytes"] - mem.get("alias_size_in_bytes", 0))
     except Exception:  # a backend without memory analysis
         return None
 

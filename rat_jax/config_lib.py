@@ -54,9 +54,11 @@ def base() -> ml_collections.ConfigDict:
     c.num_workers = 2
     # compute_dtype "bfloat16": bf16 activations, float32 params, grads and Adam state (LAUNCH.md)
     # data_parallel "auto": split a member's batch over spare devices on accelerators, not on one
-    # CPU process (members.default_data_parallel); "on" / "off" force it
+    # CPU process (members.default_data_parallel); "on" / "off" force it. cpu_devices: emulated
+    # CPU devices (0 = $RAT_JAX_CPU_DEVICES or runtime.DEFAULT_CPU_DEVICES), set before JAX starts
     c.engine = ml_collections.ConfigDict(dict(strategy="auto", remat=False, chunk=0,
-                                              compute_dtype="float32", data_parallel="auto"))
+                                              compute_dtype="float32", data_parallel="auto",
+                                              cpu_devices=0))
     c.save_every = 500                # engine checkpoint period (steps) for resume
     c.quiet = False
     c.target = dataset("PACS")
@@ -148,4 +150,5 @@ def cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.aux = ml_collections.ConfigDict({"textures": dataset("textures", steps=40, checkpoint_freq=20),
                                        "glyphs": dataset("glyphs", steps=40, checkpoint_freq=20)})
     c.save_every = 50
+    c.engine.cpu_devices = 8          # small member steps: one member per emulated device is faster
     return c

@@ -5,23 +5,30 @@ import os
 
 import jax
 
-# On CPU, members spread over emulated host devices, one XLA stream each (bench/members.py).
-DEFAULT_CPU_DEVICES = 8
+# Emulated CPU devices (one XLA stream each). Default 1: a ResNet-18/50 or EfficientNet-Lite0 @ 64
+# px member step already keeps both cores busy, and members on several emulated devices run at
+# once, each with its activations (slower and up to M x the memory; bench/cpu_vs_torch.py). Small
+# steps gain from spreading members (EfficientNet-Lite0 @ 32 px: 2.2x torch on 8 devices vs 1.8x
+# on one): configs/demo.py and the :cpu variants set engine.cpu_devices = 8.
+DEFAULT_CPU_DEVICES = 1
 
-# XLA:CPU sends dots to YNNPACK library fusions by default (jaxlib 0.10); on the im2col matmuls of
-# our conv paths Eigen's matmul is faster: a ResNet-18 @ 64 px member step 1.06 s instead of 1.35 s,
-# EfficientNet-Lite0 1.12 instead of 0.91 steps/s (bench/cpu_vs_torch.py, README). Set before the
-# CPU backend starts; a user's own setting of the flag wins; RAT_JAX_CPU_YNN=1 keeps XLA's default.
-CPU_XLA_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
+# XLA:CPU sends dots to YNNPACK library fusions by default (jaxlib 0.10). Measured here (one
+# member step, batch b, one device): YNNPACK is 2.8x faster for small steps (EfficientNet-Lite0 @ 32
+# px, b = 24: 10.5 vs 3.8 steps/s) and Eigen's matmul 1.2x faster for large ones (ResNet-18 @ 64 px,
+# b = 96: 0.97 vs 0.78; Lite0 @ 64 px: 1.12 vs 0.91). XLA's default stays; RAT_JAX_CPU_YNN=0 turns
+# the YNNPACK fusions off for large per-member steps (set before the CPU backend starts; a user's
+# own setting of the flag in XLA_FLAGS wins).
+CPU_XLA_FLAGS_WITHOUT_YNN = ("--xla_cpu_experimental_ynn_fusion_type=",)
 
 
 def configure_cpu_xla_flags() -> str:
-    """Add CPU_XLA_FLAGS to $XLA_FLAGS (flags the user already set are left alone); returns the
-    resulting XLA_FLAGS. Only takes effect before the first JAX device use in the process."""
+    """With RAT_JAX_CPU_YNN=0, add CPU_XLA_FLAGS_WITHOUT_YNN to $XLA_FLAGS (flags the user already
+    set are left alone); returns the resulting XLA_FLAGS. Only takes effect before the first JAX
+    device use in the process."""
     flags = os.environ.get("XLA_FLAGS", "")
-    if os.environ.get("RAT_JAX_CPU_YNN", "") not in ("", "0"):
+    if os.environ.get("RAT_JAX_CPU_YNN", "1") != "0":
         return flags
-    for flag in CPU_XLA_FLAGS:
+    for flag in CPU_XLA_FLAGS_WITHOUT_YNN:
         if flag.split("=")[0] not in flags:
             flags = f"{flags} {flag}".strip()
     os.environ["XLA_FLAGS"] = flags

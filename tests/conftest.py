@@ -7,7 +7,7 @@ import pytest
 
 from rat_jax import runtime
 
-runtime.configure_cpu_xla_flags()  # the XLA:CPU flags every rat_jax entry point sets
+runtime.configure_cpu_xla_flags()  # the XLA:CPU flags every rat_jax entry point sets (RAT_JAX_CPU_YNN)
 jax.config.update("jax_num_cpu_devices", 8)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

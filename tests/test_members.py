@@ -43,7 +43,7 @@ def _compare(state, ref, idx):
         assert int(state["members"]["step"][j]) == int(ref[i]["step"])
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "map", "unroll", "chunk:2"])
+@pytest.mark.parametrize("strategy", ["vmap", "map", "unroll", "chunk:2", "loop"])
 def test_stacked_equals_one_by_one_on_one_device(setup, strategy):
     s = setup
     eng = engine_for(s["model"], s["bs"], 4, 1, strategy)
@@ -68,6 +68,27 @@ def test_stacked_equals_one_by_one_eight_members_on_eight_devices(setup):
     for i in (0, 1, 3, 4, 5, 6, 7):
         assert not np.array_equal(state["members"]["params"]["classifier"]["kernel"][i],
                                   s["params"][i]["classifier"]["kernel"])
+
+
+def test_loop_strategy_keeps_member_order_over_device_groups(setup):
+    """'loop' on 2 devices x 2 local members: call i updates member i of each device group; the
+    per-call metrics and eval counts come back in member order."""
+    s = setup
+    eng = engine_for(s["model"], s["bs"], 4, 2, "loop")
+    assert dict(eng.mesh.shape) == {"model": 2, "data": 1} and eng.local_members == 2
+    idx = range(4)
+    state, metrics, _ = run_engine(eng, s["params"][:4], slice_hparams(s["hp"], idx),
+                                   slice_batches(s["batches"], idx))
+    _compare(state, s["ref"], idx)
+    for t in range(STEPS):
+        np.testing.assert_allclose(metrics[t]["loss"], [s["ref_metrics"][i][t]["loss"] for i in idx],
+                                   rtol=1e-5)
+    images = np.asarray(s["batches"][0]["images"][0])
+    labels = np.asarray(s["batches"][0]["labels"][0])
+    got = np.asarray(eng.evaluate_batch(state["members"]["params"], images, labels))
+    one = engine_for(s["model"], s["bs"], 4, 1, "unroll")
+    want = np.asarray(one.evaluate_batch(state["members"]["params"], images, labels))
+    np.testing.assert_array_equal(got, want)
 
 
 def test_data_parallel_split_equals_one_by_one_and_grads_are_not_summed_twice(setup):

@@ -8,7 +8,10 @@ On each device the local members run with a strategy:
   "map"     `lax.map`, one member at a time (plain convolutions, least memory),
   "unroll"  a Python loop over the local members inside the compiled step (plain convolutions,
             no while loop; compile time grows with the local member count),
-  "chunk:k" `lax.map` over chunks of k vmapped members.
+  "chunk:k" `lax.map` over chunks of k vmapped members,
+  "loop"    the one-member-per-device step called once per local member: member i of every device
+            group is sliced out, stepped and written back in place (donated buffers), so the
+            compiled step is the single-member one and only one member's activations are live.
 See ARCHITECTURE.md "Parallel members" and bench/members.py for the measurements behind the default.
 
 Data-parallel gradients: with `check_vma=True`, the gradient of a parameter that is replicated over
@@ -29,7 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from rat_jax.train import step as step_lib
 
 MEMBER_AXIS, DATA_AXIS = "model", "data"
-STRATEGIES = ("vmap", "map", "unroll", "chunk:k")
+STRATEGIES = ("vmap", "map", "unroll", "chunk:k", "loop")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,13 +105,16 @@ def init_state(params: Any) -> dict:
 def default_strategy(backend: str | None = None) -> str:
     """Local strategy for members sharing a device, by backend (bench/members.py).
 
-    CPU: "unroll" (XLA:CPU runs convolutions inside a while loop, i.e. lax.map, several times slower,
-    and vmap turns them into slow grouped convolutions). With one member per device, the default
-    layout on 8 emulated CPU devices for M in {1, 2, 4, 8}, no strategy runs at all.
+    CPU: "loop" -- the single-member step once per local member: the speed of calling a jitted
+    one-member step M times and the memory of one member's activations. XLA:CPU runs
+    convolutions inside a while loop (lax.map) over 10x slower, vmap turns them into slow grouped
+    convolutions, and unrolled members (or members on several emulated devices) run concurrently
+    on the same cores: 0.63x torch for 8 ResNet-50 @ 64 px members on 8 emulated devices, and 8
+    ResNet-18 @ 224 px members ran out of the 24 GB (bench/cpu_vs_torch.py, README).
     GPU/TPU: "map" (plain convolutions, least memory); not measured here.
     """
     backend = backend or jax.default_backend()
-    return "unroll" if backend == "cpu" else "map"
+    return "loop" if backend == "cpu" else "map"
 
 
 def default_data_parallel(devices: Sequence[jax.Device]) -> bool:
@@ -156,7 +162,7 @@ def plan_mesh(num_members: int, batch_size: int | None = None,
 
 
 def _parse_strategy(strategy: str) -> tuple[str, int | None]:
-    if strategy in ("vmap", "map", "unroll"):
+    if strategy in ("vmap", "map", "unroll", "loop"):
         return strategy, None
     if strategy.startswith("chunk:"):
         k = int(strategy.split(":", 1)[1])
@@ -180,7 +186,7 @@ def run_local(strategy: str, fn, *xs):
         return jax.tree.map(lambda y: y[None], fn(*index(0)))
     if kind == "vmap":
         return jax.vmap(fn)(*xs)
-    if kind == "unroll":
+    if kind in ("unroll", "loop"):  # the engine hands "loop" one local member at a time
         outs = [fn(*index(i)) for i in range(m)]
         return jax.tree.map(lambda *ys: jnp.stack(ys), *outs)
     body = lambda args: fn(*args)
@@ -230,6 +236,8 @@ class MemberEngine:
         self.batch_stats = jax.tree.map(lambda x: _put(x, self.replicated), batch_stats)
         self._train = self._build_train()
         self._eval = self._build_eval()
+        if self.strategy == "loop":
+            self._take, self._put_back = self._build_take_put()
         self._best = jax.jit(_update_best, donate_argnums=(0,))
 
     # -- placement ---------------------------------------------------------------------------
@@ -285,23 +293,73 @@ class MemberEngine:
             out_specs=P(MEMBER_AXIS))
         return jax.jit(mapped)
 
+    def _build_take_put(self):
+        """'loop' helpers: local member i of every device group out ([model] leading axis), and
+        back into the stacked tree in place (the stacked buffers are donated)."""
+        spec = P(MEMBER_AXIS)
+
+        def take(tree, i):
+            return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=True),
+                                tree)
+
+        def put(tree, new, i):
+            return jax.tree.map(lambda x, n: jax.lax.dynamic_update_index_in_dim(x, n[0], i, 0),
+                                tree, new)
+        take_j = jax.jit(jax.shard_map(take, mesh=self.mesh, in_specs=(spec, P()),
+                                       out_specs=spec))
+        put_j = jax.jit(jax.shard_map(put, mesh=self.mesh, in_specs=(spec, spec, P()),
+                                      out_specs=spec), donate_argnums=(0,))
+        return take_j, put_j
+
+    @property
+    def local_members(self) -> int:
+        """Members per device group (the length of the 'loop' strategy's loop)."""
+        return self.num_members // self.model_size
+
+    def _gather_local(self, outs: list) -> Any:
+        """Per-call outputs [model] of the 'loop' strategy (call i = local member i of every
+        device group) -> [M] in member order (device group d holds members d*L .. d*L+L-1)."""
+        return jax.tree.map(lambda *xs: jnp.stack(xs, axis=1).reshape(-1), *outs)
+
     def train_memory(self, state: dict, hparams: dict, batch: dict) -> dict:
         """XLA's memory analysis of the compiled train step (bytes per device), without running it."""
         images = jax.ShapeDtypeStruct(np.shape(batch["images"]), np.float32,
                                       sharding=self.batch_sharding)
         labels = jax.ShapeDtypeStruct(np.shape(batch["labels"]), np.int32,
                                       sharding=self.batch_sharding)
-        compiled = self._train.lower(state["members"], hparams, images, labels,
+        members = state["members"]
+        resident = 0
+        if self.strategy == "loop" and self.local_members > 1:  # one member per device group
+            def one(x):
+                shape = (self.model_size,) + tuple(np.shape(x))[1:]
+                return jax.ShapeDtypeStruct(shape, x.dtype, sharding=self.member_sharding)
+            full = sum(int(np.prod(np.shape(x))) * x.dtype.itemsize
+                       for x in jax.tree.leaves(members)) // self.model_size
+            members, hparams = jax.tree.map(one, members), jax.tree.map(one, hparams)
+            images, labels = one(images), one(labels)
+            resident = full - full // self.local_members  # the other local members' state
+        compiled = self._train.lower(members, hparams, images, labels,
                                      self.batch_stats).compile()
         mem = compiled.memory_analysis()
-        return {k: int(getattr(mem, k)) for k in (
+        out = {k: int(getattr(mem, k)) for k in (
             "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
             "alias_size_in_bytes") if hasattr(mem, k)}
+        out["argument_size_in_bytes"] += resident
+        return out
 
     # -- public steps ------------------------------------------------------------------------
     def train_step(self, state: dict, hparams: dict, batch: dict) -> tuple[dict, dict]:
         """Update every member once on its own batch; returns (state, metrics [M])."""
         images, labels = self.place_batch(batch)
+        if self.strategy == "loop" and self.local_members > 1:
+            members, outs = state["members"], []
+            for i in range(self.local_members):
+                index = np.int32(i)
+                sub, hp, x, y = self._take((members, hparams, images, labels), index)
+                new, metrics = self._train(sub, hp, x, y, self.batch_stats)
+                members = self._put_back(members, new, index)
+                outs.append(metrics)
+            return {**state, "members": members}, self._gather_local(outs)
         members, metrics = self._train(state["members"], hparams, images, labels,
                                        self.batch_stats)
         return {**state, "members": members}, metrics
@@ -317,7 +375,11 @@ class MemberEngine:
             labels = np.concatenate([labels, np.zeros((pad,), labels.dtype)])
             mask = np.concatenate([mask, np.zeros((pad,), bool)])
         put = lambda x: _put(x, self.eval_sharding)
-        return self._eval(params, put(images), put(labels), put(mask), self.batch_stats)
+        shared = (put(images), put(labels), put(mask), self.batch_stats)
+        if self.strategy == "loop" and self.local_members > 1:
+            return self._gather_local([self._eval(self._take(params, np.int32(i)), *shared)
+                                       for i in range(self.local_members)])
+        return self._eval(params, *shared)
 
     def update_best(self, state: dict, score: jax.Array, step: int) -> dict:
         """Replace best params/score/step of members whose score strictly improved."""
