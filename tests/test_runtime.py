@@ -28,3 +28,48 @@ def test_data_parallel_setting():
     assert pipeline._data_parallel(True) is True
     with pytest.raises(ValueError, match="engine.data_parallel"):
         pipeline._data_parallel("sometimes")
+
+
+def test_cpu_compiler_options_follow_the_step_cost(monkeypatch):
+    """YNNPACK fusions off only for member steps above CPU_YNN_MAX_FLOPS; per member, not per call."""
+    from rat_jax.train import members as members_lib
+
+    class Lowered:
+        def __init__(self, flops):
+            self.flops = flops
+
+        def cost_analysis(self):
+            return {"flops": self.flops}
+
+    monkeypatch.delenv("RAT_JAX_CPU_YNN", raising=False)
+    big, off = 2 * members_lib.CPU_YNN_MAX_FLOPS, {"xla_cpu_experimental_ynn_fusion_type": ""}
+    assert members_lib.cpu_compiler_options(Lowered(big), 1, "cpu") == off
+    assert members_lib.cpu_compiler_options(Lowered(big), 4, "cpu") is None  # 4 members share it
+    assert members_lib.cpu_compiler_options(Lowered(1e6), 1, "cpu") is None
+    assert members_lib.cpu_compiler_options(Lowered(big), 1, "gpu") is None
+    monkeypatch.setenv("RAT_JAX_CPU_YNN", "1")
+    assert members_lib.cpu_compiler_options(Lowered(big), 1, "cpu") is None
+    monkeypatch.setenv("RAT_JAX_CPU_YNN", "0")
+    assert members_lib.cpu_compiler_options(Lowered(1e6), 1, "cpu") == off
+
+
+def test_engine_compiles_a_large_member_step_without_ynnpack():
+    """A real ResNet-18 @ 64 px, batch 96 member step: XLA's cost analysis puts it above the limit."""
+    import jax
+    import numpy as np
+
+    from rat_jax.models import create_model
+    from rat_jax.train import members as members_lib
+    model = create_model("resnet18", 7)
+    shapes = jax.eval_shape(model.init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((1, 64, 64, 3), np.float32))
+    zeros = lambda t: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), t)
+    eng = members_lib.MemberEngine(model, zeros(shapes["batch_stats"]), 1, batch_size=96,
+                                   devices=jax.devices()[:1])
+    state = eng.place(members_lib.init_state(members_lib.stack_trees([zeros(shapes["params"])])))
+    images = jax.ShapeDtypeStruct((1, 96, 64, 64, 3), np.float32, sharding=eng.batch_sharding)
+    labels = jax.ShapeDtypeStruct((1, 96), np.int32, sharding=eng.batch_sharding)
+    lowered = eng._train_jit.lower(state["members"], eng.place(members_lib.make_hparams(1)),
+                                   images, labels, eng.batch_stats)
+    assert members_lib.cpu_compiler_options(lowered, 1, "cpu") == {
+        "xla_cpu_experimental_ynn_fusion_type": ""}

@@ -234,7 +234,8 @@ class MemberEngine:
         self.eval_sharding = NamedSharding(self.mesh, self.eval_spec)
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_stats = jax.tree.map(lambda x: _put(x, self.replicated), batch_stats)
-        self._train = self._build_train()
+        self._train_jit = self._build_train()
+        self._compiled_train: dict = {}
         self._eval = self._build_eval()
         if self.strategy == "loop":
             self._take, self._put_back = self._build_take_put()
@@ -293,6 +294,20 @@ class MemberEngine:
             out_specs=P(MEMBER_AXIS))
         return jax.jit(mapped)
 
+    def _train(self, members, hparams, images, labels, batch_stats):
+        """The compiled train step for these shapes: lowered once, the XLA:CPU options chosen from
+        its cost (cpu_compiler_options), compiled once per shape and reused."""
+        key = (jax.tree.structure(members),
+               tuple((np.shape(x), str(x.dtype)) for x in jax.tree.leaves((members, images))))
+        compiled = self._compiled_train.get(key)
+        if compiled is None:
+            lowered = self._train_jit.lower(members, hparams, images, labels, batch_stats)
+            n = jax.tree.leaves(members)[0].shape[0]
+            options = cpu_compiler_options(lowered, n, self.mesh.devices.flat[0].platform)
+            compiled = self._compiled_train[key] = lowered.compile(compiler_options=options)
+            self.compiler_options = options
+        return compiled(members, hparams, images, labels, batch_stats)
+
     def _build_take_put(self):
         """'loop' helpers: local member i of every device group out ([model] leading axis), and
         back into the stacked tree in place (the stacked buffers are donated)."""
@@ -338,8 +353,8 @@ class MemberEngine:
             members, hparams = jax.tree.map(one, members), jax.tree.map(one, hparams)
             images, labels = one(images), one(labels)
             resident = full - full // self.local_members  # the other local members' state
-        compiled = self._train.lower(members, hparams, images, labels,
-                                     self.batch_stats).compile()
+        compiled = self._train_jit.lower(members, hparams, images, labels,
+                                         self.batch_stats).compile()
         mem = compiled.memory_analysis()
         out = {k: int(getattr(mem, k)) for k in (
             "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
@@ -388,6 +403,37 @@ class MemberEngine:
                           state["members"]["params"], jnp.asarray(score, jnp.float32),
                           jnp.int32(step))
         return {**state, **best}
+
+
+# XLA:CPU's YNNPACK dot fusions (on by default in jaxlib 0.10) against Eigen's matmul, one member step
+# on one device (XLA's cost analysis of the step in parentheses; bench/engine_step.py and
+# bench/cpu_vs_torch.py, README "On CPU"): YNNPACK 3.3x faster for EfficientNet-Lite0 @ 32 px,
+# batch 24 (1.4 GFLOP) and 1.1x for batch 96 (5.2 GFLOP); Eigen 1.2x faster for Lite0 @ 64 px,
+# batch 96 (19 GFLOP) and ResNet-18 @ 64 px (80 GFLOP), 2.3x for ResNet-18 @ 224 px, batch 96.
+# Steps above this many FLOPs per member (about the geometric middle of 5.2 and 19) are compiled
+# with the YNNPACK fusions off.
+CPU_YNN_MAX_FLOPS = 1e10
+
+
+def cpu_compiler_options(lowered, num_members: int, platform: str) -> dict | None:
+    """Per-program XLA options for a member train step on CPU: YNNPACK dot fusions off when a member
+    step costs more than CPU_YNN_MAX_FLOPS (XLA's own cost analysis of the lowered step).
+    RAT_JAX_CPU_YNN=1 / 0 forces them on / off (0 also sets the process-wide flag,
+    runtime.configure_cpu_xla_flags); other backends: None."""
+    import os
+    if platform != "cpu" or os.environ.get("RAT_JAX_CPU_YNN", "") == "1":
+        return None
+    if os.environ.get("RAT_JAX_CPU_YNN", "") == "0":
+        return {"xla_cpu_experimental_ynn_fusion_type": ""}
+    try:
+        cost = lowered.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        flops = float(cost.get("flops", 0.0))
+    except Exception:  # no cost analysis: XLA's defaults
+        return None
+    if flops / max(num_members, 1) > CPU_YNN_MAX_FLOPS:
+        return {"xla_cpu_experimental_ynn_fusion_type": ""}
+    return None
 
 
 def _put(x, sharding):
