@@ -22,6 +22,7 @@ extra pmean/psum of the gradients (tests/test_members.py checks the gradient nor
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Sequence
 
 import jax
@@ -236,6 +237,7 @@ class MemberEngine:
         self.batch_stats = jax.tree.map(lambda x: _put(x, self.replicated), batch_stats)
         self._train_jit = self._build_train()
         self._compiled_train: dict = {}
+        self.compiler_options: dict | None = None  # the XLA options of the last compiled train step
         self._eval = self._build_eval()
         if self.strategy == "loop":
             self._take, self._put_back = self._build_take_put()
@@ -420,7 +422,6 @@ def cpu_compiler_options(lowered, num_members: int, platform: str) -> dict | Non
     step costs more than CPU_YNN_MAX_FLOPS (XLA's own cost analysis of the lowered step).
     RAT_JAX_CPU_YNN=1 / 0 forces them on / off (0 also sets the process-wide flag,
     runtime.configure_cpu_xla_flags); other backends: None."""
-    import os
     if platform != "cpu" or os.environ.get("RAT_JAX_CPU_YNN", "") == "1":
         return None
     if os.environ.get("RAT_JAX_CPU_YNN", "") == "0":
