@@ -5,12 +5,33 @@ import os
 
 import jax
 
-# Emulated CPU devices (one XLA stream each). Default 1: a ResNet-18/50 or EfficientNet-Lite0 @ 64
-# px member step already keeps both cores busy, and members on several emulated devices run at
-# once, each with its activations (slower and up to M x the memory; bench/cpu_vs_torch.py). Small
-# steps gain from spreading members (EfficientNet-Lite0 @ 32 px: 2.2x torch on 8 devices vs 1.8x
-# on one): configs/demo.py and the :cpu variants set engine.cpu_devices = 8.
-DEFAULT_CPU_DEVICES = 1
+# Emulated CPU devices (one XLA stream each): by default one per core this process may use, at
+# most CPU_DEVICES_CAP. The engine spreads members over them (one member per device at a time,
+# `loop` within a device) and splits no member's batch over them (members.default_data_parallel).
+# Measured on 2 cores (bench/engine_step.py, 2 members, batch 96, 64 px, idle): 2 devices against
+# 1 ran ResNet-18 at 1.048 vs 0.867 member-steps/s (+21%), ResNet-50 at 0.371 vs 0.320 (+16%),
+# EfficientNet-Lite0 at 0.951 vs 1.011 (-6%). Each device holds one member's activations at a time,
+# so memory grows with the device count (ResNet-50 @ 224 px, batch 96: 9.1 GiB per member);
+# `engine.cpu_devices=1` (or RAT_JAX_CPU_DEVICES=1) keeps one. Small steps gain from more devices
+# than cores (EfficientNet-Lite0 @ 32 px, 8 devices: 12.6 vs 10.5 member-steps/s on one):
+# configs/demo.py and the :cpu variants set engine.cpu_devices = 8.
+CPU_DEVICES_CAP = 4
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the OS reports it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def default_cpu_devices() -> int:
+    """Emulated CPU devices when neither the config nor $RAT_JAX_CPU_DEVICES sets them."""
+    return max(1, min(usable_cores(), CPU_DEVICES_CAP))
+
+
+DEFAULT_CPU_DEVICES = default_cpu_devices()
 
 # XLA:CPU sends dots to YNNPACK library fusions by default (jaxlib 0.10). Measured here (one
 # member step, batch b, one device): YNNPACK is 2.8x faster for small steps (EfficientNet-Lite0 @ 32

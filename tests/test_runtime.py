@@ -21,6 +21,16 @@ def test_cpu_xla_flags_added_once_and_user_flags_win(monkeypatch):
     assert runtime.configure_cpu_xla_flags() == ""
 
 
+def test_default_cpu_devices_one_per_core_capped(monkeypatch):
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
+    assert runtime.default_cpu_devices() == 2
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 1)
+    assert runtime.default_cpu_devices() == 1
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 64)
+    assert runtime.default_cpu_devices() == runtime.CPU_DEVICES_CAP
+    assert 1 <= runtime.usable_cores()
+
+
 def test_data_parallel_setting():
     assert pipeline._data_parallel("auto") is None
     assert pipeline._data_parallel("on") is True

@@ -109,9 +109,11 @@ def default_strategy(backend: str | None = None) -> str:
     CPU: "loop" -- the single-member step once per local member: the speed of calling a jitted
     one-member step M times and the memory of one member's activations. XLA:CPU runs
     convolutions inside a while loop (lax.map) over 10x slower, vmap turns them into slow grouped
-    convolutions, and unrolled members (or members on several emulated devices) run concurrently
-    on the same cores: 0.63x torch for 8 ResNet-50 @ 64 px members on 8 emulated devices, and 8
-    ResNet-18 @ 224 px members ran out of the 24 GB (bench/cpu_vs_torch.py, README).
+    convolutions, and unrolled members run concurrently on the same cores with all their
+    activations. Across emulated devices members do run concurrently (one per device at a time):
+    one device per core helps ResNets (runtime.DEFAULT_CPU_DEVICES); more devices than cores made
+    8 ResNet-50 @ 64 px members 0.63x torch, and 8 ResNet-18 @ 224 px members ran out of the 24 GB
+    (bench/cpu_vs_torch.py, README).
     GPU/TPU: "map" (plain convolutions, least memory); not measured here.
     """
     backend = backend or jax.default_backend()
