@@ -10,9 +10,8 @@ On each device the local members run with a strategy:
             no while loop; compile time grows with the local member count),
   "chunk:k" `lax.map` over chunks of k vmapped members,
   "loop"    the one-member-per-device step called once per local member: member i of every device
-            group is sliced out, stepped and written back in place by one compiled program taking
-            the member index as an argument (donated buffers, one dispatch per local member), so
-            only one member's activations per device are live.
+            group is sliced out, stepped and written back in place (donated buffers), so the
+            compiled step is the single-member one and only one member's activations are live.
 See ARCHITECTURE.md "Parallel members" and bench/members.py for the measurements behind the default.
 
 Data-parallel gradients: with `check_vma=True`, the gradient of a parameter that is replicated over
@@ -239,12 +238,12 @@ class MemberEngine:
         self.eval_sharding = NamedSharding(self.mesh, self.eval_spec)
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_stats = jax.tree.map(lambda x: _put(x, self.replicated), batch_stats)
-        self._train_jit, self._train_at_jit = self._build_train()
+        self._train_jit = self._build_train()
         self._compiled_train: dict = {}
         self.compiler_options: dict | None = None  # the XLA options of the last compiled train step
         self._eval = self._build_eval()
         if self.strategy == "loop":
-            self._take = self._build_take()
+            self._take, self._put_back = self._build_take_put()
         self._best = jax.jit(_update_best, donate_argnums=(0,))
 
     # -- placement ---------------------------------------------------------------------------
@@ -280,25 +279,11 @@ class MemberEngine:
                                            classifier_only=classifier_only, remat=remat, **kwargs)
             return run_local(strategy, one, members, hparams, images, labels)
 
-        specs = (P(MEMBER_AXIS), P(MEMBER_AXIS), self.batch_spec, self.batch_spec, P())
-        mapped = jax.shard_map(local, mesh=self.mesh, in_specs=specs,
-                               out_specs=(P(MEMBER_AXIS), P(MEMBER_AXIS)))
-        if strategy != "loop":
-            return jax.jit(mapped, donate_argnums=(0,)), None
-
-        def local_at(members, hparams, images, labels, batch_stats, i):
-            """'loop': local member i of every device group, stepped and written back in place:
-            one program (one dispatch) per local member, the stacked buffers donated."""
-            take = lambda t: jax.tree.map(
-                lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=True), t)
-            new, metrics = local(*take((members, hparams, images, labels)), batch_stats)
-            members = jax.tree.map(lambda x, n: jax.lax.dynamic_update_index_in_dim(x, n[0], i, 0),
-                                   members, new)
-            return members, metrics
-
-        mapped_at = jax.shard_map(local_at, mesh=self.mesh, in_specs=specs + (P(),),
-                                  out_specs=(P(MEMBER_AXIS), P(MEMBER_AXIS)))
-        return jax.jit(mapped, donate_argnums=(0,)), jax.jit(mapped_at, donate_argnums=(0,))
+        mapped = jax.shard_map(
+            local, mesh=self.mesh,
+            in_specs=(P(MEMBER_AXIS), P(MEMBER_AXIS), self.batch_spec, self.batch_spec, P()),
+            out_specs=(P(MEMBER_AXIS), P(MEMBER_AXIS)))
+        return jax.jit(mapped, donate_argnums=(0,))
 
     def _build_eval(self):
         model, strategy, data_size = self.model, self.strategy, self.data_size
@@ -314,31 +299,37 @@ class MemberEngine:
             out_specs=P(MEMBER_AXIS))
         return jax.jit(mapped)
 
-    def _train(self, members, hparams, images, labels, batch_stats, index=None):
-        """The compiled train step for these shapes (with `index`: the 'loop' step of local member
-        `index` of every device group): lowered once, the XLA:CPU options chosen from its cost
-        (cpu_compiler_options), compiled once per shape and reused."""
-        key = (index is None, jax.tree.structure(members),
+    def _train(self, members, hparams, images, labels, batch_stats):
+        """The compiled train step for these shapes: lowered once, the XLA:CPU options chosen from
+        its cost (cpu_compiler_options), compiled once per shape and reused."""
+        key = (jax.tree.structure(members),
                tuple((np.shape(x), str(x.dtype)) for x in jax.tree.leaves((members, images))))
-        args = (members, hparams, images, labels, batch_stats) + (
-            () if index is None else (index,))
         compiled = self._compiled_train.get(key)
         if compiled is None:
-            fn = self._train_jit if index is None else self._train_at_jit
-            lowered = fn.lower(*args)
-            n = jax.tree.leaves(members)[0].shape[0] if index is None else self.model_size
+            lowered = self._train_jit.lower(members, hparams, images, labels, batch_stats)
+            n = jax.tree.leaves(members)[0].shape[0]
             options = cpu_compiler_options(lowered, n, self.mesh.devices.flat[0].platform)
             compiled = self._compiled_train[key] = lowered.compile(compiler_options=options)
             self.compiler_options = options
-        return compiled(*args)
+        return compiled(members, hparams, images, labels, batch_stats)
 
-    def _build_take(self):
-        """'loop' evaluation helper: local member i of every device group ([model] leading axis)."""
+    def _build_take_put(self):
+        """'loop' helpers: local member i of every device group out ([model] leading axis), and
+        back into the stacked tree in place (the stacked buffers are donated)."""
+        spec = P(MEMBER_AXIS)
+
         def take(tree, i):
             return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=True),
                                 tree)
-        return jax.jit(jax.shard_map(take, mesh=self.mesh, in_specs=(P(MEMBER_AXIS), P()),
-                                     out_specs=P(MEMBER_AXIS)))
+
+        def put(tree, new, i):
+            return jax.tree.map(lambda x, n: jax.lax.dynamic_update_index_in_dim(x, n[0], i, 0),
+                                tree, new)
+        take_j = jax.jit(jax.shard_map(take, mesh=self.mesh, in_specs=(spec, P()),
+                                       out_specs=spec))
+        put_j = jax.jit(jax.shard_map(put, mesh=self.mesh, in_specs=(spec, spec, P()),
+                                      out_specs=spec), donate_argnums=(0,))
+        return take_j, put_j
 
     @property
     def local_members(self) -> int:
@@ -383,8 +374,10 @@ class MemberEngine:
         if self.strategy == "loop" and self.local_members > 1:
             members, outs = state["members"], []
             for i in range(self.local_members):
-                members, metrics = self._train(members, hparams, images, labels,
-                                               self.batch_stats, np.int32(i))
+                index = np.int32(i)
+                sub, hp, x, y = self._take((members, hparams, images, labels), index)
+                new, metrics = self._train(sub, hp, x, y, self.batch_stats)
+                members = self._put_back(members, new, index)
                 outs.append(metrics)
             return {**state, "members": members}, self._gather_local(outs)
         members, metrics = self._train(state["members"], hparams, images, labels,
