@@ -112,9 +112,8 @@ def default_strategy(backend: str | None = None) -> str:
     convolutions, and unrolled members run concurrently on the same cores with all their
     activations. Across emulated devices members do run concurrently (one per device at a time):
     one device per core helps ResNets and costs EfficientNet-Lite0 @ 64 px 6-13%
-    (runtime.DEFAULT_CPU_DEVICES); more devices than cores made
-    8 ResNet-50 @ 64 px members 0.63x torch, and 8 ResNet-18 @ 224 px members ran out of the 24 GB
-    (bench/cpu_vs_torch.py, README).
+    (runtime.DEFAULT_CPU_DEVICES); more devices than cores made 8 ResNet-50 @ 64 px members
+    0.63x torch, and 8 ResNet-18 @ 224 px members ran out of the 24 GB (bench/cpu_vs_torch.py).
     GPU/TPU: "map" (plain convolutions, least memory); not measured here.
     """
     backend = backend or jax.default_backend()
