@@ -27,11 +27,14 @@ demo: $(VENV)/.installed
 
 # Default test run (< ~15 min on 2 cores). Exit code 5 (no tests collected) counts as failure
 # of the set-up, so it is reported, not hidden.
+# pytest runs with the glibc malloc settings rat_jax's entry points give themselves (runtime.py).
+MALLOC_ENV = env $$($(PY) -m rat_jax.runtime)
+
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+	$(MALLOC_ENV) $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
 
 test-slow: $(VENV)/.installed-test
-	$(PY) -m pytest -q -m slow $(PYTEST_ARGS) tests
+	$(MALLOC_ENV) $(PY) -m pytest -q -m slow $(PYTEST_ARGS) tests
 
 bench: $(VENV)/.installed-test
 	$(PY) bench/members.py --quick

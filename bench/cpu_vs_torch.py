@@ -82,4 +82,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from rat_jax import runtime
+    runtime.reexec_with_malloc_tunables()  # the malloc settings rat_jax's entry points run with
     main()

@@ -27,4 +27,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    from rat_jax import runtime
+    runtime.reexec_with_malloc_tunables()  # glibc settings for XLA:CPU's per-step temporaries
     app.run(main)

@@ -8,6 +8,7 @@ import pytest
 from rat_jax import runtime
 
 runtime.configure_cpu_xla_flags()  # the XLA:CPU flags every rat_jax entry point sets (RAT_JAX_CPU_YNN)
+runtime.apply_mallopt()  # `make test` starts pytest with the malloc tunables; a bare pytest gets these
 jax.config.update("jax_num_cpu_devices", 8)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -83,3 +83,80 @@ def test_engine_compiles_a_large_member_step_without_ynnpack():
                                    images, labels, eng.batch_stats)
     assert members_lib.cpu_compiler_options(lowered, 1, "cpu") == {
         "xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+# ---- glibc malloc settings ---------------------------------------------------------------------
+glibc_only = pytest.mark.skipif(not runtime._is_glibc(), reason="glibc malloc tunables only")
+
+_FAULTS = """
+import ctypes, resource, sys
+sys.path.insert(0, {repo!r})
+from rat_jax import runtime
+if {reexec}:
+    runtime.reexec_with_malloc_tunables()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+
+def block():  # a 256 MiB temporary, written and freed: what an XLA:CPU step does with its temps
+    p = libc.malloc(1 << 28)
+    ctypes.memset(p, 1, 1 << 28)
+    libc.free(p)
+
+block()
+r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(4):
+    block()
+import os
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0, os.environ.get("GLIBC_TUNABLES", ""),
+      " ".join(sys.argv[1:]))
+"""
+
+
+def _run_faults(tmp_path, reexec, **env_overrides):
+    import os
+    import subprocess
+    import sys
+    script = tmp_path / "faults.py"
+    script.write_text(_FAULTS.format(repo=str(REPO), reexec=reexec))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", "RAT_JAX_MALLOC", runtime._REEXEC_MARK)}
+    env.update(env_overrides)
+    out = subprocess.run([sys.executable, "-u", str(script), "--x", "a b"], env=env,
+                         capture_output=True, text=True, check=True).stdout.split(" ", 2)
+    return int(out[0]), out[1], out[2].strip()
+
+
+REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
+
+
+def test_malloc_tunables_merge_with_the_users_and_can_be_turned_off():
+    keys = [k for k, _ in runtime.MALLOC_TUNABLES]
+    if not runtime._is_glibc():
+        assert runtime.malloc_tunables({}) is None
+        return
+    value = runtime.malloc_tunables({})
+    assert [item.split("=")[0] for item in value.split(":")] == keys
+    # the user's own value of a tunable is kept, and their other tunables stay first
+    mine = runtime.malloc_tunables({"GLIBC_TUNABLES": "glibc.malloc.arena_max=8:glibc.rtld.x=1"})
+    assert mine.startswith("glibc.malloc.arena_max=8:glibc.rtld.x=1:")
+    assert mine.count("arena_max") == 1 and "glibc.malloc.hugetlb=1" in mine
+    assert runtime.malloc_tunables({"GLIBC_TUNABLES": value}) is None  # already set: no change
+    assert runtime.malloc_tunables({"RAT_JAX_MALLOC": "system"}) is None
+    with pytest.raises(ValueError, match="RAT_JAX_MALLOC='fast'.*system"):
+        runtime.malloc_tunables({"RAT_JAX_MALLOC": "fast"})
+
+
+@glibc_only
+def test_reexec_sets_the_tunables_keeps_the_command_and_stops_the_page_faults(tmp_path):
+    # glibc's default: every fresh 256 MiB block is mmapped and faulted in again (65k pages each)
+    faults, tunables, args = _run_faults(tmp_path, reexec=False)
+    assert faults > 4 * 30000 and tunables == ""
+    # an entry point re-executes itself once with the tunables, same arguments; freed blocks are
+    # then reused without faulting
+    faults, tunables, args = _run_faults(tmp_path, reexec=True)
+    assert tunables == runtime.malloc_tunables({}) and args == "--x a b"
+    assert faults < 1000
+    # RAT_JAX_MALLOC=system: no re-execution, glibc's defaults
+    faults, tunables, _ = _run_faults(tmp_path, reexec=True, RAT_JAX_MALLOC="system")
+    assert tunables == "" and faults > 4 * 30000
