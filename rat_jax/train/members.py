@@ -410,13 +410,16 @@ class MemberEngine:
 
 
 # XLA:CPU's YNNPACK dot fusions (on by default in jaxlib 0.10) against Eigen's matmul, one member step
-# on one device (XLA's cost analysis of the step in parentheses; bench/engine_step.py and
-# bench/cpu_vs_torch.py, README "On CPU"): YNNPACK 3.3x faster for EfficientNet-Lite0 @ 32 px,
-# batch 24 (1.4 GFLOP) and 1.1x for batch 96 (5.2 GFLOP); Eigen 1.2x faster for Lite0 @ 64 px,
-# batch 96 (19 GFLOP) and ResNet-18 @ 64 px (80 GFLOP), 2.3x for ResNet-18 @ 224 px, batch 96.
-# Steps above this many FLOPs per member (about the geometric middle of 5.2 and 19) are compiled
-# with the YNNPACK fusions off.
-CPU_YNN_MAX_FLOPS = 1e10
+# on one device, batch 96 unless noted, with rat_jax's malloc settings (runtime.MALLOC_TUNABLES; XLA's
+# cost analysis of the step in parentheses; `RAT_JAX_CPU_YNN=1|0 python bench/engine_step.py ARCH
+# SIZE 1 --devices 1`, idle machine): YNNPACK faster for EfficientNet-Lite0 @ 32 px, batch 24
+# (1.4 GFLOP: 11.8 vs 4.8 member-steps/s) and Lite0 @ 64 px (19 GFLOP: 1.55 vs 1.35), about even for
+# resnet_tiny @ 64 px (3.1 GFLOP: 9.8 vs 10.2); Eigen faster for ResNet-18 @ 64 px (80 GFLOP: 1.18 vs
+# 0.85). ResNet-50 @ 64 px (188 GFLOP) ran 0.39 with YNNPACK, 0.35 without. Steps above this many
+# FLOPs per member are compiled with the YNNPACK fusions off. (Before the malloc settings, when every
+# step page-faulted its temporaries, Eigen had measured 1.2x faster for Lite0 @ 64 px and the limit
+# was 1e10.)
+CPU_YNN_MAX_FLOPS = 4e10
 
 
 def cpu_compiler_options(lowered, num_members: int, platform: str) -> dict | None:
