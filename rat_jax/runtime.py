@@ -87,10 +87,10 @@ def reexec_with_malloc_tunables(argv: list[str] | None = None) -> None:
     environment; returns when there is nothing to change. Call it first thing in a `__main__`,
     before JAX starts or any thread exists; never from a library function."""
     value = malloc_tunables()
-    if value is None or os.environ.get(_REEXEC_MARK):
+    if value is None or os.environ.get(_REEXEC_MARK) == str(os.getpid()):  # exec keeps the pid
         return
     argv = list(sys.orig_argv if argv is None else argv)
-    env = dict(os.environ, GLIBC_TUNABLES=value, **{_REEXEC_MARK: "1"})
+    env = dict(os.environ, GLIBC_TUNABLES=value, **{_REEXEC_MARK: str(os.getpid())})
     sys.stdout.flush()
     sys.stderr.flush()
     try:
