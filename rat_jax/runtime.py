@@ -40,12 +40,13 @@ DEFAULT_CPU_DEVICES = default_cpu_devices()
 # glibc malloc settings for XLA:CPU. XLA allocates every step's temporaries (activations, gradients)
 # afresh and frees them at its end; glibc serves blocks over 32 MiB with mmap and returns them with
 # munmap, so each step page-faults all of its temporary memory back in, 4 KiB at a time, serialised
-# on the process's memory map: 37.6k faults and 0.12 s of kernel time per ResNet-tiny step at 64 px
-# (174 ms), 339k faults and 1.07 s per EfficientNet-Lite0 step (1.32 s). With these tunables
+# on the process's memory map: 37.6k faults and 0.11 s of kernel time per resnet_tiny step at 64 px
+# (152 ms), 339k faults and 1.05 s per EfficientNet-Lite0 step (1.32 s). With these tunables
 # (transparent huge pages for malloc'd memory, no mmap for large blocks, freed memory kept, one
-# arena) the same steps took 80-89 ms and 0.67 s, and a ResNet-18 @ 64 px step 1.30 s instead of
-# 1.60 s (one jitted member step, batch 96, one device, idle machine; bench/malloc.py). The cost:
-# the process keeps its peak heap until it exits (peak RSS unchanged: 2.93 vs 2.89 GB for Lite0).
+# arena) the same steps took 112 ms and 0.68 s, and a ResNet-18 @ 64 px step 1.07 s instead of
+# 1.38 s, with no page faults (one jitted member step, batch 96, one device, idle machine;
+# `python bench/malloc.py`). The cost: the process keeps its peak heap until it exits (peak RSS
+# for Lite0: 2.96 vs 3.19 GB).
 # glibc reads GLIBC_TUNABLES only at process start, so the entry points re-execute themselves with
 # it (reexec_with_malloc_tunables); a process that cannot (a notebook) gets the mallopt part
 # (apply_mallopt, no huge pages). RAT_JAX_MALLOC=system leaves glibc's defaults alone.
