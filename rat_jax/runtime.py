@@ -12,9 +12,11 @@ import jax
 # Emulated CPU devices (one XLA stream each): by default one per core this process may use, at
 # most CPU_DEVICES_CAP. The engine spreads members over them (one member per device at a time,
 # `loop` within a device) and splits no member's batch over them (members.default_data_parallel).
-# Measured on 2 cores (bench/engine_step.py, 2 members, batch 96, 64 px, idle): 2 devices against
-# 1 ran ResNet-18 at 1.048 vs 0.867 member-steps/s (+21%), ResNet-50 at 0.371 vs 0.320 (+16%),
-# EfficientNet-Lite0 at 0.951 vs 1.011 (-6%). Each device holds one member's activations at a time,
+# Measured on 2 cores (bench/engine_step.py, 2 members, batch 96, 64 px, idle, before the malloc
+# settings below): 2 devices against 1 ran ResNet-18 at 1.048 vs 0.867 member-steps/s (+21%),
+# ResNet-50 at 0.371 vs 0.320 (+16%), EfficientNet-Lite0 at 0.951 vs 1.011 (-6%); with them,
+# 2 Lite0 members on 2 devices ran x1.07-1.11 of one jitted member step called twice
+# (bench/members.py). Each device holds one member's activations at a time,
 # so memory grows with the device count (ResNet-50 @ 224 px, batch 96: 9.1 GiB per member);
 # `engine.cpu_devices=1` (or RAT_JAX_CPU_DEVICES=1) keeps one. Small steps gain from more devices
 # than cores (EfficientNet-Lite0 @ 32 px, 8 devices: 12.6 vs 10.5 member-steps/s on one):
