@@ -107,7 +107,7 @@ def apply_mallopt() -> bool:
     """In-process part of the malloc settings (mallopt: no mmap for large blocks, no trimming,
     one arena) for a process started without them; huge pages need GLIBC_TUNABLES at start.
     Returns whether it changed anything."""
-    if malloc_tunables() is None or not _is_glibc():
+    if malloc_tunables() is None:  # opted out, not glibc, or started with the tunables
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -119,13 +119,11 @@ def apply_mallopt() -> bool:
     return all(r == 1 for r in ok)
 
 
-# XLA:CPU sends dots to YNNPACK library fusions by default (jaxlib 0.10). Measured here (one
-# member step, batch b, one device): YNNPACK is 2.8x faster for small steps (EfficientNet-Lite0 @ 32
-# px, b = 24: 10.5 vs 3.8 steps/s) and Eigen's matmul 1.2x faster for large ones (ResNet-18 @ 64 px,
-# b = 96: 0.97 vs 0.78; Lite0 @ 64 px: 1.12 vs 0.91). XLA's default stays process-wide (the member
-# engine turns them off per compiled step above members.CPU_YNN_MAX_FLOPS); RAT_JAX_CPU_YNN=0 turns
-# the YNNPACK fusions off for large per-member steps (set before the CPU backend starts; a user's
-# own setting of the flag in XLA_FLAGS wins).
+# XLA:CPU sends dots to YNNPACK library fusions by default (jaxlib 0.10). They are faster for small
+# member steps and slower for large ones (measurements at members.CPU_YNN_MAX_FLOPS). XLA's default
+# stays process-wide (the member engine turns them off per compiled step above
+# members.CPU_YNN_MAX_FLOPS); RAT_JAX_CPU_YNN=0 turns the YNNPACK fusions off for every step (set
+# before the CPU backend starts; a user's own setting of the flag in XLA_FLAGS wins).
 CPU_XLA_FLAGS_WITHOUT_YNN = ("--xla_cpu_experimental_ynn_fusion_type=",)
 
 

@@ -1,4 +1,10 @@
-"""CPU XLA flags set before JAX starts, and the engine.data_parallel setting."""
+"""CPU XLA flags and glibc malloc settings set before JAX starts, and the engine.data_parallel
+setting."""
+import os
+import pathlib
+import subprocess
+import sys
+
 import pytest
 
 from rat_jax import pipeline, runtime
@@ -88,6 +94,7 @@ def test_engine_compiles_a_large_member_step_without_ynnpack(arch, ynn):
 
 
 # ---- glibc malloc settings ---------------------------------------------------------------------
+REPO = pathlib.Path(__file__).resolve().parents[1]
 glibc_only = pytest.mark.skipif(not runtime._is_glibc(), reason="glibc malloc tunables only")
 
 _FAULTS = """
@@ -116,9 +123,6 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0, os.environ.get("G
 
 
 def _run_faults(tmp_path, reexec, **env_overrides):
-    import os
-    import subprocess
-    import sys
     script = tmp_path / "faults.py"
     script.write_text(_FAULTS.format(repo=str(REPO), reexec=reexec))
     env = {k: v for k, v in os.environ.items()
@@ -127,9 +131,6 @@ def _run_faults(tmp_path, reexec, **env_overrides):
     out = subprocess.run([sys.executable, "-u", str(script), "--x", "a b"], env=env,
                          capture_output=True, text=True, check=True).stdout.split(" ", 2)
     return int(out[0]), out[1], out[2].strip()
-
-
-REPO = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def test_malloc_tunables_merge_with_the_users_and_can_be_turned_off():
