@@ -132,7 +132,10 @@ def _train(args, distributed):
     hparams = members_lib.make_hparams(m, lr=np.linspace(1e-3, 3e-2, m), dropout=0.1,
                                        weight_decay=1e-4, seed=list(range(m)))
     devices = jax.devices() if args.layout == "members" else _interleaved(jax.devices())
-    engine = members_lib.MemberEngine(model, batch_stats, m, batch_size=N, devices=devices)
+    # data_parallel explicitly: one CPU process does not split batches by default, and the
+    # single-process reference must run the same mesh as the two processes
+    engine = members_lib.MemberEngine(model, batch_stats, m, batch_size=N, devices=devices,
+                                      data_parallel=True)
     assert engine.mesh.devices.size == jax.device_count() == 8
 
     state = engine.place(members_lib.init_state(params))
@@ -402,7 +405,9 @@ def test_two_processes_split_each_members_batch(tmp_path):
     'data' axis cross processes (Gloo) and still match one process."""
     one, two = _run_layout(tmp_path, "data")
     for k in one.files:
-        np.testing.assert_allclose(two[k], one[k], rtol=1e-4, atol=1e-6, err_msg=k)
+        # summation order differs across processes (Gloo): the 1e-5 fp32 bound of the
+        # equivalence tests, absolute
+        np.testing.assert_allclose(two[k], one[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
 def test_local_sh_starts_processes_through_runtime_setup(tmp_path):

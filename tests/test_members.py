@@ -91,6 +91,37 @@ def test_loop_strategy_keeps_member_order_over_device_groups(setup):
     np.testing.assert_array_equal(got, want)
 
 
+def test_loop_parts_hold_local_members_and_train_like_one_by_one(setup):
+    """The training form of 'loop' (8 members, 2 device groups of 4): part i holds members i and
+    4 + i; stepping the parts equals the reference; join gives back the stacked tree in member
+    order; evaluating Parts equals evaluating the stacked params."""
+    s = setup
+    eng = engine_for(s["model"], s["bs"], 8, 2, "loop")
+    assert eng.split_form and eng.local_members == 4
+    stacked = members_lib.init_state(members_lib.stack_trees(s["params"]))["members"]
+    parts = eng.split(stacked)
+    assert len(parts) == 4
+    for i, part in enumerate(parts):
+        kernel = np.asarray(part["params"]["classifier"]["kernel"])
+        np.testing.assert_array_equal(kernel, stacked["params"]["classifier"]["kernel"][[i, 4 + i]])
+    np.testing.assert_array_equal(np.asarray(eng.join(eng.split(stacked))["params"]["classifier"]
+                                             ["kernel"]), stacked["params"]["classifier"]["kernel"])
+    hp_parts = eng.split(s["hp"])
+    for t, batch in enumerate(s["batches"]):
+        parts, metrics = eng.train_parts(parts, hp_parts, batch)
+        np.testing.assert_allclose(metrics["loss"], [m[t]["loss"] for m in s["ref_metrics"]],
+                                   rtol=1e-5)
+    state = {"members": jax.tree.map(np.asarray, eng.join(parts))}
+    _compare(state, s["ref"], range(8))
+    images = np.asarray(s["batches"][0]["images"][0])
+    labels = np.asarray(s["batches"][0]["labels"][0])
+    got = eng.evaluate_batch(members_lib.Parts(p["params"] for p in parts), images, labels)
+    want = eng.evaluate_batch(state["members"]["params"], images, labels)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    single = engine_for(s["model"], s["bs"], 8, 1, "unroll")
+    assert not single.split_form and len(single.split(stacked)) == 1
+
+
 def test_data_parallel_split_equals_one_by_one_and_grads_are_not_summed_twice(setup):
     """4 members on 8 devices: mesh (4 model x 2 data), each member's batch split over 2 devices.
 

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from rat_jax import distributed
-from rat_jax.train.members import MemberEngine
+from rat_jax.train.members import MemberEngine, Parts
 from rat_jax.train.progress import Progress
 from rat_jax.train.resume import RunCheckpoints, decode_state, encode_state
 
@@ -92,6 +92,7 @@ def evaluate(engine: MemberEngine, params: Any, eval_sets: Mapping[str, Any]) ->
     """Accuracy [M] of every member on every eval set, in one pass over each set's images."""
     accs = {}
     batch_size = 0
+    params = engine.split(params)  # once for all batches (the 'loop' strategy's parts)
     for name, source in eval_sets.items():
         batches = source() if callable(source) else source
         counts, total = [], 0
@@ -228,12 +229,16 @@ def run_loop(engine: MemberEngine, state: dict, hparams: dict, train_batches: It
             loss_sum = loss_sum + last_losses.astype(np.float64)
         pending.clear()
 
+    # Training steps the members in the engine's split form; the stacked tree is assembled only
+    # where it is read (evaluation, selection, checkpoints, the result).
+    parts, hparam_parts = engine.split(state["members"]), engine.split(hparams_dev)
+    state = {**state, "members": None}
     for step in range(start, num_steps):
         t0 = time.perf_counter()
         batch = next(iterator)
         if per_step_images is None:
             per_step_images = int(np.prod(np.shape(batch["labels"])))
-        state, metrics = engine.train_step(state, hparams_dev, batch)
+        parts, metrics = engine.train_parts(parts, hparam_parts, batch)
         if pending:  # keep at most one step in flight
             jax.block_until_ready(pending[-1])
         pending.append(metrics["loss"])
@@ -244,8 +249,11 @@ def run_loop(engine: MemberEngine, state: dict, hparams: dict, train_batches: It
             flush_losses()
         time_sum += time.perf_counter() - t0
 
+        if is_eval or is_save:
+            state = {**state, "members": engine.join(parts)}
+            parts = engine.split(state["members"])
         if is_eval:
-            accs = evaluate(engine, state["members"]["params"], eval_sets)
+            accs = evaluate(engine, Parts(p["params"] for p in parts), eval_sets)
             score = (np.mean([accs[n] for n in val_names], axis=0) if val_names
                      else np.full((m,), np.nan))
             # no validation splits: keep the latest evaluated params as "best"
@@ -274,9 +282,12 @@ def run_loop(engine: MemberEngine, state: dict, hparams: dict, train_batches: It
                     "loader": encode_state(stateful.get_state()) if stateful is not None else None,
                     "loss_sum": loss_sum.tolist(), "time_sum": time_sum, "count": count}
             ckpts.save(step, state, meta)
+        if engine.split_form:  # the stacked copy is not kept while the parts train on
+            state = {**state, "members": None}
         progress.update(step + 1, per_step_images or 0, last_losses)
 
     flush_losses()
+    state = {**state, "members": engine.join(parts)}
     jax.block_until_ready(state)
     if ckpts is not None:
         ckpts.close()
