@@ -54,15 +54,17 @@ def main(argv=None):
         torch_one = member_bench.torch_step(arch, 7, a.batch, targs)
         for m in (int(x) for x in a.members.split(",")):
             engine = members_lib.MemberEngine(model, v["batch_stats"], m, batch_size=a.batch)
-            state = engine.place(members_lib.init_state(members_lib.stack_trees([params] * m)))
-            hp = engine.place(members_lib.make_hparams(m, lr=5e-5, seed=list(range(m))))
+            # the training form train_members steps (MemberEngine.split / train_parts)
+            parts = engine.split(members_lib.init_state(members_lib.stack_trees([params] * m))
+                                 ["members"])
+            hp = engine.split(members_lib.make_hparams(m, lr=5e-5, seed=list(range(m))))
             rng = np.random.RandomState(0)
             batch = {"images": rng.randn(m, a.batch, size, size, 3).astype(np.float32),
                      "labels": rng.randint(0, 7, (m, a.batch)).astype(np.int32)}
-            box = {"state": state}
+            box = {"parts": parts}
 
             def jax_call():
-                box["state"], metrics = engine.train_step(box["state"], hp, batch)
+                box["parts"], metrics = engine.train_parts(box["parts"], hp, batch)
                 jax.block_until_ready(metrics["loss"])
 
             def torch_call():

@@ -49,19 +49,20 @@ def main(argv=None):
     m = a.members
     eng = members_lib.MemberEngine(model, v["batch_stats"], m, batch_size=a.batch,
                                    strategy=a.strategy, data_parallel=a.data_parallel or None)
-    state = eng.place(members_lib.init_state(members_lib.stack_trees([params] * m)))
-    hp = eng.place(members_lib.make_hparams(m, lr=5e-5, seed=list(range(m))))
+    # the training form train_members steps (MemberEngine.split / train_parts)
+    parts = eng.split(members_lib.init_state(members_lib.stack_trees([params] * m))["members"])
+    hp = eng.split(members_lib.make_hparams(m, lr=5e-5, seed=list(range(m))))
     rng = np.random.RandomState(0)
     batch = {"images": rng.randn(m, a.batch, a.size, a.size, 3).astype(np.float32),
              "labels": rng.randint(0, 7, (m, a.batch)).astype(np.int32)}
     t0 = time.perf_counter()
-    state, metrics = eng.train_step(state, hp, batch)
+    parts, metrics = eng.train_parts(parts, hp, batch)
     jax.block_until_ready(metrics)
     first = time.perf_counter() - t0
     times = []
     for _ in range(a.steps):
         t0 = time.perf_counter()
-        state, metrics = eng.train_step(state, hp, batch)
+        parts, metrics = eng.train_parts(parts, hp, batch)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     print(json.dumps({"arch": a.arch, "size": a.size, "members": m, "batch": a.batch,

@@ -161,11 +161,13 @@ def bench_model(arch, args, emit):
             if key in seen and strategy is not None:
                 continue
             seen.add(key)
-            state = eng.place(members_lib.init_state(members_lib.stack_trees([params] * m)))
-            hp = eng.place(members_lib.slice_members(hp_all, m))
+            # the training form train_members steps (MemberEngine.split / train_parts)
+            parts = eng.split(members_lib.init_state(members_lib.stack_trees([params] * m))
+                              ["members"])
+            hp = eng.split(members_lib.slice_members(hp_all, m))
 
-            def engine_round(box=[state], eng=eng, hp=hp):
-                box[0], met = eng.train_step(box[0], hp, batch)
+            def engine_round(box=[parts], eng=eng, hp=hp):
+                box[0], met = eng.train_parts(box[0], hp, batch)
                 jax.block_until_ready(met)
             runners.append(Runner({**base, "strategy": name, "devices": int(eng.mesh.devices.size),
                                    "mesh": mesh}, engine_round, m))
