@@ -133,11 +133,12 @@ def bench_model(arch, args, emit):
 
         # (b) the engine: each local strategy and layout; rows running the same program once
         total = len(jax.devices())
-        configs = []
+        # the default row first, so that its bursts directly follow the loop's (the acceptance
+        # pair: its paired ratio then sees the least drift of a shared machine)
+        configs = [(None, "default", None)]
         for layout in [x for x in args.layouts.split(",") if x]:
             ndev = {"all": total, "m": min(m, total)}.get(layout) or int(layout)
             configs += [(s, ndev, layout == "all") for s in args.strategies.split(",") if s]
-        configs.append((None, "default", None))
         batch = {k: v[:m] for k, v in data.items()}
         seen = set()
         for strategy, ndev, split in configs:

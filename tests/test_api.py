@@ -35,3 +35,19 @@ def test_api_train_average_evaluate_greedy_export(tmp_path):
     back = rj.convert_torch_checkpoint(path, "resnet_tiny")
     np.testing.assert_array_equal(back["params"]["classifier"]["kernel"],
                                   np.asarray(soup["classifier"]["kernel"]))
+
+
+def test_train_is_both_the_api_function_and_the_subpackage():
+    """`rat_jax.train(...)` is api.train, and `import rat_jax.train.members as m` reaches the
+    subpackage (the API function used to shadow it: AttributeError)."""
+    import importlib
+    import inspect
+
+    import rat_jax
+    from rat_jax import api
+    ns: dict = {}
+    exec("import rat_jax.train.members as m", ns)
+    assert ns["m"] is importlib.import_module("rat_jax.train.members")
+    assert rat_jax.train.MemberEngine is ns["m"].MemberEngine
+    assert callable(rat_jax.train)
+    assert inspect.signature(rat_jax.train) == inspect.signature(api.train)
