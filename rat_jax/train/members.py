@@ -113,12 +113,14 @@ def default_strategy(backend: str | None = None) -> str:
     convolutions inside a while loop (lax.map) over 10x slower, vmap turns them into slow grouped
     convolutions, and unrolled members run concurrently on the same cores with all their
     activations. Across emulated devices members do run concurrently (one per device at a time):
-    one device per core (runtime.DEFAULT_CPU_DEVICES). With rat_jax's malloc settings
-    (runtime.MALLOC_TUNABLES) that default ran x1.08-1.17 of the one-by-one loop for resnet_tiny
-    @ 64 px at M = 1..8 and x1.02-1.11 for EfficientNet-Lite0 @ 64 px at M = 1..4, x0.92-0.99 at
-    M = 8 (bench/members.py, README); without them it had cost Lite0 6-13%. More devices than
-    cores made 8 ResNet-50 @ 64 px members 0.63x torch, and 8 ResNet-18 @ 224 px members ran out
-    of the 24 GB (bench/cpu_vs_torch.py, before the malloc settings).
+    one device per core (runtime.DEFAULT_CPU_DEVICES). Training holds the members in parts
+    (MemberEngine.split), so no step slices members out of the stacked tree or writes them back.
+    With rat_jax's malloc settings (runtime.MALLOC_TUNABLES) that default ran x1.09-1.18 of the
+    one-by-one loop for resnet_tiny @ 64 px at M = 1..8, and x1.01-1.07 for EfficientNet-Lite0
+    @ 64 px at M = 2..8 (at M = 1 it is the loop's own one-member program: x0.997-1.01;
+    bench/members.py, README). More
+    devices than cores made 8 ResNet-50 @ 64 px members 0.63x torch, and 8 ResNet-18 @ 224 px
+    members ran out of the 24 GB (bench/cpu_vs_torch.py, before the malloc settings).
     GPU/TPU: "map" (plain convolutions, least memory); not measured here.
     """
     backend = backend or jax.default_backend()
