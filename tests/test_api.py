@@ -11,7 +11,8 @@ def test_api_train_average_evaluate_greedy_export(tmp_path):
     ds = rj.dataset("digits")
     assert ds.num_classes == 10 and ds.envs[:2] == ["mnist", "optdigits"]
     model = rj.create_model("resnet_tiny", ds.num_classes)
-    head = jax.tree.map(np.asarray, model.init(jax.random.key(1), np.zeros((1, 16, 16, 3)))
+    head = jax.tree.map(np.asarray, model.init(jax.random.key(1),
+                                               np.zeros((1, 16, 16, 3), np.float32))
                         ["params"]["classifier"])
     inits = [{"featurizer": featurizer, "classifier": head}] * 2
     hp = rj.member_hparams([0, 1], 0, ds.name, 0, lr_scale=100.0)
