@@ -249,9 +249,8 @@ def run_loop(engine: MemberEngine, state: dict, hparams: dict, train_batches: It
             flush_losses()
         time_sum += time.perf_counter() - t0
 
-        if is_eval or is_save:
+        if is_eval or is_save:  # a stacked copy (several parts) or the one part itself
             state = {**state, "members": engine.join(parts)}
-            parts = engine.split(state["members"])
         if is_eval:
             accs = evaluate(engine, Parts(p["params"] for p in parts), eval_sets)
             score = (np.mean([accs[n] for n in val_names], axis=0) if val_names

@@ -118,9 +118,9 @@ def default_strategy(backend: str | None = None) -> str:
     With rat_jax's malloc settings (runtime.MALLOC_TUNABLES) that default ran x1.09-1.18 of the
     one-by-one loop for resnet_tiny @ 64 px at M = 1..8, and x1.01-1.07 for EfficientNet-Lite0
     @ 64 px at M = 2..8 (at M = 1 it is the loop's own one-member program: x0.997-1.01;
-    bench/members.py, README). More
-    devices than cores made 8 ResNet-50 @ 64 px members 0.63x torch, and 8 ResNet-18 @ 224 px
-    members ran out of the 24 GB (bench/cpu_vs_torch.py, before the malloc settings).
+    bench/members.py, README). More devices than cores made 8 ResNet-50 @ 64 px members 0.63x
+    torch, and 8 ResNet-18 @ 224 px members ran out of the 24 GB (bench/cpu_vs_torch.py, before
+    the malloc settings).
     GPU/TPU: "map" (plain convolutions, least memory); not measured here.
     """
     backend = backend or jax.default_backend()
@@ -416,7 +416,8 @@ class MemberEngine:
     # -- public steps ------------------------------------------------------------------------
     def train_step(self, state: dict, hparams: dict, batch: dict) -> tuple[dict, dict]:
         """Update every member once on its own batch; returns (state, metrics [M]). The stacked
-        members are donated. A loop over many steps is faster with train_parts."""
+        members are donated (one part) or copied into parts and back (several parts, 'loop'): a
+        loop over many steps is faster with split / train_parts / join."""
         parts, metrics = self.train_parts(self.split(state["members"]), self.split(hparams), batch)
         return {**state, "members": self.join(parts)}, metrics
 
