@@ -41,7 +41,7 @@ def main(argv=None):
 
     import members as member_bench  # bench/members.py: Runner, measure, torch_step
     from rat_jax.models import create_model
-    from rat_jax.train import members as members_lib
+    from rat_jax.engine import members as members_lib
 
     torch.set_num_threads(os.cpu_count() or 1)
     for spec in a.rows.split(","):

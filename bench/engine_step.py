@@ -41,7 +41,7 @@ def main(argv=None):
     import numpy as np
 
     from rat_jax.models import create_model
-    from rat_jax.train import members as members_lib
+    from rat_jax.engine import members as members_lib
 
     model = create_model(a.arch, 7)
     v = jax.jit(model.init)(jax.random.key(0), np.zeros((1, a.size, a.size, 3), np.float32))

@@ -38,8 +38,8 @@ def child(arch: str, size: int, batch: int, steps: int, mode: str) -> dict:
     import numpy as np
     jax.config.update("jax_num_cpu_devices", 1)
     from rat_jax.models import create_model
-    from rat_jax.train import members as members_lib
-    from rat_jax.train import step as step_lib
+    from rat_jax.engine import members as members_lib
+    from rat_jax.engine import step as step_lib
 
     model = create_model(arch, 7)
     v = jax.jit(model.init)(jax.random.key(0), np.zeros((1, size, size, 3), np.float32))

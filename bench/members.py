@@ -5,7 +5,7 @@ the stacked engine with each local strategy and layout, and plain PyTorch.
                             [--members 1,2,4,8] [--image 64] [--domains 3 --per-domain 32]
 
 Rows per (model, M):
-  loop          one jitted single-member step (rat_jax.train.step) called M times per round
+  loop          one jitted single-member step (rat_jax.engine.step) called M times per round
   <s>@1         MemberEngine on 1 device, local strategy <s> (vmap / map / unroll / chunk:2)
   1/dev@<M>     MemberEngine over M devices, one member per device
   1/dev@<D>     MemberEngine over all D (emulated) devices with data_parallel=True: mesh
@@ -96,8 +96,8 @@ def bench_model(arch, args, emit):
     import numpy as np
 
     from rat_jax.models import create_model
-    from rat_jax.train import members as members_lib
-    from rat_jax.train import step as step_lib
+    from rat_jax.engine import members as members_lib
+    from rat_jax.engine import step as step_lib
 
     num_classes, n = 7, args.domains * args.per_domain
     model = create_model(arch, num_classes)

@@ -38,7 +38,7 @@ def main(argv=None):
     import numpy as np
 
     from rat_jax.models import create_model
-    from rat_jax.train import members as members_lib
+    from rat_jax.engine import members as members_lib
 
     model = create_model(a.arch, a.classes)
     shapes = jax.eval_shape(model.init, jax.random.key(0),

@@ -12,7 +12,7 @@ default and at "highest" matmul precision (GPUs use TF32 for float32 convolution
 bfloat16 (float32 params, bf16 compute); each is compared with torch float32 on CPU when torch is
 there, else with JAX float32 "highest".
 Throughput: `MemberEngine` on one device with M stacked members and local strategy map / vmap /
-chunk:4 / unroll (up to --unroll-max members; rat_jax.train.members) against "one by one": a
+chunk:4 / unroll (up to --unroll-max members; rat_jax.engine.members) against "one by one": a
 one-member engine called M times per round (the members' states all resident).
 images/s = M * batch / step time (median of --steps).
 Memory: XLA's compiled footprint of the step (arguments + outputs + temporaries - aliased) / M and,
@@ -199,7 +199,7 @@ def throughput(args, rows: list, deadline: float) -> None:
     import jax
     import numpy as np
     from rat_jax.models import create_model
-    from rat_jax.train import members as members_lib
+    from rat_jax.engine import members as members_lib
 
     device = jax.devices()[0]
     model = create_model(args.arch, 10, conv_impl=args.conv_impl, dtype=args.dtype)

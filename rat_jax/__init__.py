@@ -1,26 +1,29 @@
-"""rat_jax: Model Ratatouille in JAX/Flax. The functional API is importable from here."""
+"""rat_jax: Model Ratatouille in JAX/Flax.
+
+The functional API (`rat_jax.api`) is importable from here: `import rat_jax as rj; rj.train(...)`.
+Its names load on first use, so `import rat_jax.runtime` (process set-up that must run before JAX
+starts) does not import JAX. The training engine is the subpackage `rat_jax.engine`.
+"""
 __version__ = "0.1.0"
 
-import sys as _sys
-import types as _types
-
-from rat_jax import api as _api
-from rat_jax.api import *  # noqa: F401,F403
-from rat_jax.api import __all__  # noqa: F401
-
-
-class _TrainPackage(_types.ModuleType):
-    """`rat_jax.train` is both the API function (`rat_jax.train(ds, inits, hparams, ...)`, i.e.
-    rat_jax.api.train) and the training subpackage (`rat_jax.train.members`, `import
-    rat_jax.train.members as members`): the package module, callable."""
-
-    def __call__(self, *args, **kwargs):
-        return _api.train(*args, **kwargs)
-
-    __call__.__doc__ = _api.train.__doc__
+__all__ = [
+    "accuracy", "aux_init_assignment", "average", "barrier", "build_demo_datasets",
+    "concatenate", "convert_torch_checkpoint", "create_model", "dataset", "diagnostic_figures",
+    "diversity", "ensemble", "ensemble_logits", "evaluate", "evaluate_members", "export_flax",
+    "export_torch", "foundation", "fuse", "fusing_coefficients", "greedy_soup", "id_val_names",
+    "interpolate", "linear_probe", "lmc_curve", "lmc_gate", "load_foundation", "load_split",
+    "member_hparams", "new_head", "predict_logits", "predict_logits_stacked", "random_hparams",
+    "read_torch_file", "run_seed", "seed_hash", "select", "split_indices", "stack", "take",
+    "take_member", "train", "TrainSettings",
+]
 
 
-_train_package = _sys.modules["rat_jax.train"]  # imported by rat_jax.api
-_train_package.__class__ = _TrainPackage
-_train_package.__wrapped__ = _api.train  # inspect.signature(rat_jax.train) is the function's
-train = _train_package
+def __getattr__(name):
+    if name in __all__:
+        from rat_jax import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'rat_jax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -25,8 +25,8 @@ from rat_jax.foundation import load_foundation
 from rat_jax.models import create_model
 from rat_jax.soups import (average, ensemble_logits, fuse, fusing_coefficients, greedy_soup, stack,
                            take_member)
-from rat_jax.train import members as _members
-from rat_jax.train.loop import TrainResult, id_val_names, train_members
+from rat_jax.engine import members as _members
+from rat_jax.engine.loop import TrainResult, id_val_names, train_members
 
 
 def dataset(name_or_path: str, root: str | None = None):

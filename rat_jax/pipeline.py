@@ -25,8 +25,8 @@ from rat_jax.data import (DomainDataset, MemberLoader, iterate_eval, load_domain
                           random_hparams, run_seed)
 from rat_jax.data.protocol import default_hparams
 from rat_jax.models import create_model
-from rat_jax.train import members as members_lib
-from rat_jax.train.loop import id_val_names, train_members
+from rat_jax.engine import members as members_lib
+from rat_jax.engine.loop import id_val_names, train_members
 
 log = logging.getLogger("rat_jax")
 FOUNDATION = "foundation"

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from rat_jax.models import ARCHS, create_model
-from rat_jax.train import members as members_lib
-from rat_jax.train import step as step_lib
+from rat_jax.engine import members as members_lib
+from rat_jax.engine import step as step_lib
 
 MATMULS = ("conv_general_dilated", "dot_general")
 

@@ -116,8 +116,8 @@ def _train(args, distributed):
     mark = lambda what: distributed.print0(f"[{time.time() - t0:6.1f} s] {what}", flush=True)
     import jax
     from rat_jax.models import create_model
-    from rat_jax.train import members as members_lib
-    from rat_jax.train.resume import RunCheckpoints
+    from rat_jax.engine import members as members_lib
+    from rat_jax.engine.resume import RunCheckpoints
 
     m = M if args.layout == "members" else 2
     model = create_model("resnet_tiny", CLASSES, conv_impl="xla")  # the quickest to compile
@@ -183,12 +183,12 @@ def _train(args, distributed):
 
 
 def _loop(args, distributed):
-    """rat_jax.train.loop.train_members as the pipeline calls it (host batches on every process),
+    """rat_jax.engine.loop.train_members as the pipeline calls it (host batches on every process),
     with evaluation, best-so-far selection, records and Orbax checkpoints in --workdir."""
     import jax
     from rat_jax.models import create_model
-    from rat_jax.train import loop as loop_lib
-    from rat_jax.train import members as members_lib
+    from rat_jax.engine import loop as loop_lib
+    from rat_jax.engine import members as members_lib
 
     model = create_model("resnet_tiny", CLASSES, conv_impl="xla")
     variables = [_numpy_variables(model, 100 + i) for i in range(M)]
@@ -246,8 +246,8 @@ import pytest  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from rat_jax import distributed  # noqa: E402
-from rat_jax.train import loop as loop_lib  # noqa: E402
-from rat_jax.train import members as members_lib  # noqa: E402
+from rat_jax.engine import loop as loop_lib  # noqa: E402
+from rat_jax.engine import members as members_lib  # noqa: E402
 
 
 def free_port() -> int:
@@ -427,7 +427,7 @@ def test_local_sh_starts_processes_through_runtime_setup(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif("distributed" not in vars(loop_lib),
-                    reason="rat_jax/train/loop.py does not fetch multi-process arrays yet")
+                    reason="rat_jax/engine/loop.py does not fetch multi-process arrays yet")
 def test_two_processes_run_loop_like_one(tmp_path):
     """train_members end to end in two processes: same final/best params and scores as one
     process, and the same results.jsonl records (written once, by process 0)."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-from rat_jax.train import members as members_lib
+from rat_jax.engine import members as members_lib
 from test_members_helpers import (IMAGE, engine_for, max_abs_diff, member_inits, reference_train,
                                   run_engine, slice_batches, slice_hparams, synthetic_batches,
                                   tiny_model, unstack)

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rat_jax.train import members as members_lib
-from rat_jax.train import step as step_lib
+from rat_jax.engine import members as members_lib
+from rat_jax.engine import step as step_lib
 
 NUM_CLASSES = 5
 IMAGE = 16

@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from rat_jax.train import loop as loop_lib
-from rat_jax.train import members as members_lib
-from rat_jax.train.progress import Progress
+from rat_jax.engine import loop as loop_lib
+from rat_jax.engine import members as members_lib
+from rat_jax.engine.progress import Progress
 from test_members_helpers import (IMAGE, NUM_CLASSES, ListLoader, engine_for, max_abs_diff,
                                   member_inits, run_engine, synthetic_batches, tiny_model, unstack)
 

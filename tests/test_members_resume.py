@@ -17,7 +17,7 @@ SCRIPT = r'''
 import sys, time
 import jax
 import numpy as np
-from rat_jax.train import make_hparams, train_members
+from rat_jax.engine import make_hparams, train_members
 from test_members_helpers import ListLoader, StandInNet, member_inits, synthetic_batches
 
 

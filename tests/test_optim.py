@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rat_jax.train import optim
+from rat_jax.engine import optim
 
 torch = pytest.importorskip("torch")
 

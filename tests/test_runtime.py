@@ -48,7 +48,7 @@ def test_data_parallel_setting():
 
 def test_cpu_compiler_options_follow_the_step_cost(monkeypatch):
     """YNNPACK fusions off only for member steps above CPU_YNN_MAX_FLOPS; per member, not per call."""
-    from rat_jax.train import members as members_lib
+    from rat_jax.engine import members as members_lib
 
     class Lowered:
         def __init__(self, flops):
@@ -77,7 +77,7 @@ def test_engine_compiles_a_large_member_step_without_ynnpack(arch, ynn):
     import numpy as np
 
     from rat_jax.models import create_model
-    from rat_jax.train import members as members_lib
+    from rat_jax.engine import members as members_lib
     model = create_model(arch, 7)
     shapes = jax.eval_shape(model.init, jax.random.key(0),
                             jax.ShapeDtypeStruct((1, 64, 64, 3), np.float32))

@@ -26,9 +26,9 @@ import jax
 import numpy as np
 
 from rat_jax import distributed
-from rat_jax.train.members import MemberEngine, Parts
-from rat_jax.train.progress import Progress
-from rat_jax.train.resume import RunCheckpoints, decode_state, encode_state
+from rat_jax.engine.members import MemberEngine, Parts
+from rat_jax.engine.progress import Progress
+from rat_jax.engine.resume import RunCheckpoints, decode_state, encode_state
 
 RESULTS_FILE = "results.jsonl"
 
@@ -311,7 +311,7 @@ def train_members(model, params: Sequence[Any] | Any, batch_stats: Any, hparams:
     `classifier_only=True` is the linear-probe stage (featurizer never stepped). Other keyword
     arguments go to `run_loop` (eval_sets, val_names, workdir, save_every, quiet, ...).
     """
-    from rat_jax.train import members as members_lib
+    from rat_jax.engine import members as members_lib
     stacked = members_lib.stack_trees(list(params)) if isinstance(params, (list, tuple)) else params
     m = members_lib.num_members_of(stacked)
     engine = MemberEngine(model, batch_stats, m, batch_size=batch_size, devices=devices,

@@ -1,6 +1,6 @@
 """Training of stacked members: pure single-member step, device layout, optimizer, loop.
 
-    from rat_jax.train import make_hparams, train_members
+    from rat_jax.engine import make_hparams, train_members
     hp = make_hparams(M, lr=[...], weight_decay=[...], dropout=[...], lp_steps=[...], seed=[...])
     result = train_members(model, [params_0, ..., params_{M-1}], batch_stats, hp, loader,
                            num_steps=5001, checkpoint_freq=100, batch_size=96,
@@ -8,11 +8,11 @@
                            val_names=id_val_names(num_envs, test_envs), workdir=run_dir)
     result.best_params, result.final_params, result.records
 """
-from rat_jax.train.loop import TrainResult, evaluate, id_val_names, run_loop, train_members
-from rat_jax.train.members import (MemberEngine, default_strategy, init_state, make_hparams,
+from rat_jax.engine.loop import TrainResult, evaluate, id_val_names, run_loop, train_members
+from rat_jax.engine.members import (MemberEngine, default_strategy, init_state, make_hparams,
                                    plan_mesh, stack_trees, unstack_tree)
-from rat_jax.train.optim import torch_adam
-from rat_jax.train.progress import Progress
+from rat_jax.engine.optim import torch_adam
+from rat_jax.engine.progress import Progress
 
 __all__ = ["MemberEngine", "Progress", "TrainResult", "default_strategy", "evaluate",
            "id_val_names", "init_state", "make_hparams", "plan_mesh", "run_loop", "stack_trees",

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from rat_jax.train import step as step_lib
+from rat_jax.engine import step as step_lib
 
 MEMBER_AXIS, DATA_AXIS = "model", "data"
 STRATEGIES = ("vmap", "map", "unroll", "chunk:k", "loop")

@@ -2,7 +2,7 @@
 
 A *member* is a dict {'params', 'opt_state', 'step', 'nonfinite'} for one network; its hparams are a
 dict {'lr', 'weight_decay', 'dropout', 'lp_steps', 'key'} of scalars (one member's slice of the
-stacked [M] arrays). `rat_jax.train.members` lays many members on devices and calls these.
+stacked [M] arrays). `rat_jax.engine.members` lays many members on devices and calls these.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rat_jax.train import optim
+from rat_jax.engine import optim
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
