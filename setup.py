@@ -10,7 +10,6 @@ INSTALL_REQUIRES = [
     "orbax-checkpoint>=0.12.8",
     "ml-collections>=1.1.0",
     "absl-py>=2.1",
-    "grain>=0.2.18",
     "numpy>=1.26",
     "pillow>=10.0",
     "safetensors>=0.4",

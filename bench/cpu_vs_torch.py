@@ -29,19 +29,22 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--devices", type=int, default=0,
                    help="emulated CPU devices (0 = rat_jax's default, runtime.DEFAULT_CPU_DEVICES)")
+    p.add_argument("--cpu-ynn", default="auto", choices=["auto", "on", "off"],
+                   help="XLA:CPU YNNPACK dot fusions (rat_jax.runtime.cpu_compiler_options)")
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
 
     import jax
     from rat_jax import runtime
-    runtime.configure_cpu_xla_flags()  # the CPU flags train_members runs with (set before JAX starts)
+    runtime.configure_cpu_xla_flags(a.cpu_ynn)  # as runtime.setup (before JAX starts)
     jax.config.update("jax_num_cpu_devices", a.devices or runtime.DEFAULT_CPU_DEVICES)
     import numpy as np
     import torch
 
     import members as member_bench  # bench/members.py: Runner, measure, torch_step
-    from rat_jax.models import create_model
+    from rat_jax import trees
     from rat_jax.engine import members as members_lib
+    from rat_jax.models import create_model
 
     torch.set_num_threads(os.cpu_count() or 1)
     for spec in a.rows.split(","):
@@ -53,19 +56,17 @@ def main(argv=None):
         targs = argparse.Namespace(image=size)
         torch_one = member_bench.torch_step(arch, 7, a.batch, targs)
         for m in (int(x) for x in a.members.split(",")):
-            engine = members_lib.MemberEngine(model, v["batch_stats"], m, batch_size=a.batch)
-            # the training form train_members steps (MemberEngine.split / train_parts)
-            parts = engine.split(members_lib.init_state(members_lib.stack_trees([params] * m))
-                                 ["members"])
-            hp = engine.split(members_lib.make_hparams(m, lr=5e-5, seed=list(range(m))))
+            engine = members_lib.MemberEngine(model, v["batch_stats"], m, batch_size=a.batch,
+                                              cpu_ynn=a.cpu_ynn)
+            # the live members train_members steps (MemberEngine.start)
+            live = engine.start(members_lib.init_state(trees.stack([params] * m))["members"],
+                                members_lib.make_hparams(m, lr=5e-5, seed=list(range(m))))
             rng = np.random.RandomState(0)
             batch = {"images": rng.randn(m, a.batch, size, size, 3).astype(np.float32),
                      "labels": rng.randint(0, 7, (m, a.batch)).astype(np.int32)}
-            box = {"parts": parts}
 
-            def jax_call():
-                box["parts"], metrics = engine.train_parts(box["parts"], hp, batch)
-                jax.block_until_ready(metrics["loss"])
+            def jax_call(live=live):
+                jax.block_until_ready(live.step(batch)["loss"])
 
             def torch_call():
                 for _ in range(m):

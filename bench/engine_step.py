@@ -1,8 +1,11 @@
 """Time one MemberEngine train step for one layout: the quick probe behind the CPU defaults.
 
     python bench/engine_step.py ARCH SIZE MEMBERS [--devices D] [--batch B] [--strategy S]
-                                [--data-parallel] [--steps N]
-    RAT_JAX_CPU_YNN=0 python bench/engine_step.py resnet18 64 1     # YNNPACK dot fusions off
+                                [--data-parallel] [--steps N] [--cpu-ynn auto|on|off]
+    python bench/engine_step.py resnet18 64 1 --cpu-ynn off     # YNNPACK dot fusions off
+
+The measurement behind runtime.CPU_YNN_MAX_FLOPS (run with --cpu-ynn on and off) and the CPU
+device count (--devices); docs/benchmarks.md holds the current numbers.
 
 Prints one JSON line: the mesh, strategy, XLA_FLAGS, compile + first step seconds and
 member-steps/s (best of --steps timed steps after the first). One layout per process, because the
@@ -32,42 +35,45 @@ def main(argv=None):
     p.add_argument("--strategy", default=None)
     p.add_argument("--data-parallel", action="store_true", help="split a member over spare devices")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--cpu-ynn", default="auto", choices=["auto", "on", "off"],
+                   help="XLA:CPU YNNPACK dot fusions (rat_jax.runtime.cpu_compiler_options)")
     a = p.parse_args(argv)
 
     import jax
     from rat_jax import runtime
-    runtime.configure_cpu_xla_flags()
+    runtime.configure_cpu_xla_flags(a.cpu_ynn)  # as runtime.setup (before JAX starts)
     jax.config.update("jax_num_cpu_devices", a.devices or runtime.DEFAULT_CPU_DEVICES)
     import numpy as np
 
-    from rat_jax.models import create_model
+    from rat_jax import trees
     from rat_jax.engine import members as members_lib
+    from rat_jax.models import create_model
 
     model = create_model(a.arch, 7)
     v = jax.jit(model.init)(jax.random.key(0), np.zeros((1, a.size, a.size, 3), np.float32))
     params = jax.tree.map(np.asarray, v["params"])
     m = a.members
     eng = members_lib.MemberEngine(model, v["batch_stats"], m, batch_size=a.batch,
-                                   strategy=a.strategy, data_parallel=a.data_parallel or None)
-    # the training form train_members steps (MemberEngine.split / train_parts)
-    parts = eng.split(members_lib.init_state(members_lib.stack_trees([params] * m))["members"])
-    hp = eng.split(members_lib.make_hparams(m, lr=5e-5, seed=list(range(m))))
+                                   strategy=a.strategy, data_parallel=a.data_parallel or None,
+                                   cpu_ynn=a.cpu_ynn)
+    # the live members train_members steps (MemberEngine.start)
+    live = eng.start(members_lib.init_state(trees.stack([params] * m))["members"],
+                     members_lib.make_hparams(m, lr=5e-5, seed=list(range(m))))
     rng = np.random.RandomState(0)
     batch = {"images": rng.randn(m, a.batch, a.size, a.size, 3).astype(np.float32),
              "labels": rng.randint(0, 7, (m, a.batch)).astype(np.int32)}
     t0 = time.perf_counter()
-    parts, metrics = eng.train_parts(parts, hp, batch)
-    jax.block_until_ready(metrics)
+    jax.block_until_ready(live.step(batch))
     first = time.perf_counter() - t0
     times = []
     for _ in range(a.steps):
         t0 = time.perf_counter()
-        parts, metrics = eng.train_parts(parts, hp, batch)
-        jax.block_until_ready(metrics)
+        jax.block_until_ready(live.step(batch))
         times.append(time.perf_counter() - t0)
     print(json.dumps({"arch": a.arch, "size": a.size, "members": m, "batch": a.batch,
                       "devices": len(jax.devices()), "mesh": dict(eng.mesh.shape),
                       "strategy": eng.strategy, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+                      "cpu_ynn": a.cpu_ynn, "compiler_options": eng.compiler_options,
                       "compile_and_first_step_s": round(first, 1),
                       "member_steps_per_s": round(m / min(times), 3)}), flush=True)
 

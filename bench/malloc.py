@@ -37,15 +37,16 @@ def child(arch: str, size: int, batch: int, steps: int, mode: str) -> dict:
     import jax.numpy as jnp
     import numpy as np
     jax.config.update("jax_num_cpu_devices", 1)
-    from rat_jax.models import create_model
+    from rat_jax import trees
     from rat_jax.engine import members as members_lib
     from rat_jax.engine import step as step_lib
+    from rat_jax.models import create_model
 
     model = create_model(arch, 7)
     v = jax.jit(model.init)(jax.random.key(0), np.zeros((1, size, size, 3), np.float32))
     member = jax.tree.map(jnp.array, step_lib.init_member(jax.tree.map(np.asarray, v["params"])))
-    hp = members_lib.unstack_tree(members_lib.make_hparams(1, lr=5e-5, weight_decay=1e-4,
-                                                           dropout=0.1, seed=[0]), 0)
+    hp = trees.take(members_lib.make_hparams(1, lr=5e-5, weight_decay=1e-4, dropout=0.1,
+                                             seed=[0]), 0)
     rng = np.random.RandomState(0)
     x = jnp.asarray(rng.randn(batch, size, size, 3).astype(np.float32))
     y = jnp.asarray(rng.randint(0, 7, (batch,)).astype(np.int32))

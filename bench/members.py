@@ -3,10 +3,14 @@ the stacked engine with each local strategy and layout, and plain PyTorch.
 
     python bench/members.py [--quick] [--json] [--models resnet_tiny,efficientnet_lite0]
                             [--members 1,2,4,8] [--image 64] [--domains 3 --per-domain 32]
+                            [--cpu-ynn auto|on|off]
+
+The measurement behind the CPU default local strategy "loop" (rat_jax.engine.strategies) and the
+CPU device emulation (rat_jax.runtime); docs/benchmarks.md holds the current numbers.
 
 Rows per (model, M):
   loop          one jitted single-member step (rat_jax.engine.step) called M times per round
-  <s>@1         MemberEngine on 1 device, local strategy <s> (vmap / map / unroll / chunk:2)
+  <s>@1         MemberEngine on 1 device, local strategy <s> (vmap / map / loop)
   1/dev@<M>     MemberEngine over M devices, one member per device
   1/dev@<D>     MemberEngine over all D (emulated) devices with data_parallel=True: mesh
                 ('model'=gcd(M, D), 'data'=rest), each member's batch split over its 'data' devices
@@ -40,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--json", action="store_true", help="one JSON object per row")
     p.add_argument("--models", default="resnet_tiny,efficientnet_lite0")
     p.add_argument("--members", default="1,2,4,8")
-    p.add_argument("--strategies", default="vmap,map,unroll,chunk:2,loop")
+    p.add_argument("--strategies", default="vmap,map,loop")
     p.add_argument("--layouts", default="1,m,all", help="device counts for the engine rows: a "
                    "number, 'm' (one device per member) or 'all'")
     p.add_argument("--image", type=int, default=64)
@@ -50,8 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=8, help="interleaved timing rounds")
     p.add_argument("--burst", type=float, default=0.75, help="seconds per row per round")
     p.add_argument("--no-torch", action="store_true")
-    p.add_argument("--max-unroll", type=int, default=4, help="skip 'unroll' rows with more local "
-                   "members than this (compile time grows with each unrolled member)")
+    p.add_argument("--cpu-ynn", default="auto", choices=["auto", "on", "off"],
+                   help="XLA:CPU YNNPACK dot fusions (rat_jax.runtime.cpu_compiler_options)")
     a = p.parse_args(argv)
     if a.quick:
         a.models, a.members, a.per_domain, a.rounds, a.burst = "resnet_tiny", "1,4", 16, 5, 0.4
@@ -95,9 +99,10 @@ def bench_model(arch, args, emit):
     import jax.numpy as jnp
     import numpy as np
 
-    from rat_jax.models import create_model
+    from rat_jax import runtime, trees
     from rat_jax.engine import members as members_lib
     from rat_jax.engine import step as step_lib
+    from rat_jax.models import create_model
 
     num_classes, n = 7, args.domains * args.per_domain
     model = create_model(arch, num_classes)
@@ -121,7 +126,7 @@ def bench_model(arch, args, emit):
         runners = []
         # (a) loop: one jitted single-member step called M times
         mems = [jax.tree.map(jnp.array, step_lib.init_member(params)) for _ in range(m)]
-        hps = [members_lib.unstack_tree(hp_all, i) for i in range(m)]
+        hps = [trees.take(hp_all, i) for i in range(m)]
 
         def loop_round(mems=mems, hps=hps, m=m):
             out = None
@@ -143,17 +148,13 @@ def bench_model(arch, args, emit):
         seen = set()
         for strategy, ndev, split in configs:
             # the default row: the devices rat_jax's runtime.setup() emulates by default
-            from rat_jax import runtime
             devices = (jax.devices()[:runtime.DEFAULT_CPU_DEVICES] if ndev == "default"
                        else jax.devices()[:ndev])
             eng = members_lib.MemberEngine(model, bs, m, batch_size=n, devices=devices,
-                                           strategy=strategy, data_parallel=split or None)
+                                           strategy=strategy, data_parallel=split or None,
+                                           cpu_ynn=args.cpu_ynn)
             mesh = dict(eng.mesh.shape)
             local = m // mesh["model"]
-            if strategy == "unroll" and local > args.max_unroll:
-                print(f"# {arch} M={m}: unroll@{ndev} skipped ({local} local members > "
-                      f"--max-unroll {args.max_unroll})", file=sys.stderr)
-                continue
             effective = eng.strategy if local > 1 else "1/dev"  # one local member: no strategy
             name = f"{effective}@{eng.mesh.devices.size}"
             if strategy is None:
@@ -162,14 +163,12 @@ def bench_model(arch, args, emit):
             if key in seen and strategy is not None:
                 continue
             seen.add(key)
-            # the training form train_members steps (MemberEngine.split / train_parts)
-            parts = eng.split(members_lib.init_state(members_lib.stack_trees([params] * m))
-                              ["members"])
-            hp = eng.split(members_lib.slice_members(hp_all, m))
+            # the live members train_members steps (MemberEngine.start)
+            live = eng.start(members_lib.init_state(trees.stack([params] * m))["members"],
+                             trees.select(hp_all, range(m)))
 
-            def engine_round(box=[parts], eng=eng, hp=hp):
-                box[0], met = eng.train_parts(box[0], hp, batch)
-                jax.block_until_ready(met)
+            def engine_round(live=live):
+                jax.block_until_ready(live.step(batch))
             runners.append(Runner({**base, "strategy": name, "devices": int(eng.mesh.devices.size),
                                    "mesh": mesh}, engine_round, m))
 
@@ -257,7 +256,7 @@ def main(argv=None):
     args = parse_args(argv)
     import jax
     from rat_jax import runtime
-    runtime.configure_cpu_xla_flags()  # the CPU flags train_members runs with (set before JAX starts)
+    runtime.configure_cpu_xla_flags(args.cpu_ynn)  # as runtime.setup (before JAX starts)
     jax.config.update("jax_num_cpu_devices", args.devices)
     rows = []
 
@@ -274,7 +273,8 @@ def main(argv=None):
 
     if not args.json:
         print(f"# backend={jax.default_backend()} devices={len(jax.devices())} cores="
-              f"{os.cpu_count()} image={args.image} batch={args.domains}x{args.per_domain}")
+              f"{os.cpu_count()} image={args.image} batch={args.domains}x{args.per_domain} "
+              f"cpu_ynn={args.cpu_ynn}")
     for arch in args.models.split(","):
         bench_model(arch, args, emit)
     return rows

@@ -37,8 +37,9 @@ def main(argv=None):
     import jax
     import numpy as np
 
-    from rat_jax.models import create_model
+    from rat_jax import trees
     from rat_jax.engine import members as members_lib
+    from rat_jax.models import create_model
 
     model = create_model(a.arch, a.classes)
     shapes = jax.eval_shape(model.init, jax.random.key(0),
@@ -55,7 +56,7 @@ def main(argv=None):
             engine = members_lib.MemberEngine(model, batch_stats, m, batch_size=a.batch,
                                               devices=jax.devices()[:1], strategy=a.strategy,
                                               remat=remat)
-            state = members_lib.init_state(members_lib.stack_trees([params] * m))
+            state = members_lib.init_state(trees.stack([params] * m))
             hp = members_lib.make_hparams(m)
             batch = {"images": np.zeros((m, a.batch, a.image, a.image, 3), np.float32),
                      "labels": np.zeros((m, a.batch), np.int32)}

@@ -4,8 +4,15 @@
       --config.data_root=/data/domainbed --config.foundation=/weights/resnet50-0676ba61.pth
 Variants: `:smoke` (seconds, structure only, embedded data), `:cpu` (EfficientNet-Lite0, 64 px).
 """
-from rat_jax import config_lib
+import importlib.util
+import pathlib
+
+# configs/ is not a package: load common.py by its path, next to this file, whatever the cwd.
+_path = pathlib.Path(__file__).parent / "common.py"
+_spec = importlib.util.spec_from_file_location("common", _path)
+common = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(common)
 
 
 def get_config(arg=None):
-    return config_lib.domainbed_target("VLCS", arg)
+    return common.domainbed_target("VLCS", common.parse_variant(arg, __file__))

@@ -1,6 +1,6 @@
 """One accelerator check (<= ~5 minutes on one GPU): ResNet-50 numerical parity fp32/bf16, then
 members training throughput at 224 px bf16 with each local strategy against members one by one,
-and memory per member; prints one table (markdown, for the README).
+and memory per member; prints one table (markdown, for docs/benchmarks.md).
 
     python launch/device_check.py                     # GPU/TPU: ResNet-50, 224 px, M in {1,4,8,16}
     python launch/device_check.py --weights resnet50-0676ba61.pth   # parity on real weights
@@ -11,9 +11,10 @@ tests/torch_reference.py when torch is installed, else random JAX weights) run i
 default and at "highest" matmul precision (GPUs use TF32 for float32 convolutions by default) and in
 bfloat16 (float32 params, bf16 compute); each is compared with torch float32 on CPU when torch is
 there, else with JAX float32 "highest".
-Throughput: `MemberEngine` on one device with M stacked members and local strategy map / vmap /
-chunk:4 / unroll (up to --unroll-max members; rat_jax.engine.members) against "one by one": a
-one-member engine called M times per round (the members' states all resident).
+Throughput: `MemberEngine` on one device with M stacked members and local strategy "map" (the
+accelerator default) and "vmap" (rat_jax.engine.strategies) against "one by one": a one-member
+engine called M times per round (the members' states all resident). This is the measurement
+behind the accelerator default.
 images/s = M * batch / step time (median of --steps).
 Memory: XLA's compiled footprint of the step (arguments + outputs + temporaries - aliased) / M and,
 where the device reports it, the process's device peak so far (memory_stats, monotone).
@@ -46,9 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--image", type=int, default=224)
     p.add_argument("--batch", type=int, default=32, help="images per member per step")
     p.add_argument("--members", default="1,4,8,16")
-    p.add_argument("--strategies", default="map,vmap,chunk:4,unroll")
-    p.add_argument("--unroll-max", type=int, default=4,
-                   help="skip 'unroll' above this many members (its compile grows with M)")
+    p.add_argument("--strategies", default="map,vmap",
+                   help="local strategies to time (rat_jax.engine.strategies.STRATEGIES)")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype of the throughput rows")
     p.add_argument("--steps", type=int, default=5, help="timed steps per row (after one warm-up)")
     p.add_argument("--weights", default="", help="torch/safetensors ResNet-50 file for parity")
@@ -62,7 +62,6 @@ def parse_args(argv=None):
         # every code path, little compiling: 2 strategies (each one more compile), XLA's own conv
         a.arch, a.image, a.batch, a.steps, a.parity_batch = "resnet_tiny", 32, 4, 2, 4
         a.members = a.members if a.members != "1,4,8,16" else "1,2"
-        a.strategies = a.strategies if a.strategies != "map,vmap,chunk:4,unroll" else "map,vmap"
         a.conv_impl, a.budget = "xla", 600.0
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         # a smoke run: halve XLA:CPU compile times (its timings mean nothing anyway)
@@ -198,8 +197,9 @@ def _is_oom(e: Exception) -> bool:
 def throughput(args, rows: list, deadline: float) -> None:
     import jax
     import numpy as np
-    from rat_jax.models import create_model
+    from rat_jax import trees
     from rat_jax.engine import members as members_lib
+    from rat_jax.models import create_model
 
     device = jax.devices()[0]
     model = create_model(args.arch, 10, conv_impl=args.conv_impl, dtype=args.dtype)
@@ -221,25 +221,23 @@ def throughput(args, rows: list, deadline: float) -> None:
         """Seconds per step (median), compile seconds, XLA bytes of the compiled step."""
         engine = members_lib.MemberEngine(model, batch_stats, m, devices=[device],
                                           strategy=strategy)
-        stacked = members_lib.stack_trees([variables["params"]] * m)
+        stacked = trees.stack([variables["params"]] * m)
         state = engine.place(members_lib.init_state(stacked))
         hp = engine.place(members_lib.make_hparams(m, lr=1e-4, seed=list(range(m))))
         images, labels = make_batch(engine, m)
         t0 = time.perf_counter()
         nbytes = _compiled_bytes(engine, state, hp, images, labels)  # compiles (cached for jit)
-        parts, hp_parts = engine.split(state["members"]), engine.split(hp)  # what training steps
+        live = engine.start(state["members"], hp)  # what train_members steps
         del state
         batch = {"images": images, "labels": labels}
-        parts, metrics = engine.train_parts(parts, hp_parts, batch)  # first step
-        jax.block_until_ready(metrics)
+        jax.block_until_ready(live.step(batch))  # first step
         compile_s = time.perf_counter() - t0
         times = []
         for _ in range(args.steps):
             t0 = time.perf_counter()
-            parts, metrics = engine.train_parts(parts, hp_parts, batch)
-            jax.block_until_ready(metrics)
+            jax.block_until_ready(live.step(batch))
             times.append(time.perf_counter() - t0)
-        del parts
+        del live
         return float(np.median(times)), compile_s, nbytes
 
     single = {}  # one compiled one-member engine serves every "one by one" row
@@ -248,8 +246,8 @@ def throughput(args, rows: list, deadline: float) -> None:
         if not single:
             single["engine"] = members_lib.MemberEngine(model, batch_stats, 1, devices=[device])
         engine = single["engine"]
-        states = [engine.place(members_lib.init_state(
-            members_lib.stack_trees([variables["params"]]))) for _ in range(m)]
+        states = [engine.place(members_lib.init_state(trees.stack([variables["params"]])))
+                  for _ in range(m)]
         hp = engine.place(members_lib.make_hparams(1, lr=1e-4))
         images, labels = make_batch(engine, 1)
         t0 = time.perf_counter()
@@ -277,8 +275,6 @@ def throughput(args, rows: list, deadline: float) -> None:
         if m == 1:
             continue
         for s in strategies:
-            if s == "unroll" and m > args.unroll_max:
-                continue
             plan.append((m, s))
 
     for m, strategy in plan:

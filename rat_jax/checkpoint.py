@@ -9,6 +9,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from rat_jax.files import write_json_atomic
+
 METADATA_FILE = "rat_jax_metadata.json"
 
 
@@ -21,9 +23,7 @@ def save_pytree(directory: str | os.PathLike, tree: Any, metadata: dict | None =
         ckptr.save(directory / "state", tree, force=force)
         ckptr.wait_until_finished()
     if metadata is not None:
-        tmp = directory / (METADATA_FILE + ".tmp")
-        tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True))
-        os.replace(tmp, directory / METADATA_FILE)
+        write_json_atomic(directory / METADATA_FILE, metadata, indent=2, sort_keys=True)
     return directory
 
 

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rat_jax.evaluation import (accuracy, mean_loss, predict_logits, predict_logits_stacked,
-                                take_member)
+from rat_jax import trees
+from rat_jax.evaluation import accuracy, mean_loss, predict_logits, predict_logits_stacked
 
 log = logging.getLogger(__name__)
 
@@ -46,19 +46,6 @@ def _mix(a, b, alpha):
     """(1 - α) a + α b leaf by leaf in float32, cast back to a's dtypes (one compile per tree)."""
     return jax.tree.map(lambda x, y: ((1 - alpha) * x.astype(jnp.float32)
                                       + alpha * y.astype(jnp.float32)).astype(x.dtype), a, b)
-
-
-@jax.jit
-def _weighted_average(stacked, weights):
-    """Σ_m w_m θ_m over the member axis; one compile for any subset (zero weights drop members)."""
-    return jax.tree.map(lambda x: jnp.tensordot(weights, x.astype(jnp.float32), axes=1)
-                        .astype(x.dtype), stacked)
-
-
-def _subset_average(stacked, members: Sequence[int], num_members: int):
-    w = np.zeros(num_members, np.float32)
-    w[list(members)] = 1.0 / len(members)
-    return _weighted_average(stacked, jnp.asarray(w))
 
 
 def lmc_curve(model, batch_stats: Any, a: Any, b: Any, images, labels,
@@ -118,14 +105,13 @@ def lmc_gate(model, batch_stats: Any, stacked: Any, order: Sequence[int], images
     member starts the soup: barrier 0.0). ``[r for r in records if r['gated']]`` are the gated ones.
     """
     order = [int(i) for i in order]
-    num_members = int(jax.tree.leaves(stacked)[0].shape[0])
     if not order:
         raise ValueError("lmc_gate: empty member order")
     kept = [order[0]]
     records = [{"member": order[0], "barrier": 0.0, "gated": False, "excluded": False}]
     for i in order[1:]:
-        soup = _subset_average(stacked, kept, num_members)
-        curve = lmc_curve(model, batch_stats, soup, take_member(stacked, i), images, labels,
+        soup = trees.average(stacked, members=kept)
+        curve = lmc_curve(model, batch_stats, soup, trees.take(stacked, i), images, labels,
                           alphas, batch_size)
         b = barrier(curve[metric], curve["alphas"], metric)
         gated = b > threshold
@@ -138,7 +124,7 @@ def lmc_gate(model, batch_stats: Any, stacked: Any, order: Sequence[int], images
             kept.append(i)
         records.append({"member": i, "barrier": b, "gated": bool(gated),
                         "excluded": bool(excluded)})
-    return _subset_average(stacked, kept, num_members), kept, records
+    return trees.average(stacked, members=kept), kept, records
 
 
 # ------------------------------------------------------------------------ diversity --------

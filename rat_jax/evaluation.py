@@ -13,27 +13,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rat_jax.data.store import _DEFAULT
+from rat_jax import trees
+from rat_jax.data import DomainDataset, iterate_eval, load_dataset
+from rat_jax.data.store import DEFAULT_CACHE
 from rat_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["load_split", "predict_logits", "predict_logits_stacked", "accuracy", "mean_loss",
-           "normalize_on_device", "take_member"]
+           "normalize_on_device"]
 
 
 def load_split(dataset, *, trial_seed: int = 0, envs: Sequence[int | str] | None = None,
                split: str = "all", image_size: int = 224, holdout_fraction: float = 0.2,
-               augment: bool = False, seed: int = 0, cache_dir=_DEFAULT,
+               augment: bool = False, seed: int = 0, cache_dir=DEFAULT_CACHE,
                workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N, H, W, 3], labels int32 [N]): `split` ('in' | 'out' | 'all') of each env in
     `envs` (all envs when None), concatenated in the order given.
 
-    `dataset` is a `DomainDataset` or anything `rat_jax.data.load_domainbed` accepts (a demo name,
+    `dataset` is a `DomainDataset` or anything `rat_jax.data.load_dataset` accepts (a demo name,
     a folder path).
     """
-    from rat_jax.data import DomainDataset, iterate_eval, load_domainbed
-
     if not isinstance(dataset, DomainDataset):
-        dataset = load_domainbed(dataset)
+        dataset = load_dataset(dataset)
     if split not in ("in", "out", "all"):
         raise ValueError(f"split={split!r}: use 'in', 'out' or 'all'")
     env_list = list(range(dataset.num_envs)) if envs is None else list(envs)
@@ -111,7 +111,7 @@ def predict_logits_stacked(model, stacked_params: Any, batch_stats: Any, images,
     if not leaves:
         raise ValueError("predict_logits_stacked: stacked_params is empty")
     m = int(leaves[0].shape[0])
-    members = [{"params": take_member(stacked_params, i), "batch_stats": batch_stats}
+    members = [{"params": jax.device_put(trees.take(stacked_params, i)), "batch_stats": batch_stats}
                for i in range(m)]
     images = np.asarray(images)
     n = len(images)
@@ -127,16 +127,6 @@ def predict_logits_stacked(model, stacked_params: Any, batch_stats: Any, images,
         for i in range(m):                      # fetch after dispatching every member
             out[i][-1] = np.asarray(out[i][-1])[: b - a]
     return np.stack([np.concatenate(o) for o in out])
-
-
-@jax.jit
-def _take(stacked, i):
-    return jax.tree.map(lambda x: x[i], stacked)
-
-
-def take_member(stacked: Any, i: int) -> Any:
-    """Member `i` of a stacked pytree (one compiled gather instead of one op per leaf)."""
-    return _take(stacked, jnp.int32(i))
 
 
 def accuracy(logits, labels) -> float:

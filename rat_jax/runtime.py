@@ -1,26 +1,30 @@
-"""Process set-up that must happen before JAX touches a device."""
+"""Process set-up that must happen before JAX touches a device, and the XLA:CPU tuning.
+
+Importing this module imports no JAX (entry points call it before JAX starts); functions that need
+JAX import it themselves. What lives here:
+  - emulated CPU devices (default_cpu_devices),
+  - glibc malloc settings for XLA:CPU (MALLOC_TUNABLES, reexec_with_malloc_tunables, apply_mallopt),
+  - XLA:CPU's YNNPACK dot fusions, process-wide (configure_cpu_xla_flags) and per compiled member
+    step (cpu_compiler_options, compile_with_options),
+  - the compilation cache, library logs, and `setup(config)` that applies all of it.
+bench/*.py measure each setting; docs/benchmarks.md holds the current numbers.
+"""
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import platform
 import sys
-from typing import Mapping
+from typing import Any, Mapping
 
-import jax
+logger = logging.getLogger("rat_jax")
 
 # Emulated CPU devices (one XLA stream each): by default one per core this process may use, at
-# most CPU_DEVICES_CAP. The engine spreads members over them (one member per device at a time,
-# `loop` within a device) and splits no member's batch over them (members.default_data_parallel).
-# Measured on 2 cores (bench/engine_step.py, 2 members, batch 96, 64 px, idle, before the malloc
-# settings below): 2 devices against 1 ran ResNet-18 at 1.048 vs 0.867 member-steps/s (+21%),
-# ResNet-50 at 0.371 vs 0.320 (+16%), EfficientNet-Lite0 at 0.951 vs 1.011 (-6%); with them,
-# 2 Lite0 members on 2 devices ran x1.07-1.11 of one jitted member step called twice
-# (bench/members.py). Each device holds one member's activations at a time,
-# so memory grows with the device count (ResNet-50 @ 224 px, batch 96: 9.1 GiB per member);
-# `engine.cpu_devices=1` (or RAT_JAX_CPU_DEVICES=1) keeps one. Small steps gain from more devices
-# than cores (EfficientNet-Lite0 @ 32 px, 8 devices: 12.6 vs 10.5 member-steps/s on one):
-# configs/demo.py and the :cpu variants set engine.cpu_devices = 8.
+# most CPU_DEVICES_CAP. The engine spreads members over them, one member per device at a time
+# (bench/engine_step.py, bench/members.py). Each device holds one member's activations at a time,
+# so memory grows with the device count: `engine.cpu_devices=1` (or RAT_JAX_CPU_DEVICES=1) keeps
+# one; configs/demo.py and the :cpu variants set more for small steps.
 CPU_DEVICES_CAP = 4
 
 
@@ -39,19 +43,23 @@ def default_cpu_devices() -> int:
 
 DEFAULT_CPU_DEVICES = default_cpu_devices()
 
-# glibc malloc settings for XLA:CPU. XLA allocates every step's temporaries (activations, gradients)
-# afresh and frees them at its end; glibc serves blocks over 32 MiB with mmap and returns them with
-# munmap, so each step page-faults all of its temporary memory back in, 4 KiB at a time, serialised
-# on the process's memory map: 37.6k faults and 0.11 s of kernel time per resnet_tiny step at 64 px
-# (152 ms), 339k faults and 1.05 s per EfficientNet-Lite0 step (1.32 s). With these tunables
-# (transparent huge pages for malloc'd memory, no mmap for large blocks, freed memory kept, one
-# arena) the same steps took 112 ms and 0.68 s, and a ResNet-18 @ 64 px step 1.07 s instead of
-# 1.38 s, with no page faults (one jitted member step, batch 96, one device, idle machine;
-# `python bench/malloc.py`). The cost: the process keeps its peak heap until it exits (peak RSS
-# for Lite0: 2.96 vs 3.19 GB).
-# glibc reads GLIBC_TUNABLES only at process start, so the entry points re-execute themselves with
-# it (reexec_with_malloc_tunables); a process that cannot (a notebook) gets the mallopt part
-# (apply_mallopt, no huge pages). RAT_JAX_MALLOC=system leaves glibc's defaults alone.
+
+def cpu_backend_possible(env: Mapping[str, str] | None = None) -> bool:
+    """False when the environment already says JAX will not run on the CPU ($JAX_PLATFORMS whose
+    first, default, platform is not "cpu", e.g. "cuda" or "tpu"); True otherwise, including when
+    only starting JAX could tell."""
+    env = os.environ if env is None else env
+    platforms = [p.strip().lower() for p in env.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+    return not platforms or platforms[0] == "cpu"
+
+
+# glibc malloc settings for XLA:CPU. XLA allocates every step's temporaries afresh and frees them
+# at its end; with glibc's defaults large blocks go back to the OS and each step page-faults its
+# temporaries in again (bench/malloc.py). These tunables keep freed memory in the process (at the
+# cost of keeping the peak heap until exit). glibc reads GLIBC_TUNABLES only at process start, so
+# the entry points re-execute themselves with it (reexec_with_malloc_tunables); a process that
+# cannot (a notebook) gets the mallopt part (apply_mallopt, no huge pages).
+# RAT_JAX_MALLOC=system leaves glibc's defaults alone.
 MALLOC_TUNABLES = (("glibc.malloc.hugetlb", "1"), ("glibc.malloc.mmap_max", "0"),
                    ("glibc.malloc.trim_threshold", str(1 << 40)), ("glibc.malloc.arena_max", "1"))
 MALLOC_MODES = ("tuned", "system")
@@ -87,8 +95,11 @@ def malloc_tunables(env: Mapping[str, str] | None = None) -> str | None:
 
 def reexec_with_malloc_tunables(argv: list[str] | None = None) -> None:
     """Re-execute this process (same pid, same command line) with malloc_tunables() in its
-    environment; returns when there is nothing to change. Call it first thing in a `__main__`,
-    before JAX starts or any thread exists; never from a library function."""
+    environment; returns when there is nothing to change (or JAX will not run on the CPU).
+    Call it first thing in a `__main__`, before JAX starts or any thread exists; never from a
+    library function."""
+    if not cpu_backend_possible():
+        return
     value = malloc_tunables()
     if value is None or os.environ.get(_REEXEC_MARK) == str(os.getpid()):  # exec keeps the pid
         return
@@ -119,20 +130,32 @@ def apply_mallopt() -> bool:
     return all(r == 1 for r in ok)
 
 
-# XLA:CPU sends dots to YNNPACK library fusions by default (jaxlib 0.10). They are faster for small
-# member steps and slower for large ones (measurements at members.CPU_YNN_MAX_FLOPS). XLA's default
-# stays process-wide (the member engine turns them off per compiled step above
-# members.CPU_YNN_MAX_FLOPS); RAT_JAX_CPU_YNN=0 turns the YNNPACK fusions off for every step (set
-# before the CPU backend starts; a user's own setting of the flag in XLA_FLAGS wins).
+# XLA:CPU sends dots to YNNPACK library fusions by default. They are faster for small member steps
+# and slower for large ones (bench/engine_step.py --cpu-ynn on|off; docs/benchmarks.md), so the
+# member engine decides per compiled step from XLA's cost analysis ("auto"): fusions off above
+# CPU_YNN_MAX_FLOPS per member. "on" keeps XLA's default for every step; "off" turns them off for
+# every step, per compiled step and process-wide (configure_cpu_xla_flags, before JAX starts).
+CPU_YNN_MODES = ("auto", "on", "off")
+CPU_YNN_MAX_FLOPS = 4e10
 CPU_XLA_FLAGS_WITHOUT_YNN = ("--xla_cpu_experimental_ynn_fusion_type=",)
+_WITHOUT_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
-def configure_cpu_xla_flags() -> str:
-    """With RAT_JAX_CPU_YNN=0, add CPU_XLA_FLAGS_WITHOUT_YNN to $XLA_FLAGS (flags the user already
-    set are left alone); returns the resulting XLA_FLAGS. Only takes effect before the first JAX
-    device use in the process."""
+def check_cpu_ynn(mode: str) -> str:
+    """`mode` if it is one of CPU_YNN_MODES, else a ValueError."""
+    if mode not in CPU_YNN_MODES:
+        raise ValueError(f"cpu_ynn={mode!r}: use one of {CPU_YNN_MODES} ('auto' decides per step "
+                         "from its cost)")
+    return mode
+
+
+def configure_cpu_xla_flags(mode: str = "auto") -> str:
+    """For cpu_ynn `mode` "off", add CPU_XLA_FLAGS_WITHOUT_YNN to $XLA_FLAGS (flags the user
+    already set are left alone); "auto" and "on" change nothing. Returns the resulting XLA_FLAGS.
+    Only takes effect before the first JAX device use in the process."""
+    check_cpu_ynn(mode)
     flags = os.environ.get("XLA_FLAGS", "")
-    if os.environ.get("RAT_JAX_CPU_YNN", "1") != "0":
+    if mode != "off":
         return flags
     for flag in CPU_XLA_FLAGS_WITHOUT_YNN:
         if flag.split("=")[0] not in flags:
@@ -141,9 +164,47 @@ def configure_cpu_xla_flags() -> str:
     return flags
 
 
+def cpu_compiler_options(lowered, num_members: int, platform: str,
+                         mode: str = "auto") -> dict | None:
+    """Per-program XLA options for a lowered member train step holding `num_members` members.
+
+    CPU only (other platforms: None). `mode` "on": None (XLA's defaults); "off": YNNPACK dot
+    fusions off; "auto": off when a member's step costs more than CPU_YNN_MAX_FLOPS by XLA's own
+    cost analysis of `lowered` (None when there is no cost analysis)."""
+    check_cpu_ynn(mode)
+    if platform != "cpu" or mode == "on":
+        return None
+    if mode == "off":
+        return dict(_WITHOUT_YNN)
+    try:
+        cost = lowered.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        flops = float(cost.get("flops", 0.0))
+    except Exception:  # no cost analysis: XLA's defaults
+        return None
+    if flops / max(num_members, 1) > CPU_YNN_MAX_FLOPS:
+        return dict(_WITHOUT_YNN)
+    return None
+
+
+def compile_with_options(lowered, options: dict | None) -> tuple[Any, dict | None]:
+    """`lowered.compile(compiler_options=options)`; if XLA rejects the options (e.g. a jaxlib
+    without the flag), a warning and a compile with XLA's defaults. Returns (compiled, the options
+    actually used)."""
+    if options is None:
+        return lowered.compile(compiler_options=None), None
+    try:
+        return lowered.compile(compiler_options=options), options
+    except Exception as e:  # noqa: BLE001 - any rejection: XLA's defaults still compile the step
+        logger.warning("compiling with XLA options %s failed (%s: %s); compiling without them",
+                       options, type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return lowered.compile(), None
+
+
 def enable_compilation_cache(path: str | None = None) -> None:
     """Persist compiled XLA programs across processes ($RAT_JAX_COMPILE_CACHE or ~/.cache/rat_jax/xla):
     reruns, resumes and tests skip recompiling the same steps."""
+    import jax
     path = path or os.environ.get("RAT_JAX_COMPILE_CACHE") or os.path.join(
         os.path.expanduser("~"), ".cache", "rat_jax", "xla")
     jax.config.update("jax_compilation_cache_dir", path)
@@ -157,17 +218,29 @@ def quiet_logs() -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
 
 
+def _engine_setting(config, key: str, default: Any) -> Any:
+    engine = getattr(config, "engine", None) if config is not None else None
+    if engine is None:
+        return default
+    value = engine.get(key, default) if hasattr(engine, "get") else getattr(engine, key, default)
+    return default if value is None else value
+
+
 def setup(config=None) -> None:
-    """Set the CPU XLA flags (configure_cpu_xla_flags) and the malloc settings a running process can
-    still take (apply_mallopt), emulate `config.engine.cpu_devices` host devices on CPU
-    (0 = default), enable the compilation cache, quiet library logs, then join the other processes
-    of a multi-process run (rat_jax.distributed.initialize: a no-op for one process); idempotent."""
-    configure_cpu_xla_flags()
-    apply_mallopt()
+    """Before any JAX device use: on a CPU backend (unless $JAX_PLATFORMS names another one), the
+    process-wide XLA:CPU flags of `config.engine.cpu_ynn` (default "auto": configure_cpu_xla_flags)
+    and the malloc settings a running process can still take (apply_mallopt); emulate
+    `config.engine.cpu_devices` host devices on CPU (0 = default), enable the compilation cache,
+    quiet library logs, then join the other processes of a multi-process run
+    (rat_jax.distributed.initialize: a no-op for one process); idempotent."""
+    import jax
+    cpu_ynn = check_cpu_ynn(str(_engine_setting(config, "cpu_ynn", "auto")))
+    if cpu_backend_possible():
+        configure_cpu_xla_flags(cpu_ynn)
+        apply_mallopt()
     enable_compilation_cache()
     quiet_logs()
-    engine = getattr(config, "engine", None) if config is not None else None
-    n = int(engine.get("cpu_devices", 0)) if engine is not None else 0
+    n = int(_engine_setting(config, "cpu_devices", 0))
     n = n or int(os.environ.get("RAT_JAX_CPU_DEVICES", DEFAULT_CPU_DEVICES))
     try:
         jax.config.update("jax_num_cpu_devices", n)

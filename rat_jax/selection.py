@@ -1,78 +1,73 @@
-"""Stage E and the baselines' selection (PROTOCOL.md §1.6-1.7): every row of the paper's table
+"""Stage E and the baselines' selection (docs/protocol.md §1.6-1.7): every row of the paper's table
 from the members of one (test env, trial) and across trials (†)."""
 from __future__ import annotations
 
 import numpy as np
 
-from rat_jax import diagnostics, distributed, figures, report, soups
+from rat_jax import diagnostics, distributed, figures, report, soups, trees
 from rat_jax.evaluation import accuracy, load_split, predict_logits, predict_logits_stacked
-from rat_jax.models import create_model
+from rat_jax.stages import ratatouille_foundation_members
 
 
-def _concat(trees):
-    import jax
-    return jax.tree.map(lambda *xs: np.concatenate(xs), *trees)
-
-
-def withaux_members(groups: dict, n_aux: int):
-    """Ratatouille's members: the aux-init group plus the foundation-init (h % (A+1) == 0) members,
-    which are the no-aux members with those h (same seed, hparams and init)."""
+def withaux_members(groups: dict, aux_names, n_runs: int):
+    """Ratatouille's members: the aux-init group plus the runs the init rule starts from the
+    foundation, which are the no-aux members with those h (same seed, hparams and init)."""
     noaux = groups["noaux"]
     if "aux" not in groups:
         return None
-    idx = [i for i, hp in enumerate(noaux.info) if hp["h"] % (n_aux + 1) == 0]
+    idx = ratatouille_foundation_members([hp["h"] for hp in noaux.info], aux_names, n_runs)
     aux = groups["aux"]
-    params = _concat([_take(noaux.best_params, idx), aux.best_params])
+    params = trees.concatenate([trees.select(noaux.best_params, idx), aux.best_params])
     scores = np.concatenate([noaux.best_score[idx], aux.best_score])
     flagged = np.concatenate([noaux.nonfinite[idx], aux.nonfinite])
     info = [noaux.info[i] for i in idx] + list(aux.info)
     return params, scores, flagged, info
 
 
-def _take(stacked, idx):
-    import jax
-    return jax.tree.map(lambda x: x[np.asarray(idx, np.int64)], stacked)
-
-
 class _Evaluator:
     """Accuracy of one params tree or a stack on in-memory eval arrays (uint8 images)."""
 
-    def __init__(self, pipe, dataset, batch_stats):
-        self.c = pipe.c
-        self.cache = pipe._cache_kw().get("cache_dir", None)
-        self.model = create_model(self.c.arch, dataset.num_classes, conv_impl=self.c.conv_impl,
-                                  dtype=self.c.engine.get("compute_dtype", "float32"))
+    def __init__(self, settings, dataset, batch_stats):
+        self.settings = settings
+        self.model = settings.model(dataset.num_classes)
         self.batch_stats = batch_stats
         self.dataset = dataset
-        self.limit = self.c.get("max_eval_images", 0)
+        self.batch_size = settings.eval_batch_size
 
     def split(self, envs, split, trial):
-        kw = {"cache_dir": self.cache} if self.cache else {}
+        s = self.settings
         x, y = load_split(self.dataset, trial_seed=trial, envs=envs, split=split,
-                          image_size=self.c.image_size, holdout_fraction=self.c.holdout_fraction,
-                          **kw)
-        if self.limit and len(y) > self.limit:  # CPU smoke runs: a fixed subset
-            keep = np.random.RandomState(0).choice(len(y), self.limit, replace=False)
+                          image_size=s.image_size, holdout_fraction=s.holdout_fraction,
+                          **s.cache_kw())
+        if s.max_eval_images and len(y) > s.max_eval_images:  # CPU runs: a fixed subset
+            keep = np.random.RandomState(0).choice(len(y), s.max_eval_images, replace=False)
             x, y = x[np.sort(keep)], y[np.sort(keep)]
         return x, y
 
     def acc(self, params, data) -> float:
         x, y = data
         return accuracy(predict_logits(self.model, {"params": params, "batch_stats": self.batch_stats},
-                                       x, self.c.eval_batch_size), y)
+                                       x, self.batch_size), y)
 
     def logits(self, stacked, data):
         return predict_logits_stacked(self.model, stacked, self.batch_stats, data[0],
-                                      self.c.eval_batch_size)
+                                      self.batch_size)
 
 
-def select_and_evaluate(pipe, target, k: int, by_trial: dict, batch_stats, n_aux: int) -> list[dict]:
-    """All rows for test env k: per trial (ID val, uniform, greedy, ensemble) and across trials (†)."""
-    ev = _Evaluator(pipe, target, batch_stats)
+def select_and_evaluate(target, k: int, by_trial: dict, batch_stats, *, settings,
+                        aux_names=(), n_runs: int = 1, gate_threshold: float = 0.0,
+                        gate_skip: bool = False, plots_dir=None) -> list[dict]:
+    """All rows for test env k from {trial: {group: GroupResult}} (stages.target_members): per
+    trial ERM / inter-training / fusing (ID val), uniform and greedy soups, the logit ensemble;
+    across trials the uniform soups (†). `gate_threshold` > 0 runs the LMC gate before each
+    uniform soup (`gate_skip`: leave gated members out); `plots_dir`: the first trial's
+    diagnostic figures."""
+    ev = _Evaluator(settings, target, batch_stats)
     full_test = ev.split([k], "all", 0)                       # the full test domain
     train_envs = [e for e in range(target.num_envs) if e != k]
     rows = []
     row = lambda m, s, t, a, n, **x: report.make_row(m, s, target.name, k, t, a, n, **x)
+    gate = (gate_threshold, gate_skip)
     dagger = {"Soups/DiWA†": [], "Ratatouille†": []}
     for t, groups in by_trial.items():
         test_in = ev.split([k], "in", t)                      # DomainBed's env{k}_in_acc
@@ -81,29 +76,28 @@ def select_and_evaluate(pipe, target, k: int, by_trial: dict, batch_stats, n_aux
 
         def best_single(params, scores, flagged):
             order = soups.sort_by_score(scores, exclude=np.flatnonzero(flagged))
-            return order[0], ev.acc(soups.take_member(params, order[0]), test_in)
+            return order[0], ev.acc(trees.take(params, order[0]), test_in)
 
         i, acc = best_single(noaux.best_params, noaux.best_score, noaux.nonfinite)
         rows.append(row("ERM (vanilla fine-tuning)", "ID val", t, acc, 1, member=i))
         rows += _soup_rows(ev, "Soups/DiWA", noaux.best_params, noaux.best_score, noaux.nonfinite,
-                           full_test, selection_set, t, row)
+                           full_test, selection_set, t, row, gate)
         dagger["Soups/DiWA†"].append((noaux.best_params, noaux.nonfinite))
-        wa = withaux_members(groups, n_aux)
+        wa = withaux_members(groups, aux_names, n_runs)
         if wa is not None:
             params, scores, flagged, info = wa
             i, acc = best_single(params, scores, flagged)
             rows.append(row("Inter-training", "ID val", t, acc, 1, member=i, init=info[i]["init"]))
             rows += _soup_rows(ev, "Ratatouille", params, scores, flagged, full_test,
-                               selection_set, t, row)
+                               selection_set, t, row, gate)
             ok = [j for j in range(len(scores)) if not flagged[j]]
-            logits = ev.logits(_take(params, ok), full_test)
+            logits = ev.logits(trees.select(params, ok), full_test)
             rows.append(row("Ensemble of Ratatouille members", "Logits", t,
                             accuracy(soups.ensemble_logits(logits), full_test[1]), len(ok)))
-            if (ev.c.get("make_plots", True) and t == min(by_trial)
-                    and distributed.is_main_process()):
-                figures.env_figures(pipe.workdir / "plots", f"test{k}_trial{t}", ev.model,
+            if plots_dir is not None and t == min(by_trial) and distributed.is_main_process():
+                figures.env_figures(plots_dir, f"test{k}_trial{t}", ev.model,
                                     ev.batch_stats, params, scores, flagged, info, ev.acc,
-                                    full_test, selection_set, ev.c.eval_batch_size)
+                                    full_test, selection_set, ev.batch_size)
             dagger["Ratatouille†"].append((params, flagged))
         if "fusing" in groups:
             f = groups["fusing"]
@@ -113,30 +107,30 @@ def select_and_evaluate(pipe, target, k: int, by_trial: dict, batch_stats, n_aux
         for method, stacks in dagger.items():
             if not stacks:
                 continue
-            params = _concat([p for p, _ in stacks])
+            params = trees.concatenate([p for p, _ in stacks])
             flagged = np.concatenate([f for _, f in stacks])
             ok = [j for j in range(len(flagged)) if not flagged[j]]
             rows.append(row(method, "Uniform†", -1,
-                            ev.acc(soups.average(params, members=ok), full_test), len(ok)))
+                            ev.acc(trees.average(params, members=ok), full_test), len(ok)))
     return rows
 
 
-def _soup_rows(ev, method, params, scores, flagged, full_test, selection_set, t, row):
+def _soup_rows(ev, method, params, scores, flagged, full_test, selection_set, t, row, gate):
     ok = [j for j in range(len(scores)) if not flagged[j]]
-    gate = ev.c.get("lmc_gate", None)
+    threshold, skip = gate
     extra = {}
-    if gate is not None and gate.threshold > 0 and len(ok) > 1:
-        # LMC gate on the ID-val selection set, members in score order (PROTOCOL: no test data).
+    if threshold > 0 and len(ok) > 1:
+        # LMC gate on the ID-val selection set, members in score order (docs/protocol.md: no test data).
         order = soups.sort_by_score(scores, exclude=np.flatnonzero(flagged))
         uniform, kept, records = diagnostics.lmc_gate(
-            ev.model, ev.batch_stats, params, order, *selection_set, threshold=gate.threshold,
-            skip=bool(gate.skip), batch_size=ev.c.eval_batch_size)
+            ev.model, ev.batch_stats, params, order, *selection_set, threshold=threshold,
+            skip=skip, batch_size=ev.batch_size)
         extra = {"gated": [r["member"] for r in records if r["gated"]],
                  "gate_excluded": [r["member"] for r in records if r["excluded"]],
                  "gate_barriers": {str(r["member"]): r["barrier"] for r in records}}
         n_uniform = len(kept)
     else:
-        uniform, n_uniform = soups.average(params, members=ok), len(ok)
+        uniform, n_uniform = trees.average(params, members=ok), len(ok)
     out = [row(method, "Uniform", t, ev.acc(uniform, full_test), n_uniform, **extra)]
     soup, selected, _ = soups.greedy_soup(params, scores, lambda p: ev.acc(p, selection_set),
                                           exclude=np.flatnonzero(flagged))

@@ -1,52 +1,16 @@
-"""Weight selection (PROTOCOL.md §1.5-1.6): uniform and greedy soups, fusing coefficients,
-logit ensembles. Everything acts on *stacked* parameter pytrees (leading member axis)."""
+"""Weight selection (docs/protocol.md §1.5-1.6): greedy soups, fusing coefficients, logit
+ensembles. Everything acts on *stacked* parameter pytrees (leading member axis); the uniform and
+weighted means themselves are `rat_jax.trees.average`."""
 from __future__ import annotations
 
 import math
 import random
 from typing import Callable, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-
-def average(stacked, weights=None, members: Sequence[int] | None = None):
-    """Weighted mean over the member axis (uniform when `weights` is None) of a stacked pytree.
-
-    `members` restricts the average to those member indices (e.g. to drop flagged members). One
-    compiled `tree_map` for every subset: excluded members get weight 0.
-    """
-    m = int(jax.tree.leaves(stacked)[0].shape[0])
-    w = np.ones((m,), np.float64) if weights is None else np.asarray(weights, np.float64)
-    if w.shape != (m,):
-        raise ValueError(f"average(): {w.shape[0]} weights for {m} members.")
-    if members is not None:
-        idx = np.asarray(members, dtype=np.int64)
-        if idx.size == 0:
-            raise ValueError("average() got an empty member list: nothing to average.")
-        keep = np.zeros((m,), bool)
-        keep[idx] = True
-        w = np.where(keep, w, 0.0)
-    if w.sum() <= 0:
-        raise ValueError("average(): the weights sum to zero.")
-    return _weighted_mean(jnp.asarray(w / w.sum(), jnp.float32), stacked)
-
-
-@jax.jit
-def _weighted_mean(w, stacked):
-    return jax.tree.map(
-        lambda x: jnp.tensordot(w, x.astype(jnp.float32), axes=1).astype(x.dtype), stacked)
-
-
-def take_member(stacked, i: int):
-    """One member's pytree out of a stacked one."""
-    return jax.tree.map(lambda x: x[i], stacked)
-
-
-def stack(trees: Sequence):
-    """Stack single-member pytrees into one stacked pytree (leading member axis)."""
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+from rat_jax.trees import average, stack
 
 
 def sort_by_score(scores: Sequence[float], exclude: Sequence[int] = ()) -> list[int]:

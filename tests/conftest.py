@@ -1,5 +1,4 @@
-"""Test set-up: rat_jax's CPU XLA flags and 8 emulated CPU devices, before any JAX device use."""
-import os
+"""Test set-up: rat_jax's CPU settings and 8 emulated CPU devices, before any JAX device use."""
 import pathlib
 
 import jax
@@ -7,7 +6,7 @@ import pytest
 
 from rat_jax import runtime
 
-runtime.configure_cpu_xla_flags()  # the XLA:CPU flags every rat_jax entry point sets (RAT_JAX_CPU_YNN)
+runtime.configure_cpu_xla_flags("auto")  # the process-wide XLA:CPU flags of the default settings
 runtime.apply_mallopt()  # `make test` starts pytest with the malloc tunables; a bare pytest gets these
 jax.config.update("jax_num_cpu_devices", 8)
 

@@ -9,9 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rat_jax.models import ARCHS, create_model
-from rat_jax.engine import members as members_lib
+from rat_jax import trees
+from rat_jax.engine import make_hparams
 from rat_jax.engine import step as step_lib
+from rat_jax.models import ARCHS, create_model
 
 MATMULS = ("conv_general_dilated", "dot_general")
 
@@ -121,7 +122,7 @@ def test_bf16_training_tracks_float32():
         variables = numpy_variables(model, 16)
         bs = variables["batch_stats"]
         member = step_lib.init_member(variables["params"])
-        hp = jax.tree.map(lambda x: x[0], members_lib.make_hparams(1, lr=1e-3, dropout=0.0))
+        hp = trees.take(make_hparams(1, lr=1e-3, dropout=0.0), 0)
         step = jax.jit(lambda m, x, y: step_lib.train_step(model, bs, m, hp, x, y))
         losses = []
         for x, y in train:

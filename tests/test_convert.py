@@ -134,7 +134,7 @@ def test_real_legacy_file_matches_torch_load():
 
 
 # --------------------------------------------------------------------------------------------
-# DomainBed layouts (PROTOCOL.md §2)
+# DomainBed layouts (docs/protocol.md §2)
 # --------------------------------------------------------------------------------------------
 class _DBResNet(nn.Module):
     """domainbed.networks.ResNet: self.network = torchvision resnet with fc = Identity, + dropout."""

@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-from rat_jax.data import DatasetError, MemberLoader, load_domainbed
+from rat_jax.data import DatasetError, MemberLoader, load_dataset
 from rat_jax.data import demo
 from rat_jax.data.tfds_source import load_tfds
 
@@ -20,14 +20,14 @@ def demo_dir(tmp_path_factory):
 
 
 def test_demo_layout(demo_dir):
-    digits = load_domainbed("digits", demo_dir)
+    digits = load_dataset("digits", cache_dir=demo_dir, usps=False)
     assert digits.envs == ["mnist", "optdigits"] and digits.env_sizes() == [5000, 1797]
     assert digits.classes == [str(i) for i in range(10)]
     assert np.bincount(digits.labels(0)).tolist() == [500] * 10
-    textures = load_domainbed("textures", demo_dir)
+    textures = load_dataset("textures", cache_dir=demo_dir)
     assert textures.envs == ["coarse", "fine"] and textures.classes == ["brick", "grass", "gravel"]
     assert textures.env_sizes() == [450, 450]
-    glyphs = load_domainbed("glyphs", demo_dir)
+    glyphs = load_dataset("glyphs", cache_dir=demo_dir)
     assert glyphs.envs == ["mono", "sans", "serif"] and glyphs.env_sizes() == [1000] * 3
     assert glyphs.classes == list("ACEFHKMPRX")
     info = json.load(open(os.path.join(demo_dir, "demo", "digits", "BUILD.json")))
@@ -35,20 +35,28 @@ def test_demo_layout(demo_dir):
 
 
 def test_aux_label_spaces_differ_from_target(demo_dir):
-    target = set(load_domainbed("digits", demo_dir).classes)
+    target = set(load_dataset("digits", cache_dir=demo_dir, usps=False).classes)
     for aux in demo.AUXILIARIES:
-        ds = load_domainbed(aux, demo_dir)
+        ds = load_dataset(aux, cache_dir=demo_dir)
         assert not target & set(ds.classes) and ds.num_envs >= 2
 
 
 def test_demo_build_deterministic(demo_dir, tmp_path):
     again = demo.build_demo_dataset("textures", str(tmp_path))
     from rat_jax.data import load_folder
-    assert load_folder(again, "textures").identity == load_domainbed("textures", demo_dir).identity
+    expected = load_dataset("textures", cache_dir=demo_dir).identity
+    assert load_folder(again, "textures").identity == expected
+
+
+def test_demo_names_use_cache_dir_not_root(demo_dir, tmp_path):
+    # root is the DomainBed data dir (e.g. --config.data_root); demo datasets live in the cache
+    ds = load_dataset("glyphs", str(tmp_path / "domainbed"), cache_dir=demo_dir)
+    assert ds.root == os.path.join(demo_dir, "demo", "glyphs")
+    assert not (tmp_path / "domainbed").exists()
 
 
 def test_demo_feeds_member_loader(demo_dir):
-    ds = load_domainbed("digits", demo_dir)
+    ds = load_dataset("digits", cache_dir=demo_dir, usps=False)
     with MemberLoader(ds, [0, 1], [1, 2, 3], batch_size=8, image_size=32, cache_dir=None) as it:
         batch = next(it)
     assert batch["images"].shape == (3, 16, 32, 32, 3)
@@ -62,6 +70,17 @@ def test_usps_failure_falls_back(monkeypatch, tmp_path):
     assert info["domains"] == ["mnist", "optdigits"] and "offline" in info["note"]
 
 
+def test_usps_default_rebuilds_a_build_without_it(monkeypatch, tmp_path):
+    small = lambda: (np.zeros((20, 12, 12), np.uint8), np.arange(20) % 10)
+    monkeypatch.setattr(demo, "mnist_images", small)
+    monkeypatch.setattr(demo, "optdigits_images", small)
+    monkeypatch.setattr(demo, "usps_images", lambda d: small())
+    cache = str(tmp_path)
+    assert load_dataset("digits", cache_dir=cache, usps=False).envs == ["mnist", "optdigits"]
+    assert load_dataset("digits", cache_dir=cache, usps=None).envs == ["mnist", "optdigits"]
+    assert load_dataset("digits", cache_dir=cache).envs == ["mnist", "optdigits", "usps"]
+
+
 def test_unknown_demo_name(tmp_path):
     with pytest.raises(ValueError, match="unknown demo dataset 'letters'"):
         demo.build_demo_dataset("letters", str(tmp_path))
@@ -73,7 +92,7 @@ def test_usps_domain(tmp_path):
     info = json.load(open(os.path.join(path, "BUILD.json")))
     if info["note"]:
         pytest.skip(info["note"])
-    ds = load_domainbed("digits", str(tmp_path))
+    ds = load_dataset("digits", cache_dir=str(tmp_path))
     assert ds.envs == ["mnist", "optdigits", "usps"] and ds.env_sizes()[2] == 2000
     assert np.bincount(ds.labels(2)).tolist() == [200] * 10
 
@@ -111,10 +130,10 @@ def test_tfds_adapter_logic():
 
 def test_tfds_bad_spec_and_missing_package(monkeypatch):
     with pytest.raises(DatasetError, match="write tfds:NAME"):
-        load_domainbed("tfds:")
+        load_dataset("tfds:")
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
     with pytest.raises(DatasetError, match=r"tensorflow_datasets is not installed.*rat_jax\[tfds\]"):
-        load_domainbed("tfds:mnist")
+        load_dataset("tfds:mnist")
 
 
 def test_tfds_real():

@@ -150,8 +150,8 @@ def test_bad_arguments(tiny):
 
 
 def test_pacs_loader_subset(pacs_root, tmp_path):
-    from rat_jax.data import load_domainbed
-    ds = load_domainbed("PACS", pacs_root.parent)
+    from rat_jax.data import load_dataset
+    ds = load_dataset("PACS", pacs_root.parent)
     with MemberLoader(ds, [1, 2, 3], [5], batch_size=2, image_size=32, cache_dir=None) as loader:
         batch = next(loader)
     assert batch["images"].shape == (1, 6, 32, 32, 3)
@@ -161,8 +161,8 @@ def test_pacs_loader_subset(pacs_root, tmp_path):
 @pytest.mark.slow
 def test_pacs_full_cache(pacs_root, tmp_path):
     """Decode all of PACS once into the cache, then iterate eval without decoding any JPEG."""
-    from rat_jax.data import load_domainbed
-    ds = load_domainbed("PACS", pacs_root.parent)
+    from rat_jax.data import load_dataset
+    ds = load_dataset("PACS", pacs_root.parent)
     store = ImageStore(ds, str(tmp_path))
     store.warm(eval_size=32)
     counts = {}

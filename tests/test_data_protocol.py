@@ -1,4 +1,5 @@
-"""Protocol functions against every test vector of PROTOCOL.md §4 and the §1.3 PACS table."""
+"""Protocol functions against every test vector of docs/protocol.md §4 and the §1.3 PACS
+table."""
 import json
 
 import numpy as np
@@ -7,7 +8,7 @@ import pytest
 from rat_jax.data import (aux_init_assignment, default_hparams, random_hparams, run_seed,
                           seed_hash, split_indices)
 
-# (dropout, lr, wd) per h, for t = 0, 1, 2 (PROTOCOL.md §4).
+# (dropout, lr, wd) per h, for t = 0, 1, 2 (docs/protocol.md §4).
 HPARAM_TABLE = """
 0 | 0.0, 5e-5, 0 | 0.0, 5e-5, 0 | 0.0, 5e-5, 0
 1 | 0.5, 3e-5, 1e-4 | 0.5, 3e-5, 1e-6 | 0.5, 3e-5, 1e-6

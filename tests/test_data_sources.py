@@ -1,10 +1,11 @@
-"""DomainBed sources: ImageFolder order, named datasets, identity, bad input, PACS."""
+"""Folder and DomainBed sources through load_dataset: ImageFolder order, named datasets,
+identity, bad input, PACS."""
 import os
 
 import pytest
 from PIL import Image
 
-from rat_jax.data import DatasetError, ImageDecodeError, ImageStore, load_domainbed, load_folder
+from rat_jax.data import DatasetError, ImageDecodeError, ImageStore, load_dataset, load_folder
 from rat_jax.data import domainbed
 
 
@@ -46,52 +47,65 @@ def test_identity_stable_and_content_sensitive(tmp_path):
 def test_named_dataset_and_aliases(tmp_path):
     make_tree(tmp_path / "office_home", envs=("Art", "Clipart", "Product", "Real World"))
     for name in ("OfficeHome", "office_home", "officehome"):
-        ds = load_domainbed(name, tmp_path)
+        ds = load_dataset(name, tmp_path)
         assert ds.name == "OfficeHome" and ds.envs == ["Art", "Clipart", "Product", "Real World"]
-    assert load_domainbed("OfficeHome", tmp_path / "office_home").envs[3] == "Real World"
+    assert load_dataset("OfficeHome", tmp_path / "office_home").envs[3] == "Real World"
     assert domainbed.SPECS["DomainNet"].n_steps == 15001
 
 
-def test_domain_net_duplicates_excluded(tmp_path, monkeypatch):
+def test_domain_net_duplicates_excluded(tmp_path):
     envs = domainbed.SPECS["DomainNet"].envs
     make_tree(tmp_path / "domain_net", envs=envs)
     dup = tmp_path / "dups.txt"
     dup.write_text("clipart/a/img1.png\nreal/b/img0.png\n")
-    ds = load_domainbed("DomainNet", tmp_path, duplicates_file=dup)
+    ds = load_dataset("DomainNet", tmp_path, domainnet_duplicates=dup)
     assert ds.excluded == 2 and ds.env_sizes() == [3, 4, 4, 4, 3, 4]
-    monkeypatch.setenv(domainbed.DUPLICATES_ENV_VAR, str(dup))
-    assert load_domainbed("DomainNet", tmp_path).excluded == 2
-    assert load_domainbed("DomainNet", tmp_path, exclude_duplicates=False).env_sizes() == [4] * 6
-    monkeypatch.delenv(domainbed.DUPLICATES_ENV_VAR)
-    assert load_domainbed("DomainNet", tmp_path).excluded == 0  # cleaned folder: no list needed
+    assert load_dataset("DomainNet", tmp_path, domainnet_duplicates=dup,
+                        exclude_duplicates=False).env_sizes() == [4] * 6
+    assert load_dataset("DomainNet", tmp_path).excluded == 0  # cleaned folder: no list needed
     with pytest.raises(DatasetError, match="duplicate list .*nope.txt.* not found"):
-        load_domainbed("DomainNet", tmp_path, duplicates_file=tmp_path / "nope.txt")
+        load_dataset("DomainNet", tmp_path, domainnet_duplicates=tmp_path / "nope.txt")
 
 
 def test_domain_net_uncleaned_folder_needs_list(tmp_path):
     make_tree(tmp_path / "domain_net", envs=domainbed.SPECS["DomainNet"].envs)
     _png(str(tmp_path / "domain_net" / "clipart" / "couch" / "clipart_081_000001.jpg"))
-    with pytest.raises(DatasetError, match="still contains files.*clipart_081_000001.*duplicates_file="):
-        load_domainbed("DomainNet", tmp_path)
+    with pytest.raises(DatasetError, match="still contains files.*clipart_081_000001.*domainnet_duplicates="):
+        load_dataset("DomainNet", tmp_path)
 
 
 # ---------------------------------------------------------------- bad input -------------
-def test_missing_root(tmp_path):
+def test_missing_root(tmp_path, monkeypatch):
     with pytest.raises(DatasetError, match="does not exist.*one sub-folder per domain"):
         load_folder(tmp_path / "nope")
     with pytest.raises(DatasetError, match=r"PACS: folder .* not found; download it"):
-        load_domainbed("PACS", tmp_path)
-    with pytest.raises(DatasetError, match="pass root="):
-        load_domainbed("PACS")
+        load_dataset("PACS", tmp_path)
+    monkeypatch.delenv("DOMAINBED_DATA", raising=False)
+    with pytest.raises(DatasetError, match=r"pass root=.*or set \$DOMAINBED_DATA"):
+        load_dataset("PACS")
+
+
+def test_domainbed_data_env_is_the_default_root(tmp_path, monkeypatch):
+    make_tree(tmp_path / "PACS", envs=domainbed.SPECS["PACS"].envs)
+    monkeypatch.setenv("DOMAINBED_DATA", str(tmp_path))
+    ds = load_dataset("pacs")
+    assert ds.name == "PACS" and ds.identity == load_dataset("PACS", tmp_path).identity
+
+
+def test_folder_path_relative_to_root(tmp_path):
+    make_tree(tmp_path / "mine")
+    ds = load_dataset("mine", tmp_path)
+    assert ds.name == "mine" and ds.identity == load_dataset(tmp_path / "mine").identity
+    assert ds.identity == load_folder(tmp_path / "mine").identity
 
 
 def test_missing_or_extra_domain(tmp_path):
     make_tree(tmp_path / "PACS", envs=("art_painting", "cartoon", "photo"))
     with pytest.raises(DatasetError, match=r"missing \['sketch'\], unexpected \[\]"):
-        load_domainbed("PACS", tmp_path)
+        load_dataset("PACS", tmp_path)
     make_tree(tmp_path / "PACS", envs=("sketch", "zz_extra"))
     with pytest.raises(DatasetError, match=r"unexpected \['zz_extra'\].*test_env index"):
-        load_domainbed("PACS", tmp_path)
+        load_dataset("PACS", tmp_path)
 
 
 def test_empty_root_and_domain(tmp_path):
@@ -141,7 +155,7 @@ def test_corrupt_image_skipped_and_counted(tmp_path):
 
 def test_unknown_dataset_name(tmp_path):
     with pytest.raises(DatasetError, match=r"unknown dataset 'PAC'.*PACS.*digits.*tfds:NAME"):
-        load_domainbed("PAC", tmp_path)
+        load_dataset("PAC", tmp_path)
 
 
 def test_env_index_errors(tmp_path):
@@ -155,11 +169,11 @@ def test_env_index_errors(tmp_path):
 
 # ---------------------------------------------------------------- real data -------------
 def test_pacs(pacs_root):
-    ds = load_domainbed("PACS", pacs_root.parent)
+    ds = load_dataset("PACS", pacs_root.parent)
     assert ds.envs == ["art_painting", "cartoon", "photo", "sketch"]
     assert ds.classes == ["dog", "elephant", "giraffe", "guitar", "horse", "house", "person"]
     assert ds.env_sizes() == [2048, 2344, 1670, 3929] and ds.num_classes == 7
-    assert load_domainbed(pacs_root).identity == ds.identity
+    assert load_dataset(pacs_root).identity == ds.identity
     out_idx, in_idx = ds.splits(0)[1]
     assert len(out_idx) == 468 and len(in_idx) == 1876
     first = ds.samples[0][0][0]

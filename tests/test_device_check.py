@@ -70,9 +70,10 @@ def test_table_marks_oom_and_skipped_rows():
                  compile_s=30.0, images_per_s=1024.0, vs_one_by_one=1.2,
                  xla_gib_per_member=1.5, device_peak_gib=None),
             dict(section="throughput", arch="resnet50", image=224, batch=32, dtype="bfloat16",
-                 members=16, strategy="unroll", device="H200", status="skipped")]
+                 members=16, strategy="loop", device="H200", status="skipped")]
     text = dc.table(rows, "header")
-    assert "| 16 | vmap | OOM |" in text and "| 16 | unroll | skipped |" in text
+    assert "| 16 | vmap | OOM |" in text and "| 16 | loop | skipped |" in text
     assert "| 16 | map | 1024.0 | 1.20 | 500.0 | 30.0 | 1.50 | - |" in text
     args = dc.parse_args([])
     assert (args.arch, args.image, args.members) == ("resnet50", 224, "1,4,8,16")
+    assert args.strategies == "map,vmap"  # the accelerator default and its comparison

@@ -116,13 +116,14 @@ def _train(args, distributed):
     mark = lambda what: distributed.print0(f"[{time.time() - t0:6.1f} s] {what}", flush=True)
     import jax
     from rat_jax.models import create_model
+    from rat_jax import trees
     from rat_jax.engine import members as members_lib
     from rat_jax.engine.resume import RunCheckpoints
 
     m = M if args.layout == "members" else 2
     model = create_model("resnet_tiny", CLASSES, conv_impl="xla")  # the quickest to compile
     variables = [_numpy_variables(model, 100 + i) for i in range(m)]
-    params = members_lib.stack_trees([v["params"] for v in variables])
+    params = trees.stack([v["params"] for v in variables])
     batch_stats = variables[0]["batch_stats"]
     rng = np.random.RandomState(0)
     batches = [{"images": rng.randn(m, N, IMAGE, IMAGE, 3).astype(np.float32),
@@ -247,7 +248,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from rat_jax import distributed  # noqa: E402
 from rat_jax.engine import loop as loop_lib  # noqa: E402
-from rat_jax.engine import members as members_lib  # noqa: E402
+from rat_jax.engine import mesh as mesh_lib  # noqa: E402
 
 
 def free_port() -> int:
@@ -361,7 +362,7 @@ def test_slurm_tasks_per_node_parsing():
 
 # -- helpers in one process (8 devices) ----------------------------------------------------------
 def test_global_batch_local_part_and_to_host_single_process():
-    mesh = members_lib.plan_mesh(4, batch_size=8)  # ('model' 4, 'data' 2)
+    mesh = mesh_lib.plan_mesh(4, batch_size=8)  # ('model' 4, 'data' 2)
     spec = P("model", "data")
     x = np.arange(4 * 8 * 3, dtype=np.float32).reshape(4, 8, 3)
     idx = distributed.process_indices(mesh, spec, x.shape)

@@ -1,13 +1,17 @@
 """Stacked members: same results as members trained one by one, on 1 and 8 emulated devices, with
-per-member settings, data parallelism, the LP schedule, remat/chunking and fault isolation."""
+each local strategy, per-member settings, data parallelism, the LP schedule, remat and fault
+isolation."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
+from rat_jax import trees
 from rat_jax.engine import members as members_lib
-from test_members_helpers import (IMAGE, engine_for, max_abs_diff, member_inits, reference_train,
+from rat_jax.engine import mesh as mesh_lib
+from rat_jax.engine import strategies
+from members_helpers import (IMAGE, engine_for, max_abs_diff, member_inits, reference_train,
                                   run_engine, slice_batches, slice_hparams, synthetic_batches,
                                   tiny_model, unstack)
 
@@ -43,7 +47,7 @@ def _compare(state, ref, idx):
         assert int(state["members"]["step"][j]) == int(ref[i]["step"])
 
 
-@pytest.mark.parametrize("strategy", ["vmap", "map", "unroll", "chunk:2", "loop"])
+@pytest.mark.parametrize("strategy", ["vmap", "map", "loop"])
 def test_stacked_equals_one_by_one_on_one_device(setup, strategy):
     s = setup
     eng = engine_for(s["model"], s["bs"], 4, 1, strategy)
@@ -86,40 +90,51 @@ def test_loop_strategy_keeps_member_order_over_device_groups(setup):
     images = np.asarray(s["batches"][0]["images"][0])
     labels = np.asarray(s["batches"][0]["labels"][0])
     got = np.asarray(eng.evaluate_batch(state["members"]["params"], images, labels))
-    one = engine_for(s["model"], s["bs"], 4, 1, "unroll")
+    one = engine_for(s["model"], s["bs"], 4, 1, "map")
     want = np.asarray(one.evaluate_batch(state["members"]["params"], images, labels))
     np.testing.assert_array_equal(got, want)
 
 
-def test_loop_parts_hold_local_members_and_train_like_one_by_one(setup):
-    """The training form of 'loop' (8 members, 2 device groups of 4): part i holds members i and
-    4 + i; stepping the parts equals the reference; join gives back the stacked tree in member
-    order; evaluating Parts equals evaluating the stacked params."""
+def test_live_members_train_like_one_by_one_with_several_per_device(setup):
+    """The training API with 'loop' (8 members, 2 device groups of 4): live.step equals the
+    reference member by member, stacked() is in member order, evaluating params_for_eval() equals
+    evaluating the stacked params, and train_step (one step of a stacked state) agrees."""
     s = setup
     eng = engine_for(s["model"], s["bs"], 8, 2, "loop")
-    assert eng.split_form and eng.local_members == 4
-    stacked = members_lib.init_state(members_lib.stack_trees(s["params"]))["members"]
-    parts = eng.split(stacked)
-    assert len(parts) == 4
-    for i, part in enumerate(parts):
-        kernel = np.asarray(part["params"]["classifier"]["kernel"])
-        np.testing.assert_array_equal(kernel, stacked["params"]["classifier"]["kernel"][[i, 4 + i]])
-    np.testing.assert_array_equal(np.asarray(eng.join(eng.split(stacked))["params"]["classifier"]
-                                             ["kernel"]), stacked["params"]["classifier"]["kernel"])
-    hp_parts = eng.split(s["hp"])
+    assert eng.local_members == 4
+    stacked = members_lib.init_state(trees.stack(s["params"]))["members"]
+    live = eng.start(stacked, s["hp"])
     for t, batch in enumerate(s["batches"]):
-        parts, metrics = eng.train_parts(parts, hp_parts, batch)
+        metrics = live.step(batch)
         np.testing.assert_allclose(metrics["loss"], [m[t]["loss"] for m in s["ref_metrics"]],
                                    rtol=1e-5)
-    state = {"members": jax.tree.map(np.asarray, eng.join(parts))}
+    state = {"members": jax.tree.map(np.asarray, live.stacked())}
     _compare(state, s["ref"], range(8))
     images = np.asarray(s["batches"][0]["images"][0])
     labels = np.asarray(s["batches"][0]["labels"][0])
-    got = eng.evaluate_batch(members_lib.Parts(p["params"] for p in parts), images, labels)
+    got = eng.evaluate_batch(live.params_for_eval(), images, labels)
     want = eng.evaluate_batch(state["members"]["params"], images, labels)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
-    single = engine_for(s["model"], s["bs"], 8, 1, "unroll")
-    assert not single.split_form and len(single.split(stacked)) == 1
+    prepared = eng.prepare_eval(state["members"]["params"])
+    np.testing.assert_array_equal(np.asarray(eng.evaluate_batch(prepared, images, labels)),
+                                  np.asarray(want))
+    # the stacked input is left as it was (not donated): train_step from it again
+    one, _ = eng.train_step({"members": stacked}, s["hp"], s["batches"][0])
+    first = eng.start(stacked, s["hp"])
+    first.step(s["batches"][0])
+    assert max_abs_diff(jax.tree.map(np.asarray, one["members"]),
+                        jax.tree.map(np.asarray, first.stacked())) == 0.0
+
+
+def test_unknown_strategies_are_refused(setup):
+    s = setup
+    assert strategies.STRATEGIES == ("loop", "map", "vmap")
+    for name in ("unroll", "chunk:2", "pmap"):
+        with pytest.raises(ValueError, match="unknown member strategy"):
+            members_lib.MemberEngine(s["model"], s["bs"], 2, devices=jax.devices()[:1],
+                                     strategy=name)
+    assert strategies.default_strategy("cpu") == "loop"
+    assert strategies.default_strategy("gpu") == strategies.default_strategy("tpu") == "map"
 
 
 def test_data_parallel_split_equals_one_by_one_and_grads_are_not_summed_twice(setup):
@@ -253,10 +268,10 @@ def test_classifier_only_mode(setup):
 
 
 @pytest.mark.parametrize("remat", [True, pytest.param("nothing", marks=pytest.mark.slow)])
-def test_remat_and_chunks_give_the_same_result(setup, remat):
+def test_remat_gives_the_same_result(setup, remat):
     s = setup
-    idx = range(3)  # 3 members in chunks of 2: one full chunk and a remainder
-    eng = engine_for(s["model"], s["bs"], 3, 1, "chunk:2", remat=remat)
+    idx = range(3)
+    eng = engine_for(s["model"], s["bs"], 3, 1, "map", remat=remat)
     state, _, _ = run_engine(eng, s["params"][:3], slice_hparams(s["hp"], idx),
                              slice_batches(s["batches"], idx))
     _compare(state, s["ref"], idx)
@@ -264,7 +279,7 @@ def test_remat_and_chunks_give_the_same_result(setup, remat):
 
 def test_plan_mesh():
     d = jax.devices()
-    shape = lambda *a, **k: dict(members_lib.plan_mesh(*a, **k).shape)
+    shape = lambda *a, **k: dict(mesh_lib.plan_mesh(*a, **k).shape)
     dp = lambda *a: shape(*a, data_parallel=True)
     assert dp(8, 96, d[:8]) == {"model": 8, "data": 1}
     assert dp(4, 96, d[:8]) == {"model": 4, "data": 2}
@@ -273,9 +288,9 @@ def test_plan_mesh():
     assert dp(3, 96, d[:8]) == {"model": 1, "data": 8}
     assert dp(2, 6, d[:8]) == {"model": 2, "data": 3}   # 4 spare devices per member; 6 % 4 != 0
     with pytest.raises(ValueError, match="model_axis"):
-        members_lib.plan_mesh(4, 96, d[:8], model_axis=3, data_parallel=True)
+        mesh_lib.plan_mesh(4, 96, d[:8], model_axis=3, data_parallel=True)
     # One CPU process: no batch split by default; members spread one per device where they divide.
-    assert members_lib.default_data_parallel(d) is False
+    assert mesh_lib.default_data_parallel(d) is False
     assert shape(1, 96, d[:8]) == {"model": 1, "data": 1}
     assert shape(4, 96, d[:8]) == {"model": 4, "data": 1}
     assert shape(3, 96, d[:8]) == {"model": 3, "data": 1}
@@ -283,7 +298,7 @@ def test_plan_mesh():
     assert shape(20, 96, d[:8]) == {"model": 5, "data": 1}
     assert shape(12, 96, d[:8]) == {"model": 6, "data": 1}
     with pytest.raises(ValueError, match="at most 8 devices"):
-        members_lib.plan_mesh(16, 96, d[:8], model_axis=16)
+        mesh_lib.plan_mesh(16, 96, d[:8], model_axis=16)
 
 
 def test_make_hparams_gives_distinct_keys_and_checks_batches(setup):

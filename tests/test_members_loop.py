@@ -6,10 +6,11 @@ import jax
 import numpy as np
 import pytest
 
+from rat_jax import trees
 from rat_jax.engine import loop as loop_lib
 from rat_jax.engine import members as members_lib
 from rat_jax.engine.progress import Progress
-from test_members_helpers import (IMAGE, NUM_CLASSES, ListLoader, engine_for, max_abs_diff,
+from members_helpers import (IMAGE, NUM_CLASSES, ListLoader, engine_for, max_abs_diff,
                                   member_inits, run_engine, synthetic_batches, tiny_model, unstack)
 
 M, N = 2, 8
@@ -39,7 +40,7 @@ def _engine(s):
 
 def _run(s, workdir=None, loader=None, num_steps=6, engine=None, **kw):
     eng = engine or _engine(s)
-    state = members_lib.init_state(members_lib.stack_trees(s["params"]))
+    state = members_lib.init_state(trees.stack(s["params"]))
     return loop_lib.run_loop(
         eng, state, s["hp"], loader or ListLoader(s["batches"]), num_steps=num_steps,
         checkpoint_freq=2, eval_sets=s["eval_sets"], val_names=loop_lib.id_val_names(3, [2]),
@@ -86,7 +87,7 @@ def test_records_schedule_accuracy_and_strict_best(setup, tmp_path):
 def test_update_best_is_strict(setup):
     s = setup
     eng = _engine(s)
-    state = eng.place(members_lib.init_state(members_lib.stack_trees(s["params"])))
+    state = eng.place(members_lib.init_state(trees.stack(s["params"])))
     seen = []
     for step, score in enumerate([[0.5, 0.2], [0.5, 0.3], [0.7, 0.3], [0.6, 0.1]]):
         marker = jax.tree.map(lambda x: x * 0 + step, state["members"]["params"])
@@ -132,7 +133,7 @@ def test_resume_refuses_other_settings(setup, tmp_path):
     _run(s, workdir=tmp_path, num_steps=2)
     other = {**s["hp"], "lr": s["hp"]["lr"] * 2}
     with pytest.raises(ValueError, match="other member settings"):
-        loop_lib.run_loop(_engine(s), members_lib.init_state(members_lib.stack_trees(s["params"])),
+        loop_lib.run_loop(_engine(s), members_lib.init_state(trees.stack(s["params"])),
                           other, ListLoader(s["batches"]), num_steps=2, checkpoint_freq=2,
                           workdir=tmp_path, quiet=True)
 
@@ -180,13 +181,13 @@ def test_progress_plain_lines_tty_and_quiet():
     assert quiet.getvalue() == ""
 
 
-def test_loop_parts_run_loop_equals_stacked_and_resumes(setup, tmp_path):
-    """run_loop on an engine that trains in parts ('loop', 2 members on one device): the same
-    records, best and final params as the stacked 'map' engine; a run stopped at step 4 and
-    resumed from its checkpoint (restored stacked, split again) ends the same."""
+def test_loop_strategy_run_loop_equals_map_and_resumes(setup, tmp_path):
+    """run_loop on a 'loop' engine with 2 members on one device (trained in parts): the same
+    records, best and final params as the 'map' engine; a run stopped at step 4 and resumed from
+    its checkpoint ends the same."""
     s = setup
     eng = engine_for(s["model"], s["bs"], M, 1, "loop")
-    assert eng.split_form
+    assert eng.strategy == "loop" and eng.local_members == M
     ref = _run(s)
     res = _run(s, engine=eng, workdir=tmp_path / "whole", save_every=2)
     for i in range(M):

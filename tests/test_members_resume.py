@@ -18,7 +18,7 @@ import sys, time
 import jax
 import numpy as np
 from rat_jax.engine import make_hparams, train_members
-from test_members_helpers import ListLoader, StandInNet, member_inits, synthetic_batches
+from members_helpers import ListLoader, StandInNet, member_inits, synthetic_batches
 
 
 class SlowLoader(ListLoader):

@@ -1,4 +1,4 @@
-"""Optimizer semantics: torch Adam with coupled L2, per-member arrays, the LP schedule (PROTOCOL §1.4)."""
+"""Optimizer semantics: torch Adam with coupled L2, per-member arrays, the LP schedule (docs/protocol.md §1.4)."""
 import jax
 import jax.numpy as jnp
 import numpy as np

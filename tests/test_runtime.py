@@ -1,5 +1,6 @@
-"""CPU XLA flags and glibc malloc settings set before JAX starts, and the engine.data_parallel
-setting."""
+"""Process set-up before JAX starts (rat_jax.runtime): XLA:CPU flags and per-step compile options,
+glibc malloc settings, and what `setup` applies on which backend."""
+import json
 import os
 import pathlib
 import subprocess
@@ -7,130 +8,163 @@ import sys
 
 import pytest
 
-from rat_jax import pipeline, runtime
+from rat_jax import runtime
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+OFF = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
+def _python(code: str, env_overrides: dict | None = None, args=()) -> str:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", "RAT_JAX_MALLOC", "JAX_PLATFORMS", runtime._REEXEC_MARK)}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+    env.update(env_overrides or {})
+    return subprocess.run([sys.executable, "-c", code, *args], env=env, capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def test_importing_runtime_imports_no_jax():
+    out = _python("import sys, rat_jax.runtime; print('jax' in sys.modules)")
+    assert out == "False"
+
+
+# ---- XLA:CPU flags and compile options -----------------------------------------------------------
 def test_cpu_xla_flags_added_once_and_user_flags_win(monkeypatch):
-    monkeypatch.delenv("RAT_JAX_CPU_YNN", raising=False)
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
-    assert runtime.configure_cpu_xla_flags() == "--xla_cpu_enable_fast_math=false"  # XLA's default
-    monkeypatch.setenv("RAT_JAX_CPU_YNN", "0")
-    flags = runtime.configure_cpu_xla_flags()
+    for mode in ("auto", "on"):  # XLA's defaults
+        assert runtime.configure_cpu_xla_flags(mode) == "--xla_cpu_enable_fast_math=false"
+    flags = runtime.configure_cpu_xla_flags("off")
     assert flags == "--xla_cpu_enable_fast_math=false --xla_cpu_experimental_ynn_fusion_type="
-    assert runtime.configure_cpu_xla_flags() == flags  # idempotent
+    assert os.environ["XLA_FLAGS"] == flags
+    assert runtime.configure_cpu_xla_flags("off") == flags  # idempotent
     # a user's own value of the flag is kept as is
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
-    assert runtime.configure_cpu_xla_flags() == "--xla_cpu_experimental_ynn_fusion_type=individual_dot"
-    # RAT_JAX_CPU_YNN=1 (or unset) leaves XLA's defaults alone
-    monkeypatch.setenv("XLA_FLAGS", "")
-    monkeypatch.setenv("RAT_JAX_CPU_YNN", "1")
-    assert runtime.configure_cpu_xla_flags() == ""
+    assert runtime.configure_cpu_xla_flags("off") == (
+        "--xla_cpu_experimental_ynn_fusion_type=individual_dot")
+    with pytest.raises(ValueError, match="cpu_ynn='sometimes'"):
+        runtime.configure_cpu_xla_flags("sometimes")
 
 
-def test_default_cpu_devices_one_per_core_capped(monkeypatch):
-    monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
-    assert runtime.default_cpu_devices() == 2
-    monkeypatch.setattr(runtime, "usable_cores", lambda: 1)
-    assert runtime.default_cpu_devices() == 1
-    monkeypatch.setattr(runtime, "usable_cores", lambda: 64)
-    assert runtime.default_cpu_devices() == runtime.CPU_DEVICES_CAP
-    assert 1 <= runtime.usable_cores()
+class _Lowered:
+    """A stand-in for a lowered step: a cost analysis, and a compile that rejects options."""
+
+    def __init__(self, flops=1.0, reject_options=False):
+        self.flops, self.reject_options, self.compiled_with = flops, reject_options, []
+
+    def cost_analysis(self):
+        return {"flops": self.flops}
+
+    def compile(self, compiler_options=None):
+        self.compiled_with.append(compiler_options)
+        if compiler_options and self.reject_options:
+            raise RuntimeError("INVALID_ARGUMENT: no such option")
+        return "compiled"
 
 
-def test_data_parallel_setting():
-    assert pipeline._data_parallel("auto") is None
-    assert pipeline._data_parallel("on") is True
-    assert pipeline._data_parallel("off") is False
-    assert pipeline._data_parallel(True) is True
-    with pytest.raises(ValueError, match="engine.data_parallel"):
-        pipeline._data_parallel("sometimes")
+def test_cpu_ynn_settings_reach_the_compile_options():
+    low = _Lowered()
+    assert runtime.cpu_compiler_options(low, 1, "cpu", "on") is None
+    assert runtime.cpu_compiler_options(low, 1, "cpu", "off") == OFF
+    for mode in runtime.CPU_YNN_MODES:  # other backends: XLA's options
+        assert runtime.cpu_compiler_options(low, 1, "gpu", mode) is None
 
-
-def test_cpu_compiler_options_follow_the_step_cost(monkeypatch):
-    """YNNPACK fusions off only for member steps above CPU_YNN_MAX_FLOPS; per member, not per call."""
-    from rat_jax.engine import members as members_lib
-
-    class Lowered:
-        def __init__(self, flops):
-            self.flops = flops
-
+    class NoCost:
         def cost_analysis(self):
-            return {"flops": self.flops}
-
-    monkeypatch.delenv("RAT_JAX_CPU_YNN", raising=False)
-    big, off = 2 * members_lib.CPU_YNN_MAX_FLOPS, {"xla_cpu_experimental_ynn_fusion_type": ""}
-    assert members_lib.cpu_compiler_options(Lowered(big), 1, "cpu") == off
-    assert members_lib.cpu_compiler_options(Lowered(big), 4, "cpu") is None  # 4 members share it
-    assert members_lib.cpu_compiler_options(Lowered(1e6), 1, "cpu") is None
-    assert members_lib.cpu_compiler_options(Lowered(big), 1, "gpu") is None
-    monkeypatch.setenv("RAT_JAX_CPU_YNN", "1")
-    assert members_lib.cpu_compiler_options(Lowered(big), 1, "cpu") is None
-    monkeypatch.setenv("RAT_JAX_CPU_YNN", "0")
-    assert members_lib.cpu_compiler_options(Lowered(1e6), 1, "cpu") == off
+            raise NotImplementedError
+    assert runtime.cpu_compiler_options(NoCost(), 1, "cpu", "auto") is None
+    with pytest.raises(ValueError, match="cpu_ynn"):
+        runtime.cpu_compiler_options(low, 1, "cpu", "0")
 
 
-@pytest.mark.parametrize("arch,ynn", [("resnet18", False), ("efficientnet_lite0", True)])
-def test_engine_compiles_a_large_member_step_without_ynnpack(arch, ynn):
-    """Real member steps at 64 px, batch 96: XLA's cost analysis puts ResNet-18 (80 GFLOP) above the
-    limit and EfficientNet-Lite0 (19 GFLOP) below it."""
+def test_compile_falls_back_to_xla_defaults_when_options_are_rejected(caplog):
+    low = _Lowered(reject_options=True)
+    with caplog.at_level("WARNING", logger="rat_jax"):
+        compiled, used = runtime.compile_with_options(low, OFF)
+    assert (compiled, used) == ("compiled", None) and low.compiled_with == [OFF, None]
+    assert "compiling without them" in caplog.text
+    ok = _Lowered()
+    assert runtime.compile_with_options(ok, OFF) == ("compiled", OFF)
+    assert runtime.compile_with_options(ok, None) == ("compiled", None)
+
+
+def _tiny_engine(**kwargs):
+    import jax
+
+    from members_helpers import member_inits, tiny_model
+    from rat_jax import trees
+    from rat_jax.engine import members as members_lib
+    model = tiny_model()
+    params, bs = member_inits(model, 1)
+    eng = members_lib.MemberEngine(model, bs, 1, batch_size=4, devices=jax.devices()[:1],
+                                   **kwargs)
+    state = members_lib.init_state(trees.stack(params))
+    return eng, state, members_lib.make_hparams(1, lr=1e-3)
+
+
+def _one_step(eng, state, hp):
     import jax
     import numpy as np
 
-    from rat_jax.models import create_model
-    from rat_jax.engine import members as members_lib
-    model = create_model(arch, 7)
-    shapes = jax.eval_shape(model.init, jax.random.key(0),
-                            jax.ShapeDtypeStruct((1, 64, 64, 3), np.float32))
-    zeros = lambda t: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), t)
-    eng = members_lib.MemberEngine(model, zeros(shapes["batch_stats"]), 1, batch_size=96,
-                                   devices=jax.devices()[:1])
-    state = eng.place(members_lib.init_state(members_lib.stack_trees([zeros(shapes["params"])])))
-    images = jax.ShapeDtypeStruct((1, 96, 64, 64, 3), np.float32, sharding=eng.batch_sharding)
-    labels = jax.ShapeDtypeStruct((1, 96), np.int32, sharding=eng.batch_sharding)
-    lowered = eng._train_jit.lower(state["members"], eng.place(members_lib.make_hparams(1)),
-                                   images, labels, eng.batch_stats)
-    assert members_lib.cpu_compiler_options(lowered, 1, "cpu") == (
-        None if ynn else {"xla_cpu_experimental_ynn_fusion_type": ""})
+    from members_helpers import synthetic_batches
+    batch = synthetic_batches(1, 4, 1)[0]
+    state, metrics = eng.train_step(eng.place(state), eng.place(hp), batch)
+    return jax.tree.map(np.asarray, state), np.asarray(metrics["loss"])
 
 
-# ---- glibc malloc settings ---------------------------------------------------------------------
-REPO = pathlib.Path(__file__).resolve().parents[1]
-glibc_only = pytest.mark.skipif(not runtime._is_glibc(), reason="glibc malloc tunables only")
+def test_engine_compiles_its_step_with_the_cpu_ynn_setting():
+    results = {}
+    for mode in ("on", "off"):
+        eng, state, hp = _tiny_engine(cpu_ynn=mode)
+        results[mode] = _one_step(eng, state, hp)
+        assert eng.compiler_options == (OFF if mode == "off" else None)
+    assert abs(float(results["on"][1][0]) - float(results["off"][1][0])) < 1e-5
+    with pytest.raises(ValueError, match="cpu_ynn"):
+        _tiny_engine(cpu_ynn="1")
 
-_FAULTS = """
-import ctypes, resource, sys
-sys.path.insert(0, {repo!r})
+
+def test_engine_step_compiles_when_xla_rejects_the_options(monkeypatch):
+    """Options XLA does not know: the step compiles with XLA's defaults and trains."""
+    monkeypatch.setattr(runtime, "cpu_compiler_options",
+                        lambda *a, **k: {"xla_rat_jax_no_such_option": "1"})
+    eng, state, hp = _tiny_engine(cpu_ynn="auto")
+    state, loss = _one_step(eng, state, hp)
+    assert eng.compiler_options is None and loss.shape == (1,) and bool((loss > 0).all())
+
+
+# ---- setup(): what applies on which backend ------------------------------------------------------
+def test_cpu_backend_possible_from_the_environment():
+    assert runtime.cpu_backend_possible({})
+    assert runtime.cpu_backend_possible({"JAX_PLATFORMS": "cpu"})
+    assert runtime.cpu_backend_possible({"JAX_PLATFORMS": ""})
+    assert not runtime.cpu_backend_possible({"JAX_PLATFORMS": "cuda"})
+    assert not runtime.cpu_backend_possible({"JAX_PLATFORMS": "tpu,cpu"})
+    assert not runtime.cpu_backend_possible({"JAX_PLATFORMS": "gpu"})
+
+
+_SETUP = """
+import json, os, types
 from rat_jax import runtime
-if {reexec}:
-    runtime.reexec_with_malloc_tunables()
-libc = ctypes.CDLL("libc.so.6")
-libc.malloc.restype = ctypes.c_void_p
-libc.free.argtypes = [ctypes.c_void_p]
-
-def block():  # a 256 MiB temporary, written and freed: what an XLA:CPU step does with its temps
-    p = libc.malloc(1 << 28)
-    ctypes.memset(p, 1, 1 << 28)
-    libc.free(p)
-
-block()
-r0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(4):
-    block()
-import os
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0, os.environ.get("GLIBC_TUNABLES", ""),
-      " ".join(sys.argv[1:]))
+calls = []
+runtime.apply_mallopt = lambda: calls.append("mallopt") or True
+config = types.SimpleNamespace(engine={"cpu_ynn": "off", "cpu_devices": 1})
+out = {}
+for platforms in ("cuda", "cpu"):
+    os.environ["JAX_PLATFORMS"], os.environ["XLA_FLAGS"] = platforms, ""
+    calls.clear()
+    runtime.setup(config)
+    out[platforms] = [os.environ["XLA_FLAGS"], list(calls)]
+print(json.dumps(out))
 """
 
 
-def _run_faults(tmp_path, reexec, **env_overrides):
-    script = tmp_path / "faults.py"
-    script.write_text(_FAULTS.format(repo=str(REPO), reexec=reexec))
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("GLIBC_TUNABLES", "RAT_JAX_MALLOC", runtime._REEXEC_MARK)}
-    env.update(env_overrides)
-    out = subprocess.run([sys.executable, "-u", str(script), "--x", "a b"], env=env,
-                         capture_output=True, text=True, check=True).stdout.split(" ", 2)
-    return int(out[0]), out[1], out[2].strip()
+def test_setup_applies_cpu_settings_only_where_jax_may_run_on_cpu(tmp_path):
+    out = json.loads(_python(_SETUP, {"RAT_JAX_COMPILE_CACHE": str(tmp_path)}))
+    assert out["cuda"] == ["", []]
+    assert out["cpu"] == ["--xla_cpu_experimental_ynn_fusion_type=", ["mallopt"]]
+
+
+# ---- glibc malloc settings ---------------------------------------------------------------------
+glibc_only = pytest.mark.skipif(not runtime._is_glibc(), reason="glibc malloc tunables only")
 
 
 def test_malloc_tunables_merge_with_the_users_and_can_be_turned_off():
@@ -150,16 +184,19 @@ def test_malloc_tunables_merge_with_the_users_and_can_be_turned_off():
         runtime.malloc_tunables({"RAT_JAX_MALLOC": "fast"})
 
 
+_REEXEC = """
+import json, os, sys
+from rat_jax import runtime
+runtime.reexec_with_malloc_tunables()
+print(json.dumps([os.environ.get("GLIBC_TUNABLES", ""), sys.argv[1:]]))
+"""
+
+
 @glibc_only
-def test_reexec_sets_the_tunables_keeps_the_command_and_stops_the_page_faults(tmp_path):
-    # glibc's default: every fresh 256 MiB block is mmapped and faulted in again (65k pages each)
-    faults, tunables, args = _run_faults(tmp_path, reexec=False)
-    assert faults > 4 * 30000 and tunables == ""
-    # an entry point re-executes itself once with the tunables, same arguments; freed blocks are
-    # then reused without faulting
-    faults, tunables, args = _run_faults(tmp_path, reexec=True)
-    assert tunables == runtime.malloc_tunables({}) and args == "--x a b"
-    assert faults < 1000
-    # RAT_JAX_MALLOC=system: no re-execution, glibc's defaults
-    faults, tunables, _ = _run_faults(tmp_path, reexec=True, RAT_JAX_MALLOC="system")
-    assert tunables == "" and faults > 4 * 30000
+def test_reexec_sets_the_tunables_once_and_keeps_the_command_line():
+    tunables, args = json.loads(_python(_REEXEC, args=("--x", "a b")))
+    assert tunables == runtime.malloc_tunables({}) and args == ["--x", "a b"]
+    # RAT_JAX_MALLOC=system, or a backend other than the CPU: no re-execution
+    for env in ({"RAT_JAX_MALLOC": "system"}, {"JAX_PLATFORMS": "cuda"}):
+        tunables, args = json.loads(_python(_REEXEC, env, args=("--x",)))
+        assert tunables == "" and args == ["--x"]

@@ -7,17 +7,10 @@ rat_jax.checkpoint.save_pytree, metadata beside it (arch, source sha256, format,
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from rat_jax.files import sha256_file
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     metadata = dict(info)
     metadata.update({
         "source_file": os.path.abspath(args.torch_path),
-        "source_sha256": _sha256(args.torch_path),
+        "source_sha256": sha256_file(args.torch_path),
         "converted_by": f"rat_jax {__version__} (rat_jax.convert)",
     })
     out = save_pytree(args.out, variables, metadata=metadata, force=args.force)

@@ -1,6 +1,6 @@
 """Torch state dicts -> Flax variables for rat_jax.models, checked against the model's own shapes.
 
-Key maps (ARCHITECTURE.md "Porting torchvision ResNet weights"; HELPERS.md model interface):
+Key maps (torchvision and efficientnet_pytorch layouts):
 
 * module path: each dotted part keeps its name without a leading '_', and a numeric part joins the
   part before it: ``layer1.0.downsample.0`` -> ``layer1_0/downsample_0``,

@@ -687,7 +687,7 @@ def canonicalize_state_dict(flat: Mapping[str, np.ndarray]) -> dict[str, np.ndar
     becomes ``classifier.weight`` / ``classifier.bias`` whatever it was called (torchvision ``fc``,
     efficientnet_pytorch ``_fc``, DomainBed ``classifier`` or Sequential index ``1``).
 
-    Handles DomainBed's files (PROTOCOL.md §2): ``model_best.pkl``'s model_dict (``featurizer.*`` and
+    Handles DomainBed's files (docs/protocol.md §2): ``model_best.pkl``'s model_dict (``featurizer.*`` and
     ``classifier.*`` are used, the ``network.0.*``/``network.1.*`` duplicates dropped),
     ``network_best.pkl`` (``0.network.*``, ``1.*``), ``featurizer_last.pkl`` (``network.*``), and a
     ``module.`` (DataParallel) prefix. ``num_batches_tracked`` and ``update_count`` are dropped.

@@ -11,7 +11,8 @@
   size, rotation and offset; domains sans, serif, mono (font family).
 
 Each is written once, deterministically, as PNGs in the DomainBed layout under
-`<cache_dir>/demo/<name>/<domain>/<class>/<i>.png` and then loaded like any DomainBed folder.
+`<cache_dir>/demo/<name>/<domain>/<class>/<i>.png` (default cache: `store.default_cache_dir()`)
+and then read with the folder reader, `domainbed.load_folder`.
 """
 import hashlib
 import json
@@ -27,6 +28,8 @@ from typing import Dict
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from rat_jax.data.domainbed import load_folder
+from rat_jax.data.protocol import split_indices
 from rat_jax.data.store import default_cache_dir
 
 log = logging.getLogger(__name__)
@@ -220,8 +223,7 @@ def build_demo_datasets(cache_dir=None, usps: bool = True) -> Dict[str, str]:
 
 def load_demo(name: str, cache_dir=None, usps: bool | None = None):
     """A demo dataset by name, built on first use. `usps=None` reuses any existing build;
-    `usps=True` rebuilds a digits build made without USPS (the pipeline asks for it)."""
-    from rat_jax.data.domainbed import load_folder
+    `usps=True` (load_dataset's default) rebuilds a digits build made with usps=False."""
     path = os.path.join(demo_root(cache_dir), name)
     if usps is None and os.path.exists(os.path.join(path, "BUILD.json")):
         return load_folder(path, name)
@@ -234,7 +236,6 @@ def domain_shift_table(name: str, cache_dir=None, size: int = 16, seed: int = 0)
     columns = test domain (the train domain's own 20% out split on the diagonal, all images
     elsewhere). Returns (envs, accuracy matrix)."""
     from sklearn.linear_model import LogisticRegression
-    from rat_jax.data.protocol import split_indices
     ds = load_demo(name, cache_dir)
     feats = []
     for env in range(ds.num_envs):
@@ -259,7 +260,6 @@ def main(argv=None):
     p.add_argument("--shift", action="store_true", help="print the logistic-regression table")
     a = p.parse_args(argv)
     for name, path in build_demo_datasets(a.cache_dir, not a.no_usps).items():
-        from rat_jax.data.domainbed import load_folder
         ds = load_folder(path, name)
         print(f"{name}: {path} envs={ds.envs} sizes={ds.env_sizes()} classes={ds.num_classes} "
               f"identity={ds.identity}")

@@ -1,32 +1,26 @@
-"""DomainBed file-list sources: `root/<domain>/<class>/<image>` in torchvision ImageFolder order.
+"""DomainBed's datasets and the folder reader: `root/<domain>/<class>/<image>` in torchvision
+ImageFolder order.
 
 Env order = sorted sub-directory names (DomainBed `os.scandir` + `sorted`); inside an env,
 classes = sorted folder names and files = sorted `os.walk` then sorted names, filtered by
 IMG_EXTENSIONS (torchvision `make_dataset`). Split seeds select by index, so this order matters.
+
+Environment: $DOMAINBED_DATA is the default data dir of `load_named` (the folder holding
+DomainBed's dataset folders) when no root is passed.
 """
-import dataclasses
+import concurrent.futures
 import gzip
 import hashlib
 import os
 from typing import List, Optional, Sequence, Tuple
 
-import numpy as np
+from rat_jax.data.transforms import ImageDecodeError, decode
+from rat_jax.data.types import IMG_EXTENSIONS, DatasetError, DatasetSpec, DomainDataset
 
-from rat_jax.data.protocol import split_indices
+DATA_ENV_VAR = "DOMAINBED_DATA"
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetSpec:
-    name: str            # DomainBed class name, e.g. "PACS"
-    dirname: str         # folder under the data root, e.g. "office_home"
-    envs: Tuple[str, ...]  # expected env folder names, sorted
-    n_steps: int = 5001
-    checkpoint_freq: int = 100
-
-
-# Env folder names as DomainBed's download.py leaves them; CHECKPOINT_FREQ per PROTOCOL §3.1.
+# Env folder names as DomainBed's download.py leaves them; CHECKPOINT_FREQ per
+# docs/protocol.md §3.1.
 SPECS = {
     "VLCS": DatasetSpec("VLCS", "VLCS", ("Caltech101", "LabelMe", "SUN09", "VOC2007"), 5001, 50),
     "PACS": DatasetSpec("PACS", "PACS", ("art_painting", "cartoon", "photo", "sketch")),
@@ -39,7 +33,6 @@ SPECS = {
 }
 _ALIASES = {k.lower(): k for k in SPECS}
 _ALIASES.update({s.dirname.lower(): s.name for s in SPECS.values()})
-DUPLICATES_ENV_VAR = "RAT_JAX_DOMAINNET_DUPLICATES"
 # A few entries of DomainBed's domainbed/misc/domain_net_duplicates.txt (9,431 lines; the full
 # list is not shipped here). If one of them exists, the folder was not cleaned by DomainBed's
 # downloader, and loading needs the full list to match the reference file list.
@@ -53,55 +46,6 @@ DOMAINNET_DUPLICATE_SENTINELS = (
     "painting/star/painting_284_000013.jpg", "painting/steak/painting_285_000010.jpg",
     "painting/strawberry/painting_291_000073.jpg", "painting/squirrel/painting_282_000779.jpg",
 )
-
-
-class DatasetError(ValueError):
-    """A dataset folder or name that cannot be used as given (the message says how to fix it)."""
-
-
-@dataclasses.dataclass
-class DomainDataset:
-    """A multi-domain image classification dataset as lists of (path, label) per env."""
-    name: str
-    root: str
-    envs: List[str]
-    classes: List[str]
-    samples: List[List[Tuple[str, int]]]  # per env, ImageFolder order
-    identity: str = ""
-    n_steps: int = 5001
-    checkpoint_freq: int = 100
-    excluded: int = 0                      # files dropped by DomainNet duplicate exclusion
-    skipped: List[str] = dataclasses.field(default_factory=list)  # unreadable files skipped
-    arrays: Optional[List[np.ndarray]] = None  # in-memory uint8 [N,H,W,3] per env (array sources)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def num_envs(self) -> int:
-        return len(self.envs)
-
-    def env_sizes(self) -> List[int]:
-        return [len(s) for s in self.samples]
-
-    def labels(self, env: int) -> np.ndarray:
-        return np.asarray([y for _, y in self.samples[env]], dtype=np.int32)
-
-    def splits(self, trial_seed: int, holdout_fraction: float = 0.2):
-        """Per env (out_idx, in_idx), DomainBed `split_dataset` with seed_hash(trial_seed, env_i)."""
-        return [split_indices(len(s), trial_seed, i, holdout_fraction)
-                for i, s in enumerate(self.samples)]
-
-    def env_index(self, env) -> int:
-        """Index of env given as int or name."""
-        if isinstance(env, (int, np.integer)):
-            if not -len(self.envs) <= env < len(self.envs):
-                raise DatasetError(f"env index {env} out of range for {self.name} envs {self.envs}")
-            return int(env) % len(self.envs)
-        if env not in self.envs:
-            raise DatasetError(f"unknown env {env!r} for {self.name}; envs are {self.envs}")
-        return self.envs.index(env)
 
 
 def list_envs(root: str) -> List[str]:
@@ -149,9 +93,7 @@ def _identity(name: str, root: str, envs, classes, samples) -> str:
 
 def domain_net_duplicates(path=None) -> Optional[set]:
     """Relative paths DomainBed's downloader deletes, read from DomainBed's
-    `domainbed/misc/domain_net_duplicates.txt` (given path or $RAT_JAX_DOMAINNET_DUPLICATES);
-    None when no list is available."""
-    path = path or os.environ.get(DUPLICATES_ENV_VAR)
+    `domainbed/misc/domain_net_duplicates.txt` at `path` (plain or .gz); None without a path."""
     if not path:
         return None
     if not os.path.isfile(path):
@@ -168,15 +110,13 @@ def _check_domain_net_cleaned(path):
     if found:
         raise DatasetError(
             f"DomainNet at {path!r} still contains files that DomainBed's downloader deletes "
-            f"(e.g. {found[0]!r}); pass duplicates_file=<DomainBed's "
-            f"domainbed/misc/domain_net_duplicates.txt> (or set ${DUPLICATES_ENV_VAR}), delete "
-            "them with DomainBed's download.py, or pass exclude_duplicates=False to keep them")
+            f"(e.g. {found[0]!r}); pass domainnet_duplicates=<DomainBed's "
+            "domainbed/misc/domain_net_duplicates.txt>, delete them with DomainBed's "
+            "download.py, or pass exclude_duplicates=False to keep them")
 
 
 def _drop_unreadable(samples, workers=4):
     """(kept, bad paths): decode every file once; used only with on_bad_image='skip'."""
-    import concurrent.futures
-    from rat_jax.data.transforms import ImageDecodeError, decode
 
     def ok(item):
         try:
@@ -245,48 +185,36 @@ def resolve_name(name: str) -> Optional[str]:
     return _ALIASES.get(str(name).lower())
 
 
-def load_domainbed(name_or_path, root=None, *, exclude_duplicates: bool = True,
-                   duplicates_file=None, on_bad_image: str = "raise") -> DomainDataset:
-    """Load a dataset by DomainBed name ("PACS", "office_home", ...), demo name, "tfds:NAME", or path.
+def load_named(name: str, root=None, *, exclude_duplicates: bool = True,
+               domainnet_duplicates=None, on_bad_image: str = "raise") -> DomainDataset:
+    """A DomainBed dataset by name or folder name ("PACS", "office_home", ...) from `root`.
 
-    `root` is the data dir holding the DomainBed folders (`root/PACS`, `root/office_home`, ...);
-    a root that is itself the dataset folder is accepted too. A path (or a name with no known
-    spec) loads the generic `<domain>/<class>/<image>` layout. DomainNet drops DomainBed's
-    duplicate files (list from `duplicates_file` / $RAT_JAX_DOMAINNET_DUPLICATES; without a
-    list, the folder must already be cleaned by DomainBed's downloader).
+    `root` (default $DOMAINBED_DATA) holds DomainBed's folders (`root/PACS`, `root/office_home`,
+    ...); a root that is itself the dataset folder is accepted too. The env folders must be
+    exactly DomainBed's (`SPECS`). DomainNet drops DomainBed's duplicate files, listed in
+    `domainnet_duplicates` (DomainBed's domainbed/misc/domain_net_duplicates.txt); without a
+    list the folder must already be cleaned by DomainBed's downloader.
     """
-    key = os.fspath(name_or_path)
-    if key.startswith("tfds:"):
-        from rat_jax.data import tfds_source
-        return tfds_source.load_tfds(key, data_dir=root)
-    canon = resolve_name(key)
-    if canon is not None:
-        spec = SPECS[canon]
-        if root is None:
-            raise DatasetError(f"dataset {canon}: pass root=<data dir containing {spec.dirname}/>")
-        root = os.fspath(root)
-        path = os.path.join(root, spec.dirname)
-        if not os.path.isdir(path) and os.path.basename(os.path.normpath(root)) == spec.dirname:
-            path = root
-        if not os.path.isdir(path):
-            raise DatasetError(f"dataset {canon}: folder {path!r} not found; download it with "
-                               f"DomainBed's download.py or pass root=<dir containing "
-                               f"{spec.dirname}/>")
-        exclude = None
-        if canon == "DomainNet" and exclude_duplicates:
-            exclude = domain_net_duplicates(duplicates_file)
-            if exclude is None:
-                _check_domain_net_cleaned(path)
-        return load_folder(path, canon, spec.envs, exclude, spec.n_steps, spec.checkpoint_freq,
-                           on_bad_image)
-    from rat_jax.data import demo
-    if key in demo.DEMO_DATASETS:
-        return demo.load_demo(key, cache_dir=root)
-    path = key if root is None or os.path.isabs(key) else os.path.join(os.fspath(root), key)
-    if os.path.isdir(path):
-        return load_folder(path, on_bad_image=on_bad_image)
-    raise DatasetError(
-        f"unknown dataset {key!r}: not a DomainBed name ({sorted(SPECS)}), demo name "
-        f"({sorted(demo.DEMO_DATASETS)}), 'tfds:NAME', nor an existing folder"
-        + (f" ({path!r})" if path != key else "")
-        + "; pass one of those names or the path of a <domain>/<class>/<image> folder")
+    canon = resolve_name(name)
+    if canon is None:
+        raise DatasetError(f"{name!r} is not a DomainBed dataset; names are {sorted(SPECS)}")
+    spec = SPECS[canon]
+    root = root or os.environ.get(DATA_ENV_VAR)
+    if not root:
+        raise DatasetError(f"dataset {canon}: pass root=<data dir containing {spec.dirname}/> "
+                           f"(--config.data_root on the command line) or set ${DATA_ENV_VAR}")
+    root = os.fspath(root)
+    path = os.path.join(root, spec.dirname)
+    if not os.path.isdir(path) and os.path.basename(os.path.normpath(root)) == spec.dirname:
+        path = root
+    if not os.path.isdir(path):
+        raise DatasetError(f"dataset {canon}: folder {path!r} not found; download it with "
+                           f"DomainBed's download.py or pass root=<dir containing "
+                           f"{spec.dirname}/>")
+    exclude = None
+    if canon == "DomainNet" and exclude_duplicates:
+        exclude = domain_net_duplicates(domainnet_duplicates)
+        if exclude is None:
+            _check_domain_net_cleaned(path)
+    return load_folder(path, canon, spec.envs, exclude, spec.n_steps, spec.checkpoint_freq,
+                       on_bad_image)

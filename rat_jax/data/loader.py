@@ -14,7 +14,7 @@ from typing import Iterator, Optional, Sequence, Union
 import numpy as np
 
 from rat_jax.data import transforms as T
-from rat_jax.data.store import _DEFAULT, ImageStore, default_workers, train_side_for
+from rat_jax.data.store import DEFAULT_CACHE, ImageStore, default_workers, train_side_for
 
 STATE_VERSION = 1
 
@@ -39,7 +39,7 @@ class MemberLoader:
     def __init__(self, dataset, train_envs: Sequence[int], seeds: Sequence[int], *,
                  trial_seeds: Union[int, Sequence[int]] = 0, batch_size: int = 32,
                  image_size: int = 224, augment: bool = True, holdout_fraction: float = 0.2,
-                 store: Optional[ImageStore] = None, cache_dir=_DEFAULT,
+                 store: Optional[ImageStore] = None, cache_dir=DEFAULT_CACHE,
                  cache_side: Optional[int] = None, workers: Optional[int] = None,
                  prefetch: int = 2, output: str = "float32"):
         if not len(seeds):
@@ -220,7 +220,7 @@ def iterate_eval(dataset, *, trial_seed: int = 0, envs: Optional[Sequence[int]] 
                  splits: Sequence[str] = ("in", "out"), batch_size: int = 64,
                  image_size: int = 224, augment: bool = False, seed: int = 0,
                  holdout_fraction: float = 0.2, store: Optional[ImageStore] = None,
-                 cache_dir=_DEFAULT, workers: Optional[int] = None, pad: bool = True,
+                 cache_dir=DEFAULT_CACHE, workers: Optional[int] = None, pad: bool = True,
                  output: str = "float32") -> Iterator[dict]:
     """Walk each env's splits once in fixed-size batches.
 

@@ -60,7 +60,7 @@ def run_seed(dataset: str, test_env: int, hparams_seed: int, trial_seed: int,
 
 def aux_init_assignment(h: int, aux_folders: Sequence[str], n_runs: int,
                         target: str = None) -> Union[str, tuple]:
-    """Init of target run h (MR `get_featurizer_aux`, PROTOCOL §1.3).
+    """Init of target run h (MR `get_featurizer_aux`, docs/protocol.md §1.3).
 
     Folders are sorted (and, with `target`, those whose name starts with it dropped);
     i = h % (len+1): 0 -> "imagenet", else (folders[i-1], h % n_runs): the run index in

@@ -7,6 +7,9 @@ Per dataset identity the cache keeps, per env:
   224: 227 px originals), otherwise a small extra resampling step (documented approximation).
 - eval_{size}: [N, size, size, 3] uint8 of Resize((size, size)) from the original: exact.
 Files are written to a temp name and renamed, so an interrupted build leaves no partial cache.
+
+Environment: $RAT_JAX_CACHE sets the default cache dir (else ~/.cache/rat_jax); it holds the
+decoded images and the built demo datasets.
 """
 import concurrent.futures
 import hashlib
@@ -22,7 +25,9 @@ from PIL import Image
 from rat_jax.data import transforms as T
 
 CACHE_ENV_VAR = "RAT_JAX_CACHE"
-_DEFAULT = object()
+# `cache_dir=DEFAULT_CACHE`: use the default cache dir (default_cache_dir()); a sentinel, because
+# cache_dir=None means "no disk cache".
+DEFAULT_CACHE = object()
 
 
 def default_cache_dir() -> str:
@@ -47,12 +52,13 @@ def cap_shorter_side(img: Image.Image, side: Optional[int]) -> Image.Image:
 class ImageStore:
     """Images of one DomainDataset: decoded from files (or arrays), cached as uint8 on disk.
 
-    cache_dir=None disables the disk cache (every access decodes the file: the "cold" path).
+    cache_dir=DEFAULT_CACHE uses default_cache_dir(); None disables the disk cache (every access
+    decodes the file: the "cold" path).
     """
 
-    def __init__(self, dataset, cache_dir=_DEFAULT, workers: Optional[int] = None):
+    def __init__(self, dataset, cache_dir=DEFAULT_CACHE, workers: Optional[int] = None):
         self.dataset = dataset
-        self.cache_dir = default_cache_dir() if cache_dir is _DEFAULT else cache_dir
+        self.cache_dir = default_cache_dir() if cache_dir is DEFAULT_CACHE else cache_dir
         self.workers = workers or default_workers()
         self._train = {}   # (env, side) -> (flat memmap, index [N, 3])
         self._eval = {}    # (env, size) -> [N, size, size, 3]

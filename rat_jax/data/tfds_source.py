@@ -5,7 +5,7 @@ Requires `pip install tensorflow-datasets` and a dataset already prepared in `da
 """
 import numpy as np
 
-from rat_jax.data.domainbed import DatasetError, DomainDataset
+from rat_jax.data.types import DatasetError, DomainDataset
 
 
 class _Column:

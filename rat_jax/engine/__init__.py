@@ -1,4 +1,4 @@
-"""Training of stacked members: pure single-member step, device layout, optimizer, loop.
+"""Training of stacked members: pure single-member step, mesh, local strategies, engine, loop.
 
     from rat_jax.engine import make_hparams, train_members
     hp = make_hparams(M, lr=[...], weight_decay=[...], dropout=[...], lp_steps=[...], seed=[...])
@@ -7,13 +7,19 @@
                            eval_sets={"env0_in": ..., "env0_out": ...},
                            val_names=id_val_names(num_envs, test_envs), workdir=run_dir)
     result.best_params, result.final_params, result.records
+
+Modules: step.py (one member's update and evaluation), optim.py (torch Adam, LP schedule),
+mesh.py (which devices hold which members), strategies.py (how members sharing a device run),
+members.py (MemberEngine: compiled stacked steps), loop.py (evaluation, records, checkpoints),
+resume.py (Orbax checkpoints), progress.py (the progress line). Stacked trees: rat_jax.trees.
 """
 from rat_jax.engine.loop import TrainResult, evaluate, id_val_names, run_loop, train_members
-from rat_jax.engine.members import (MemberEngine, default_strategy, init_state, make_hparams,
-                                   plan_mesh, stack_trees, unstack_tree)
+from rat_jax.engine.members import LiveMembers, MemberEngine, init_state, make_hparams
+from rat_jax.engine.mesh import plan_mesh
 from rat_jax.engine.optim import torch_adam
 from rat_jax.engine.progress import Progress
+from rat_jax.engine.strategies import default_strategy
 
-__all__ = ["MemberEngine", "Progress", "TrainResult", "default_strategy", "evaluate",
-           "id_val_names", "init_state", "make_hparams", "plan_mesh", "run_loop", "stack_trees",
-           "torch_adam", "train_members", "unstack_tree"]
+__all__ = ["LiveMembers", "MemberEngine", "Progress", "TrainResult", "default_strategy",
+           "evaluate", "id_val_names", "init_state", "make_hparams", "plan_mesh", "run_loop",
+           "torch_adam", "train_members"]

@@ -1,6 +1,6 @@
 """The members training loop: steps, evaluation and best-so-far selection, records, checkpoints.
 
-DomainBed semantics (PROTOCOL §3.5, §5, §7.16): evaluate after update `step` when
+DomainBed semantics (docs/protocol.md §3.5, §5, §7.16): evaluate after update `step` when
 `step % checkpoint_freq == 0` (so step 0 is evaluated after its update) and at the last step; the
 ID-validation score is the mean `out` accuracy over the training envs; a member's best params are
 replaced only on a strict improvement. One DomainBed-style JSONL record per member per evaluation.
@@ -25,8 +25,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 
-from rat_jax import distributed
-from rat_jax.engine.members import MemberEngine, Parts
+from rat_jax import distributed, files, trees
+from rat_jax.engine.members import MemberEngine, init_state
 from rat_jax.engine.progress import Progress
 from rat_jax.engine.resume import RunCheckpoints, decode_state, encode_state
 
@@ -92,7 +92,7 @@ def evaluate(engine: MemberEngine, params: Any, eval_sets: Mapping[str, Any]) ->
     """Accuracy [M] of every member on every eval set, in one pass over each set's images."""
     accs = {}
     batch_size = 0
-    params = engine.split(params)  # once for all batches (the 'loop' strategy's parts)
+    params = engine.prepare_eval(params)  # once for all batches
     for name, source in eval_sets.items():
         batches = source() if callable(source) else source
         counts, total = [], 0
@@ -148,10 +148,8 @@ class RecordWriter:
                         if rec["step"] <= last_step:
                             kept.append(rec)
             self.records[i] = kept
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
-            os.replace(tmp, path)
+            files.write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n"
+                                                  for r in kept))
 
     def write(self, i: int, record: dict) -> None:
         self.records[i].append(record)
@@ -229,16 +227,16 @@ def run_loop(engine: MemberEngine, state: dict, hparams: dict, train_batches: It
             loss_sum = loss_sum + last_losses.astype(np.float64)
         pending.clear()
 
-    # Training steps the members in the engine's split form; the stacked tree is assembled only
-    # where it is read (evaluation, selection, checkpoints, the result).
-    parts, hparam_parts = engine.split(state["members"]), engine.split(hparams_dev)
+    # The live members train; their stacked state is asked for only where it is read
+    # (evaluation, selection, checkpoints, the result).
+    live = engine.start(state["members"], hparams_dev)
     state = {**state, "members": None}
     for step in range(start, num_steps):
         t0 = time.perf_counter()
         batch = next(iterator)
         if per_step_images is None:
             per_step_images = int(np.prod(np.shape(batch["labels"])))
-        parts, metrics = engine.train_parts(parts, hparam_parts, batch)
+        metrics = live.step(batch)
         if pending:  # keep at most one step in flight
             jax.block_until_ready(pending[-1])
         pending.append(metrics["loss"])
@@ -249,10 +247,10 @@ def run_loop(engine: MemberEngine, state: dict, hparams: dict, train_batches: It
             flush_losses()
         time_sum += time.perf_counter() - t0
 
-        if is_eval or is_save:  # a stacked copy (several parts) or the one part itself
-            state = {**state, "members": engine.join(parts)}
+        if is_eval or is_save:
+            state = {**state, "members": live.stacked()}
         if is_eval:
-            accs = evaluate(engine, Parts(p["params"] for p in parts), eval_sets)
+            accs = evaluate(engine, live.params_for_eval(), eval_sets)
             score = (np.mean([accs[n] for n in val_names], axis=0) if val_names
                      else np.full((m,), np.nan))
             # no validation splits: keep the latest evaluated params as "best"
@@ -281,12 +279,11 @@ def run_loop(engine: MemberEngine, state: dict, hparams: dict, train_batches: It
                     "loader": encode_state(stateful.get_state()) if stateful is not None else None,
                     "loss_sum": loss_sum.tolist(), "time_sum": time_sum, "count": count}
             ckpts.save(step, state, meta)
-        if engine.split_form:  # the stacked copy is not kept while the parts train on
-            state = {**state, "members": None}
+        state = {**state, "members": None}  # not kept while the live members train on
         progress.update(step + 1, per_step_images or 0, last_losses)
 
     flush_losses()
-    state = {**state, "members": engine.join(parts)}
+    state = {**state, "members": live.stacked()}
     jax.block_until_ready(state)
     if ckpts is not None:
         ckpts.close()
@@ -300,24 +297,26 @@ def train_members(model, params: Sequence[Any] | Any, batch_stats: Any, hparams:
                   batch_size: int | None = None, strategy: str | None = None,
                   devices: Sequence[jax.Device] | None = None, model_axis: int | None = None,
                   classifier_only: bool = False, remat: bool | str = False,
-                  data_parallel: bool | None = None, **loop_kwargs) -> TrainResult:
+                  data_parallel: bool | None = None, cpu_ynn: str = "auto",
+                  **loop_kwargs) -> TrainResult:
     """Train M members together and return stacked best/final params and per-member records.
 
     `params`: a list of M param trees (e.g. each from its own checkpoint) or one stacked tree.
     `batch_stats`: the frozen BN statistics shared by all members. `hparams`: from
     `members.make_hparams` ([M] lr, weight_decay, dropout, lp_steps, key). `batch_size`: images per
     member per step (lets the engine split each member's batch over spare devices; `data_parallel`
-    None = by backend, see members.default_data_parallel).
+    None = by backend, see mesh.default_data_parallel). `strategy`: the local strategy (None = by
+    backend, strategies.default_strategy). `cpu_ynn`: XLA:CPU's YNNPACK dot fusions, "auto" (by
+    step cost), "on" or "off" (runtime.cpu_compiler_options).
     `classifier_only=True` is the linear-probe stage (featurizer never stepped). Other keyword
     arguments go to `run_loop` (eval_sets, val_names, workdir, save_every, quiet, ...).
     """
-    from rat_jax.engine import members as members_lib
-    stacked = members_lib.stack_trees(list(params)) if isinstance(params, (list, tuple)) else params
-    m = members_lib.num_members_of(stacked)
+    stacked = trees.stack(list(params)) if isinstance(params, (list, tuple)) else params
+    m = trees.num_members(stacked)
     engine = MemberEngine(model, batch_stats, m, batch_size=batch_size, devices=devices,
                           strategy=strategy, classifier_only=classifier_only, remat=remat,
-                          model_axis=model_axis, data_parallel=data_parallel)
-    state = members_lib.init_state(stacked)
+                          model_axis=model_axis, data_parallel=data_parallel, cpu_ynn=cpu_ynn)
+    state = init_state(stacked)
     if jax.process_count() > 1 and hasattr(train_batches, "load_only"):
         # each process decodes only the members whose batches live on its devices
         spec_shape = (m, batch_size or engine.data_size)

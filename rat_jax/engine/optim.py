@@ -1,12 +1,13 @@
 """torch-style Adam with coupled L2, per-member lr / weight decay as arrays, and the LP switch.
 
-PROTOCOL §4: `torch.optim.Adam(lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)` is coupled L2,
-i.e. `chain(add_decayed_weights(wd), scale_by_adam(), scale(-lr))`, constant lr. `lr` and `wd` may be
-traced scalars (one member's slice of a [M] array), so every member shares one compiled step.
+docs/protocol.md §4: `torch.optim.Adam(lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)` is
+coupled L2, i.e. `chain(add_decayed_weights(wd), scale_by_adam(), scale(-lr))`, constant lr. `lr`
+and `wd` may be traced scalars (one member's slice of a [M] array), so every member shares one
+compiled step.
 
-PROTOCOL §1.4: a member with `lp_steps = L >= 0` updates only the classifier for updates 0..L
-(L+1 updates); right before update L+1 its Adam state is reset for all params (fresh moments and
-count) and the whole net trains. `lp_steps = -1` trains everything from update 0.
+docs/protocol.md §1.4: a member with `lp_steps = L >= 0` updates only the classifier for updates
+0..L (L+1 updates); right before update L+1 its Adam state is reset for all params (fresh moments
+and count) and the whole net trains. `lp_steps = -1` trains everything from update 0.
 """
 from __future__ import annotations
 

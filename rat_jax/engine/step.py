@@ -89,8 +89,7 @@ def train_step(model, batch_stats: Any, member: dict, hparams: dict, images: jax
         step=step, lp_steps=hparams["lp_steps"], classifier_only=classifier_only)
     # A finite loss and gradient norm (one reduction the metrics need anyway) mean finite grads,
     # and torch-Adam's update of finite params with finite grads, lr and wd is finite. Checking
-    # every leaf of the grads and new params instead made XLA:CPU compile an EfficientNet-Lite0
-    # step 4-5x longer (26 s -> 114 s).
+    # every leaf of the grads and new params instead makes XLA:CPU compile the step much longer.
     grad_norm = optax.global_norm(grads)
     ok = ((~member["nonfinite"]) & jnp.isfinite(loss) & jnp.isfinite(grad_norm)
           & jnp.isfinite(hparams["lr"]) & jnp.isfinite(hparams["weight_decay"]))

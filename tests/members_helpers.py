@@ -1,4 +1,4 @@
-"""Shared helpers for the member-engine tests: a tiny model, synthetic data, a reference loop.
+"""Shared helpers for the member-engine tests (not a test module): a tiny model, synthetic data, a reference loop.
 
 `tiny_model()` uses rat_jax.models' "resnet_tiny" when it is importable, else a small Flax stand-in
 with the same interface (params {'featurizer', 'classifier'}, frozen batch_stats, array dropout rate).
@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rat_jax import trees
 from rat_jax.engine import members as members_lib
 from rat_jax.engine import step as step_lib
 
@@ -123,7 +124,7 @@ def reference_train(model, batch_stats, params_list, hparams, batches, *, classi
     finals, metrics = [], []
     for i, p in enumerate(params_list):
         member = step_lib.init_member(jax.tree.map(jnp.asarray, p))
-        hp = members_lib.unstack_tree(hparams, i)
+        hp = trees.take(hparams, i)
         ms = []
         for b in batches:
             member, met = step_fn(member, hp, b["images"][i], b["labels"][i])
@@ -134,7 +135,7 @@ def reference_train(model, batch_stats, params_list, hparams, batches, *, classi
 
 
 def unstack(tree, i):
-    return members_lib.unstack_tree(tree, i)
+    return trees.take(tree, i)
 
 
 def max_abs_diff(a, b) -> float:
@@ -158,7 +159,7 @@ def engine_for(model, batch_stats, m: int, ndev: int, strategy: str | None = Non
 
 def run_engine(engine, params_list, hparams, batches, snapshots: bool = False):
     """Train stacked members with `engine`; returns (host state, per-step metrics, per-step states)."""
-    state = engine.place(members_lib.init_state(members_lib.stack_trees(params_list)))
+    state = engine.place(members_lib.init_state(trees.stack(params_list)))
     hp = engine.place(hparams)
     metrics, snaps = [], []
     for b in batches:

@@ -1,0 +1,456 @@
+"""The stages of Model Ratatouille as functions with explicit arguments (docs/protocol.md §0):
+
+  foundation -> linear probe (per auxiliary dataset; per target test env) -> auxiliary pool ->
+  target members (no-aux, aux-init, fusing) -> selection (rat_jax.selection) -> report.
+
+`python -m rat_jax.main` (through `rat_jax.pipeline.Pipeline`) and the functional API
+(`rat_jax.api`) call these same functions. Every members run goes through `train_group`: one
+loader, one set of evaluation splits, one engine call. Where results are kept is the `store`'s
+business: `MemoryStore` (the default) trains and returns; the pipeline's `WorkdirStore` adds
+fingerprinted results and resume from Orbax checkpoints.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+
+from rat_jax import checkpoint, distributed, soups, trees
+from rat_jax.data import DomainDataset, MemberLoader, iterate_eval
+from rat_jax.data.protocol import (aux_init_assignment, default_hparams, random_hparams,
+                                   run_seed)
+from rat_jax.engine import TrainResult, id_val_names, make_hparams, train_members
+from rat_jax.files import fingerprint, write_json_atomic
+from rat_jax.foundation import load_foundation as foundation
+from rat_jax.models import create_model
+from rat_jax.models.layers import torch_linear_init
+
+FOUNDATION = "foundation"
+DATA_PARALLEL = {"auto": None, "on": True, "off": False, "true": True, "false": False}
+
+__all__ = ["FOUNDATION", "GroupResult", "MemoryStore", "TrainSettings", "WorkdirStore",
+           "aux_pool", "eval_sets", "foundation", "linear_probe", "member_hparams", "new_head",
+           "target_members", "train_group"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings shared by every members run
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """The fields of a config that shape every members run (model, data, evaluation, engine).
+
+    `TrainSettings.from_config(config)` gives a notebook exactly the CLI's settings.
+    """
+    arch: str
+    image_size: int = 224
+    batch_size: int = 32                  # images per training domain per member step
+    eval_batch_size: int = 64
+    holdout_fraction: float = 0.2
+    validation_augment: bool = True       # ID-val scored on augmented images, as the reference
+    eval_all_splits: bool = True          # records every env's in/out accuracy, as DomainBed
+    max_eval_images: int = 0              # > 0: a fixed subset per evaluation split
+    lr_scale: float = 1.0
+    conv_impl: str = "auto"
+    compute_dtype: str = "float32"
+    strategy: str = "auto"
+    remat: bool | str = False
+    data_parallel: str | bool = "auto"
+    cpu_ynn: str = "auto"
+    save_every: int = 500
+    cache_dir: str = ""                   # decoded-image cache ("" = the default location)
+    quiet: bool = False
+
+    def __post_init__(self):
+        if str(self.data_parallel).lower() not in DATA_PARALLEL:
+            raise ValueError(f"data_parallel={self.data_parallel!r}: use 'auto', 'on' or 'off' "
+                             "(config.engine.data_parallel)")
+
+    @classmethod
+    def from_config(cls, config) -> "TrainSettings":
+        e = config.engine
+        return cls(arch=config.arch, image_size=config.image_size, batch_size=config.batch_size,
+                   eval_batch_size=config.eval_batch_size,
+                   holdout_fraction=config.holdout_fraction,
+                   validation_augment=bool(config.validation_augment),
+                   eval_all_splits=bool(config.eval_all_splits),
+                   max_eval_images=config.max_eval_images, lr_scale=config.lr_scale,
+                   conv_impl=config.conv_impl, compute_dtype=e.compute_dtype,
+                   strategy=e.strategy, remat=e.remat, data_parallel=e.data_parallel,
+                   cpu_ynn=e.get("cpu_ynn", "auto"), save_every=config.save_every,
+                   cache_dir=config.cache_dir, quiet=config.quiet)
+
+    def replace(self, **changes) -> "TrainSettings":
+        return dataclasses.replace(self, **changes)
+
+    def fingerprint(self) -> list:
+        """What changes a run's numbers (engine and cache settings do not)."""
+        return [self.arch, self.image_size, self.batch_size, self.holdout_fraction,
+                bool(self.validation_augment), self.max_eval_images, self.lr_scale]
+
+    def cache_kw(self) -> dict:
+        return {"cache_dir": self.cache_dir} if self.cache_dir else {}
+
+    def model(self, num_classes: int):
+        return create_model(self.arch, num_classes, conv_impl=self.conv_impl,
+                            dtype=self.compute_dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Results of one members run, and where they are kept
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class GroupResult:
+    """Stacked outputs of one members run (numpy, leading member axis); `info[i]` is member i's
+    settings (hparams, seed, init, group)."""
+    best_params: Any
+    final_params: Any
+    best_score: np.ndarray
+    nonfinite: np.ndarray
+    info: list[dict]
+
+    @classmethod
+    def from_train(cls, result: TrainResult, info: Sequence[dict]) -> "GroupResult":
+        return cls(trees.to_host(result.best_params), trees.to_host(result.final_params),
+                   np.asarray(result.best_score), np.asarray(result.nonfinite),
+                   [dict(h) for h in info])
+
+    def save(self, directory: pathlib.Path) -> None:
+        checkpoint.save_pytree(directory / "result", {
+            "best_params": self.best_params, "final_params": self.final_params,
+            "best_score": self.best_score, "nonfinite": self.nonfinite}, force=True)
+
+    @classmethod
+    def load(cls, directory: pathlib.Path, info: Sequence[dict]) -> "GroupResult":
+        tree = checkpoint.restore_pytree(directory / "result")
+        return cls(trees.to_host(tree["best_params"]), trees.to_host(tree["final_params"]),
+                   np.asarray(tree["best_score"]), np.asarray(tree["nonfinite"]), list(info))
+
+    def subset(self, idx: Sequence[int]) -> "GroupResult":
+        idx = list(idx)
+        return GroupResult(trees.select(self.best_params, idx),
+                           trees.select(self.final_params, idx), self.best_score[idx],
+                           self.nonfinite[idx], [self.info[i] for i in idx])
+
+    @property
+    def ok(self) -> list[int]:
+        """Members to use downstream: flagged (non-finite) members are excluded."""
+        return [i for i in range(len(self.best_score)) if not self.nonfinite[i]]
+
+
+class MemoryStore:
+    """Train every run, keep nothing on disk (the API's default)."""
+
+    def __init__(self):
+        self.trained_members = 0
+
+    def run(self, name: str, fp: str, info: Sequence[dict],
+            train: Callable[[pathlib.Path | None], GroupResult]) -> GroupResult:
+        del name, fp, info
+        result = train(None)
+        self.trained_members += len(result.best_score)
+        return result
+
+    def write_json(self, name: str, obj: Any) -> None:
+        del name, obj
+
+
+class WorkdirStore(MemoryStore):
+    """Runs under `root/<name>/`: a finished run (its `done.json` fingerprint matches) is loaded,
+    an unfinished one resumes from its Orbax checkpoints. Names under `aux/` go to `aux_root`
+    when given (an auxiliary pool shared between runs). Process 0 writes the markers."""
+
+    def __init__(self, root: str | pathlib.Path, aux_root: str | pathlib.Path | None = None):
+        super().__init__()
+        self.root = pathlib.Path(root).absolute()
+        self.aux_root = pathlib.Path(aux_root).absolute() if aux_root else None
+
+    def path(self, name: str) -> pathlib.Path:
+        head, _, rest = name.partition("/")
+        if head == "aux" and self.aux_root is not None:
+            return self.aux_root / rest
+        return self.root / name
+
+    def done(self, name: str, fp: str) -> bool:
+        marker = self.path(name) / "done.json"
+        return marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fp
+
+    def run(self, name, fp, info, train):
+        directory = self.path(name)
+        directory.mkdir(parents=True, exist_ok=True)
+        if self.done(name, fp):
+            return GroupResult.load(directory, info)
+        result = train(directory)
+        self.trained_members += len(result.best_score)
+        result.save(directory)
+        self.write_json(f"{name}/done.json", {"fingerprint": fp, "info": result.info})
+        return result
+
+    def write_json(self, name: str, obj: Any) -> None:
+        path = self.path(name)
+        if distributed.is_main_process():
+            write_json_atomic(path, obj)
+        distributed.barrier(f"json:{path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# One members run: the code path of every stage and of rat_jax.train
+# ---------------------------------------------------------------------------------------------
+def member_hparams(hparams_seeds: Sequence[int], trial_seed: int, dataset_name: str,
+                   test_env: int, lr_scale: float = 1.0) -> list[dict]:
+    """Per-member settings of runs h in `hparams_seeds` from the reference registry: the drawn
+    lr (times `lr_scale`), weight decay and dropout, and the run seed (docs/protocol.md §1.2)."""
+    out = []
+    for h in hparams_seeds:
+        hp = random_hparams(h, trial_seed)
+        out.append({"lr": hp["lr"] * lr_scale, "weight_decay": hp["weight_decay"],
+                    "resnet_dropout": hp["resnet_dropout"],
+                    "seed": run_seed(dataset_name, test_env, h, trial_seed)})
+    return out
+
+
+def new_head(arch: str, num_classes: int, seed: int = 0) -> dict:
+    """A fresh linear head for `arch`'s features with torch's nn.Linear default init (the
+    reference's classifier init), as numpy {kernel [F, C], bias [C]}."""
+    n = create_model(arch, num_classes).num_features
+    init = torch_linear_init(n)
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    return {"kernel": np.asarray(init(k1, (n, num_classes))),
+            "bias": np.asarray(init(k2, (num_classes,)))}
+
+
+def _eval_source(dataset, env: int, split: str, trial: int, augment: bool,
+                 settings: TrainSettings):
+    limit = settings.max_eval_images
+
+    def batches():
+        seen = 0
+        for b in iterate_eval(dataset, trial_seed=trial, envs=[env], splits=[split],
+                              batch_size=settings.eval_batch_size,
+                              image_size=settings.image_size, augment=augment,
+                              holdout_fraction=settings.holdout_fraction, pad=False,
+                              **settings.cache_kw()):
+            if limit and seen >= limit:
+                return
+            yield b
+            seen += len(b["labels"])
+    return batches
+
+
+def eval_sets(dataset: DomainDataset, test_envs: Sequence[int], trial: int,
+              settings: TrainSettings) -> dict:
+    """Evaluation splits of a members run, streamed in `eval_batch_size` batches: the train envs'
+    out splits (augmented with `validation_augment`, as the reference) for the ID-val score;
+    with `eval_all_splits`, also every env's in/out split for the records."""
+    sets = {}
+    for env in range(dataset.num_envs):
+        is_test = env in set(test_envs)
+        for split in ("in", "out"):
+            if not settings.eval_all_splits and (is_test or split == "in"):
+                continue
+            augment = settings.validation_augment and not is_test
+            sets[f"env{env}_{split}"] = _eval_source(dataset, env, split, trial, augment, settings)
+    return sets
+
+
+def train_group(dataset: DomainDataset, inits: Sequence[Any], hparams: Sequence[dict], *,
+                test_envs: Sequence[int], trial: int, batch_stats: Any, steps: int,
+                checkpoint_freq: int, settings: TrainSettings, workdir=None,
+                classifier_only: bool = False, stage: str = "train") -> TrainResult:
+    """Train len(inits) members together on `dataset` minus `test_envs` and return the engine's
+    TrainResult. `hparams[i]`: member i's lr, weight_decay, resnet_dropout, seed (data stream and
+    dropout), optional lp_steps (-1: whole net from update 0) and any other keys, which go into
+    its records. `workdir`: records and resume checkpoints (None: in memory)."""
+    if len(inits) != len(hparams):
+        raise ValueError(f"{len(inits)} initial param trees but {len(hparams)} hparams")
+    train_envs = [i for i in range(dataset.num_envs) if i not in set(test_envs)]
+    if not train_envs:
+        raise ValueError(f"test_envs={list(test_envs)} leaves no training env of {dataset.name}")
+    seeds = [int(h["seed"]) for h in hparams]
+    engine_hp = make_hparams(
+        len(hparams), lr=[h["lr"] for h in hparams],
+        weight_decay=[h["weight_decay"] for h in hparams],
+        dropout=[h["resnet_dropout"] for h in hparams],
+        lp_steps=[h.get("lp_steps", -1) for h in hparams], seed=seeds)
+    loader = MemberLoader(dataset, train_envs, seeds, trial_seeds=trial,
+                          batch_size=settings.batch_size, image_size=settings.image_size,
+                          augment=True, holdout_fraction=settings.holdout_fraction,
+                          **settings.cache_kw())
+    sets = eval_sets(dataset, test_envs, trial, settings)
+    val_names = [n for n in id_val_names(dataset.num_envs, test_envs) if n in sets]
+    per_step = settings.batch_size * len(train_envs)
+    n_train = sum(len(dataset.samples[e]) for e in train_envs) * (1 - settings.holdout_fraction)
+    member_info = [{"hparams": {k: v for k, v in h.items() if k not in ("init", "group")},
+                    "init": h.get("init"), "group": h.get("group")} for h in hparams]
+    with loader:
+        return train_members(
+            settings.model(dataset.num_classes), list(inits), batch_stats, engine_hp, loader,
+            num_steps=steps, checkpoint_freq=checkpoint_freq, batch_size=per_step,
+            strategy=None if settings.strategy == "auto" else settings.strategy,
+            classifier_only=classifier_only, remat=settings.remat,
+            data_parallel=DATA_PARALLEL[str(settings.data_parallel).lower()],
+            cpu_ynn=settings.cpu_ynn, eval_sets=sets, val_names=val_names, workdir=workdir,
+            save_every=settings.save_every, steps_per_epoch=n_train / per_step,
+            member_info=member_info, stage=stage, quiet=settings.quiet)
+
+
+def _run_group(store, name: str, fp: str, dataset, inits, hps, **kw) -> GroupResult:
+    def train(directory):
+        return GroupResult.from_train(train_group(dataset, inits, hps, workdir=directory, **kw),
+                                      hps)
+    return store.run(name, fp, hps, train)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------
+def linear_probe(dataset: DomainDataset, featurizer: Any, batch_stats: Any, *,
+                 test_envs: Sequence[int], steps: int, settings: TrainSettings,
+                 checkpoint_freq: int | None = None, foundation_hash: str = "",
+                 store: MemoryStore | None = None, name: str | None = None) -> dict:
+    """Classifier-only training of a fresh torch-initialized head on frozen `featurizer` features
+    (default hparams, seed 0, trial 0; docs/protocol.md §1.1); returns the best-ID-val network
+    {"featurizer", "classifier"} (the reference's network_best)."""
+    hp = dict(default_hparams(), seed=0, lp_steps=-1, init=FOUNDATION)
+    hp["lr"] = hp["lr"] * settings.lr_scale
+    head = new_head(settings.arch, dataset.num_classes, seed=0)
+    name = name or f"{dataset.name}_test{'_'.join(map(str, test_envs)) or 'none'}"
+    fp = fingerprint("lp", dataset.identity, list(test_envs), steps, foundation_hash,
+                     settings.fingerprint())
+    res = _run_group(store or MemoryStore(), f"lp/{name}", fp, dataset,
+                     [{"featurizer": featurizer, "classifier": head}], [hp],
+                     test_envs=test_envs, trial=0, batch_stats=batch_stats, steps=steps,
+                     checkpoint_freq=checkpoint_freq or max(1, steps // 4), settings=settings,
+                     classifier_only=True, stage=f"LP {name}")
+    return trees.take(res.best_params, 0)
+
+
+def leakage_guard(aux_name: str, aux: DomainDataset, target: DomainDataset) -> None:
+    if aux.identity == target.identity or aux.root == target.root:
+        raise ValueError(
+            f"auxiliary dataset {aux_name!r} is the target dataset {target.name!r} "
+            f"(identity {aux.identity}): an auxiliary task must not see the target. Remove it "
+            f"from config.aux.")
+
+
+def leakage_guard_manifest(manifest: Sequence[dict], target: DomainDataset) -> None:
+    for entry in manifest:
+        if entry.get("identity") == target.identity:
+            raise ValueError(
+                f"auxiliary checkpoint {entry['dataset']} run {entry['run']} was trained on "
+                f"{entry['identity']}, which is the target dataset: refusing to use it as an "
+                "initialization (leakage). Remove that run from the auxiliary pool.")
+
+
+@dataclasses.dataclass(frozen=True)
+class AuxTask:
+    """One auxiliary dataset of the pool and its run lengths."""
+    dataset: DomainDataset
+    steps: int
+    checkpoint_freq: int
+    lp_steps: int = -1                    # first linear probe; -1 = `steps`
+
+
+def aux_pool(tasks: Mapping[str, AuxTask], featurizer: Any, batch_stats: Any, *,
+             target: DomainDataset, n_runs: int, settings: TrainSettings,
+             foundation_hash: str = "", store: MemoryStore | None = None) -> dict:
+    """The auxiliary pool (docs/protocol.md §1.2): for each auxiliary dataset, a linear probe on
+    all its domains, then `n_runs` fine-tunings from it (hparams h = 0..n_runs-1, trial 0).
+    Returns {name: {"featurizers": [last featurizer of run r], "fingerprint", "manifest"}}."""
+    store = store or MemoryStore()
+    pool = {}
+    for name in sorted(tasks):
+        task = tasks[name]
+        ds = task.dataset
+        leakage_guard(name, ds, target)
+        lp_steps = task.lp_steps if task.lp_steps > 0 else task.steps
+        lp = linear_probe(ds, featurizer, batch_stats, test_envs=[], steps=lp_steps,
+                          settings=settings, checkpoint_freq=task.checkpoint_freq,
+                          foundation_hash=foundation_hash, store=store, name=f"{name}_notest")
+        hps = []
+        for h in range(n_runs):
+            hp = member_hparams([h], 0, ds.name, -1, settings.lr_scale)[0]
+            hps.append(dict(hp, lp_steps=-1, init=f"lp:{name}"))
+        fp = fingerprint("aux", ds.identity, hps, task.steps, foundation_hash,
+                         settings.fingerprint())
+        res = _run_group(store, f"aux/{name}_notest", fp, ds, [lp] * n_runs, hps, test_envs=[],
+                         trial=0, batch_stats=batch_stats, steps=task.steps,
+                         checkpoint_freq=task.checkpoint_freq, settings=settings,
+                         stage=f"aux {name}")
+        manifest = [{"dataset": name, "identity": ds.identity, "run": r, "hparams": hps[r],
+                     "foundation": foundation_hash, "nonfinite": bool(res.nonfinite[r])}
+                    for r in range(n_runs)]
+        store.write_json(f"aux/{name}_notest/manifest.json", manifest)
+        leakage_guard_manifest(manifest, target)
+        pool[name] = {"featurizers": [trees.take(res.final_params, r)["featurizer"]
+                                      for r in range(n_runs)],
+                      "fingerprint": fp, "manifest": manifest}
+    return pool
+
+
+def ratatouille_foundation_members(hs: Sequence[int], aux_names: Sequence[str],
+                                   n_runs: int) -> list[int]:
+    """Positions in `hs` of the runs the init rule starts from the foundation: Ratatouille's
+    foundation-init members, which are the no-aux members with those h (docs/protocol.md §1.4.5)."""
+    return [i for i, h in enumerate(hs)
+            if aux_init_assignment(h, aux_names, max(n_runs, 1)) == "imagenet"]
+
+
+def target_members(target: DomainDataset, test_env: int, trial: int, w_lp: dict,
+                   featurizer: Any, batch_stats: Any, pool: Mapping[str, dict], *,
+                   n_hparams: int, n_runs: int, lp_steps: int, steps: int, checkpoint_freq: int,
+                   settings: TrainSettings, run_fusing: bool = True, fusing_range: float = 4.0,
+                   foundation_hash: str = "", store: MemoryStore | None = None) -> dict:
+    """The target members of one (test env, trial), trained as ONE members run (one compiled
+    step; per-member inits, hparams and linear-probe schedules; docs/protocol.md §1.3-1.5):
+      noaux   foundation init, whole net from step 0 (vanilla fine-tuning, soups). With the init
+              rule's foundation runs they are also Ratatouille's foundation-init members;
+      aux     runs the init rule starts from an auxiliary featurizer: `lp_steps` + 1
+              classifier-only updates, Adam reset, then the whole net;
+      fusing  Σλ_j φ_j inits (§1.5) with the same linear-probe phase (when `run_fusing`).
+    Returns {group: GroupResult}."""
+    names = sorted(pool)
+    head = w_lp["classifier"]
+    hps, inits, tags = [], [], []
+
+    def hp_of(hparams_seed, **extra):
+        return dict(member_hparams([hparams_seed], trial, target.name, test_env,
+                                   settings.lr_scale)[0], **extra)
+    for h in range(n_hparams):
+        hps.append(hp_of(h, lp_steps=-1, init=FOUNDATION, h=h))
+        inits.append({"featurizer": featurizer, "classifier": head})
+        tags.append("noaux")
+    for h in range(n_hparams):
+        assignment = aux_init_assignment(h, names, n_runs) if names else "imagenet"
+        if assignment == "imagenet":
+            continue
+        aux_name, run = assignment
+        hps.append(hp_of(h, lp_steps=lp_steps, init=f"aux:{aux_name}/run{run}", h=h))
+        inits.append({"featurizer": pool[aux_name]["featurizers"][run], "classifier": head})
+        tags.append("aux")
+    if run_fusing and names:
+        for h in range(n_hparams):
+            hp = hp_of(h, lp_steps=lp_steps, h=h)
+            candidates = [featurizer] + [pool[n]["featurizers"][h % n_runs] for n in names]
+            lam = soups.fusing_coefficients(hp["seed"], fusing_range, len(candidates))
+            hp["init"] = "fusing:" + ",".join(f"{x:.3f}" for x in lam)
+            hps.append(hp)
+            inits.append({"featurizer": trees.to_host(soups.fuse(candidates, lam)),
+                          "classifier": head})
+            tags.append("fusing")
+    for hp, tag in zip(hps, tags):
+        hp["group"] = tag
+    pool_fp = [pool[n]["fingerprint"] for n in names]
+    fp = fingerprint("target", target.identity, test_env, trial, hps, foundation_hash, pool_fp,
+                     settings.fingerprint())
+    run = f"{target.name}_test{test_env}_trial{trial}"
+    res = _run_group(store or MemoryStore(), f"target/{run}", fp, target, inits, hps,
+                     test_envs=[test_env], trial=trial, batch_stats=batch_stats, steps=steps,
+                     checkpoint_freq=checkpoint_freq, settings=settings,
+                     stage=f"target env{test_env} trial{trial}")
+    return {tag: res.subset([i for i, t in enumerate(tags) if t == tag])
+            for tag in dict.fromkeys(tags)}
