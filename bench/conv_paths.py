@@ -11,17 +11,15 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rat_jax.models import create_model
-from rat_jax.models.layers import choose_conv_impl, conv2d, tf_same_pads
+from rat_jax.models.layers import choose_conv_impl, conv2d
 
 
 def conv_shapes(arch: str, size: int):
     """(in_hw, cin, cout, k, stride, groups, pads) of every distinct conv in `arch` at `size` px."""
     model = create_model(arch, 10, conv_impl="xla")
     seen = {}
-    orig = conv2d.__wrapped__ if hasattr(conv2d, "__wrapped__") else None
     import rat_jax.models.layers as layers
 
     real = layers.conv2d
@@ -37,7 +35,6 @@ def conv_shapes(arch: str, size: int):
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, size, size, 3)))
     finally:
         layers.conv2d = real
-    del orig
     return seen
 
 

@@ -16,7 +16,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from rat_jax.data import ImageStore, MemberLoader, load_domainbed  # noqa: E402
+from rat_jax.data import ImageStore, MemberLoader, load_dataset  # noqa: E402
 from rat_jax.data.store import train_side_for  # noqa: E402
 
 
@@ -85,7 +85,7 @@ def main(argv=None):
     p.add_argument("--json", action="store_true")
     a = p.parse_args(argv)
 
-    ds = load_domainbed(a.root)
+    ds = load_dataset(a.root)
     train_envs = [i for i in range(ds.num_envs) if i != a.test_env]
     n_step = len(train_envs) * a.batch
     cache_dir = a.cache_dir or tempfile.mkdtemp(prefix="rat_jax_bench_")

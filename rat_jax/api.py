@@ -34,8 +34,8 @@ from rat_jax.foundation import load_foundation
 from rat_jax.models import create_model
 from rat_jax.selection import select_and_evaluate
 from rat_jax.soups import ensemble_logits, fuse, fusing_coefficients, greedy_soup
-from rat_jax.stages import (AuxTask, TrainSettings, aux_pool, foundation, member_hparams,
-                            new_head, target_members, train_group)
+from rat_jax.stages import (AuxTask, TrainSettings, aux_pool, member_hparams, new_head,
+                            target_members, train_group)
 from rat_jax.stages import linear_probe as _linear_probe
 from rat_jax.trees import average, concatenate, select, stack, take
 
@@ -149,7 +149,7 @@ __all__ = [
     "accuracy", "aux_init_assignment", "aux_pool", "average", "AuxTask", "barrier",
     "build_demo_datasets", "concatenate", "convert_torch_checkpoint", "create_model", "dataset",
     "diagnostic_figures", "diversity", "ensemble", "ensemble_logits", "evaluate",
-    "evaluate_members", "export_flax", "export_torch", "foundation", "fuse",
+    "evaluate_members", "export_flax", "export_torch", "fuse",
     "fusing_coefficients", "greedy_soup", "id_val_names", "interpolate", "linear_probe",
     "lmc_curve", "lmc_gate", "load_foundation", "load_split", "member_hparams", "new_head",
     "predict_logits", "predict_logits_stacked", "random_hparams", "read_torch_file", "run_seed",

@@ -40,7 +40,7 @@ class Pipeline:
 
     def run(self) -> list[dict]:
         c, s = self.c, self.settings
-        featurizer, batch_stats, fhash = stages.foundation(
+        featurizer, batch_stats, fhash = stages.load_foundation(
             c.foundation, c.arch, self.workdir / stages.FOUNDATION, c.image_size)
         target = self.dataset(c.target)
         test_envs = list(c.target.test_envs) or list(range(target.num_envs))

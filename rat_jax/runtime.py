@@ -218,14 +218,6 @@ def quiet_logs() -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
 
 
-def _engine_setting(config, key: str, default: Any) -> Any:
-    engine = getattr(config, "engine", None) if config is not None else None
-    if engine is None:
-        return default
-    value = engine.get(key, default) if hasattr(engine, "get") else getattr(engine, key, default)
-    return default if value is None else value
-
-
 def setup(config=None) -> None:
     """Before any JAX device use: on a CPU backend (unless $JAX_PLATFORMS names another one), the
     process-wide XLA:CPU flags of `config.engine.cpu_ynn` (default "auto": configure_cpu_xla_flags)
@@ -234,19 +226,21 @@ def setup(config=None) -> None:
     quiet library logs, then join the other processes of a multi-process run
     (rat_jax.distributed.initialize: a no-op for one process); idempotent."""
     import jax
-    cpu_ynn = check_cpu_ynn(str(_engine_setting(config, "cpu_ynn", "auto")))
+    engine = getattr(config, "engine", None) if config is not None else None
+    get = engine.get if engine is not None else (lambda key, default: default)
+    cpu_ynn = check_cpu_ynn(str(get("cpu_ynn", "auto")))
     if cpu_backend_possible():
         configure_cpu_xla_flags(cpu_ynn)
         apply_mallopt()
     enable_compilation_cache()
     quiet_logs()
-    n = int(_engine_setting(config, "cpu_devices", 0))
+    n = int(get("cpu_devices", 0))
     n = n or int(os.environ.get("RAT_JAX_CPU_DEVICES", DEFAULT_CPU_DEVICES))
     try:
         jax.config.update("jax_num_cpu_devices", n)
     except RuntimeError:  # backend already initialised (e.g. in a notebook): keep what is there
         pass
-    from rat_jax import distributed
+    import rat_jax.distributed as distributed
     distributed.initialize(config)
 
 

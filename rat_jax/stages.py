@@ -25,7 +25,7 @@ from rat_jax.data.protocol import (aux_init_assignment, default_hparams, random_
                                    run_seed)
 from rat_jax.engine import TrainResult, id_val_names, make_hparams, train_members
 from rat_jax.files import fingerprint, write_json_atomic
-from rat_jax.foundation import load_foundation as foundation
+from rat_jax.foundation import load_foundation
 from rat_jax.models import create_model
 from rat_jax.models.layers import torch_linear_init
 
@@ -33,7 +33,7 @@ FOUNDATION = "foundation"
 DATA_PARALLEL = {"auto": None, "on": True, "off": False, "true": True, "false": False}
 
 __all__ = ["FOUNDATION", "GroupResult", "MemoryStore", "TrainSettings", "WorkdirStore",
-           "aux_pool", "eval_sets", "foundation", "linear_probe", "member_hparams", "new_head",
+           "aux_pool", "eval_sets", "linear_probe", "load_foundation", "member_hparams", "new_head",
            "target_members", "train_group"]
 
 

@@ -11,9 +11,8 @@ from rat_jax import trees
 from rat_jax.engine import members as members_lib
 from rat_jax.engine import mesh as mesh_lib
 from rat_jax.engine import strategies
-from members_helpers import (IMAGE, engine_for, max_abs_diff, member_inits, reference_train,
-                                  run_engine, slice_batches, slice_hparams, synthetic_batches,
-                                  tiny_model, unstack)
+from members_helpers import (engine_for, max_abs_diff, member_inits, reference_train, run_engine,
+                             slice_batches, slice_hparams, synthetic_batches, tiny_model, unstack)
 
 TOL = 1e-5
 STEPS = 4

@@ -11,7 +11,7 @@ from rat_jax.engine import loop as loop_lib
 from rat_jax.engine import members as members_lib
 from rat_jax.engine.progress import Progress
 from members_helpers import (IMAGE, NUM_CLASSES, ListLoader, engine_for, max_abs_diff,
-                                  member_inits, run_engine, synthetic_batches, tiny_model, unstack)
+                             member_inits, run_engine, synthetic_batches, tiny_model, unstack)
 
 M, N = 2, 8
 

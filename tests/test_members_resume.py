@@ -8,7 +8,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 TESTS = pathlib.Path(__file__).resolve().parent
 REPO = TESTS.parent

@@ -14,14 +14,10 @@ from rat_jax.data.loader import MemberLoader, eval_indices, iterate_eval
 from rat_jax.data.demo import build_demo_datasets
 from rat_jax.data.sources import load_dataset
 
-# Transitional alias: callers outside rat_jax/data still use the old name; remove once they
-# call load_dataset.
-load_domainbed = load_dataset
-
 __all__ = [
     "HPARAM_SPACE", "aux_init_assignment", "default_hparams", "random_hparams", "run_seed",
     "seed_hash", "split_indices", "IMG_EXTENSIONS", "SPECS", "DatasetError", "DatasetSpec",
-    "DomainDataset", "load_dataset", "load_domainbed", "load_folder", "IMAGENET_MEAN",
+    "DomainDataset", "load_dataset", "load_folder", "IMAGENET_MEAN",
     "IMAGENET_STD", "ImageDecodeError", "eval_transform_uint8", "normalize",
     "train_transform_uint8", "DEFAULT_CACHE", "ImageStore", "default_cache_dir", "MemberLoader",
     "eval_indices", "iterate_eval", "build_demo_datasets",

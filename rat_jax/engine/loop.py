@@ -25,7 +25,9 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import jax
 import numpy as np
 
-from rat_jax import distributed, files, trees
+import rat_jax.distributed as distributed
+import rat_jax.files as files
+import rat_jax.trees as trees
 from rat_jax.engine.members import MemberEngine, init_state
 from rat_jax.engine.progress import Progress
 from rat_jax.engine.resume import RunCheckpoints, decode_state, encode_state

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from rat_jax import runtime, trees
+import rat_jax.runtime as runtime
+import rat_jax.trees as trees
 from rat_jax.engine import step as step_lib
 from rat_jax.engine.mesh import DATA_AXIS, MEMBER_AXIS, plan_mesh
 from rat_jax.engine.strategies import check_strategy, default_strategy, run_local
