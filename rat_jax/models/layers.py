@@ -54,8 +54,8 @@ def choose_conv_impl(backend: str, in_hw: Sequence[int], kernel: int, stride: in
 
     Accelerators: XLA's native convolution. CPU: a 1x1 conv is a plain matmul; depthwise convs
     a sum of shifted elementwise products; strided k x k convs and k x k convs on tiny maps
-    patches + matmul, where XLA:CPU's native conv is slow (a 3x3 512-channel conv at 2x2 px:
-    3.7 s vs 66 ms fwd+bwd, batch 32); XLA's own conv otherwise (it wins on 8-16 px stride-1).
+    patches + matmul, where XLA:CPU's native conv is slow; XLA's own conv otherwise (it wins on
+    larger stride-1 maps). Numbers: docs/benchmarks.md.
     """
     if backend != "cpu":
         return "xla"

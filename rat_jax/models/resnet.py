@@ -17,11 +17,23 @@ def _pad(p: int):
     return ((p, p), (p, p))
 
 
-class BasicBlock(nn.Module):
+class _Block(nn.Module):
     planes: int
     stride: int = 1
     downsample: bool = False
     conv_impl: str = "auto"
+    expansion = 1
+
+    def residual(self, x, y):
+        """relu(y + x), with x projected (1x1 conv + BN, torch's downsample.0/.1) when needed."""
+        if self.downsample:
+            x = Conv(self.planes * self.expansion, 1, self.stride, impl=self.conv_impl,
+                     name="downsample_0")(x)
+            x = FrozenBatchNorm(name="downsample_1")(x)
+        return nn.relu(y + x)
+
+
+class BasicBlock(_Block):
     expansion = 1
 
     @nn.compact
@@ -29,18 +41,10 @@ class BasicBlock(nn.Module):
         y = Conv(self.planes, 3, self.stride, _pad(1), impl=self.conv_impl, name="conv1")(x)
         y = nn.relu(FrozenBatchNorm(name="bn1")(y))
         y = Conv(self.planes, 3, 1, _pad(1), impl=self.conv_impl, name="conv2")(y)
-        y = FrozenBatchNorm(name="bn2")(y)
-        if self.downsample:
-            x = Conv(self.planes, 1, self.stride, impl=self.conv_impl, name="downsample_0")(x)
-            x = FrozenBatchNorm(name="downsample_1")(x)
-        return nn.relu(y + x)
+        return self.residual(x, FrozenBatchNorm(name="bn2")(y))
 
 
-class Bottleneck(nn.Module):
-    planes: int
-    stride: int = 1
-    downsample: bool = False
-    conv_impl: str = "auto"
+class Bottleneck(_Block):
     expansion = 4
 
     @nn.compact
@@ -50,11 +54,7 @@ class Bottleneck(nn.Module):
         y = Conv(self.planes, 3, self.stride, _pad(1), impl=self.conv_impl, name="conv2")(y)
         y = nn.relu(FrozenBatchNorm(name="bn2")(y))
         y = Conv(self.planes * 4, 1, impl=self.conv_impl, name="conv3")(y)
-        y = FrozenBatchNorm(name="bn3")(y)
-        if self.downsample:
-            x = Conv(self.planes * 4, 1, self.stride, impl=self.conv_impl, name="downsample_0")(x)
-            x = FrozenBatchNorm(name="downsample_1")(x)
-        return nn.relu(y + x)
+        return self.residual(x, FrozenBatchNorm(name="bn3")(y))
 
 
 class ResNet(nn.Module):
