@@ -16,20 +16,24 @@ def test_api_train_average_evaluate_greedy_export(tmp_path):
                         ["params"]["classifier"])
     inits = [{"featurizer": featurizer, "classifier": head}] * 2
     hp = rj.member_hparams([0, 1], 0, ds.name, 0, lr_scale=100.0)
-    assert np.allclose(hp["lr"], [5e-3, 3e-3])  # h=0 default 5e-5, h=1 at t=0: 3e-5 (x100)
-    res = rj.train(ds, inits, hp, test_envs=[0], arch="resnet_tiny", batch_stats=batch_stats,
-                   steps=4, checkpoint_freq=2, image_size=16, batch_size=4, quiet=True,
-                   max_eval_images=32)
+    settings = rj.TrainSettings(arch="resnet_tiny", image_size=16, batch_size=4, quiet=True,
+                                max_eval_images=32, eval_batch_size=16)
+    res = rj.train(ds, inits, hp, test_envs=[0], batch_stats=batch_stats, steps=4,
+                   checkpoint_freq=2, settings=settings)
     assert res.best_score.shape == (2,) and np.all(np.isfinite(res.best_score))
     assert len(res.records) == 2 and res.records[0][-1]["step"] == 3
     moved = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), res.final_params["featurizer"],
                          featurizer)
     assert max(jax.tree.leaves(moved)) > 0
     soup = rj.average(res.best_params)
-    acc = rj.evaluate(soup, batch_stats, ds, arch="resnet_tiny", envs=[1], split="out", image_size=16)
+    acc = rj.evaluate(soup, batch_stats, ds, envs=[1], split="out", settings=settings)
     assert 0.0 <= acc <= 1.0
-    ens = rj.ensemble(res.best_params, batch_stats, ds, arch="resnet_tiny", envs=[1], split="out",
-                      image_size=16)
+    members = rj.evaluate_members(res.best_params, batch_stats, ds, envs=[1], split="out",
+                                  settings=settings)
+    one = rj.evaluate(rj.take(res.best_params, 1), batch_stats, ds, envs=[1], split="out",
+                      settings=settings)
+    assert members.shape == (2,) and members[1] == one
+    ens = rj.ensemble(res.best_params, batch_stats, ds, envs=[1], split="out", settings=settings)
     assert 0.0 <= ens <= 1.0
     path = rj.export_torch(tmp_path / "soup.safetensors", {"params": soup, "batch_stats": batch_stats},
                      "resnet_tiny")

@@ -304,17 +304,8 @@ def _get_layout(name):
 def _allowed_globals() -> dict[tuple[str, str], Any]:
     allowed: dict[tuple[str, str], Any] = {
         ("collections", "OrderedDict"): collections.OrderedDict,
-        ("builtins", "set"): set,
-        ("builtins", "frozenset"): frozenset,
-        ("builtins", "complex"): complex,
-        ("builtins", "bytearray"): bytearray,
         ("_codecs", "encode"): _codecs_encode,
         ("argparse", "Namespace"): Namespace,
-        ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-        ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
-        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
         ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
         ("torch.nn.parameter", "Parameter"): _TypeMarker("torch.nn.parameter.Parameter"),
         ("torch", "Tensor"): _TypeMarker("torch.Tensor"),
@@ -325,6 +316,11 @@ def _allowed_globals() -> dict[tuple[str, str], Any]:
         ("numpy.core.multiarray", "scalar"): _numpy_scalar,
         ("numpy._core.multiarray", "scalar"): _numpy_scalar,
     }
+    for builtin in (set, frozenset, complex, bytearray):
+        allowed[("builtins", builtin.__name__)] = builtin
+    for fn in (_rebuild_tensor, _rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter,
+               _rebuild_parameter_with_state):
+        allowed[("torch._utils", fn.__name__)] = fn
     for name, dt in _STORAGE_DTYPES.items():
         allowed[("torch", name)] = _StorageType(name, dt)
         allowed[("torch.storage", name)] = _StorageType(name, dt)

@@ -14,7 +14,6 @@ Each is written once, deterministically, as PNGs in the DomainBed layout under
 `<cache_dir>/demo/<name>/<domain>/<class>/<i>.png` (default cache: `store.default_cache_dir()`)
 and then read with the folder reader, `domainbed.load_folder`.
 """
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from rat_jax.data.domainbed import load_folder
+from rat_jax.files import sha256_file
 from rat_jax.data.protocol import split_indices
 from rat_jax.data.store import default_cache_dir
 
@@ -87,7 +87,7 @@ def usps_images(download_dir: str):
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if res.returncode != 0 or not os.path.exists(archive):
             raise RuntimeError(f"`{' '.join(cmd)}` failed: {res.stderr.strip()[-400:]}")
-    digest = hashlib.sha256(open(archive, "rb").read()).hexdigest()
+    digest = sha256_file(archive)
     if digest != sha:
         raise RuntimeError(f"{archive} has sha256 {digest}, expected {sha}; delete it and retry")
     import scipy.io

@@ -94,20 +94,18 @@ class ImageStore:
                             f"{safe}-{hashlib.sha1(ident.encode()).hexdigest()[:16]}")
 
     def _train_env(self, env: int, side: Optional[int]):
-        key = (env, side)
-        if key not in self._train:
-            with self._lock:
-                if key not in self._train:
-                    self._train[key] = self._load_or_build_train(env, side)
-        return self._train[key]
+        return self._once(self._train, (env, side), self._load_or_build_train)
 
     def _eval_env(self, env: int, size: int):
-        key = (env, size)
-        if key not in self._eval:
+        return self._once(self._eval, (env, size), self._load_or_build_eval)
+
+    def _once(self, table: dict, key: tuple, build):
+        """table[key], built by build(*key) by the first thread that asks (double-checked lock)."""
+        if key not in table:
             with self._lock:
-                if key not in self._eval:
-                    self._eval[key] = self._load_or_build_eval(env, size)
-        return self._eval[key]
+                if key not in table:
+                    table[key] = build(*key)
+        return table[key]
 
     def _paths(self, kind: str, env: int):
         d = os.path.join(self.env_dir(), kind)
