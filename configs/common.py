@@ -87,6 +87,7 @@ def base() -> ml_collections.ConfigDict:
     c.lp_probe_steps = -1             # first LP length; -1 = the dataset's N_STEPS, as MR
     c.data_root = ""                  # folder holding DomainBed's dataset folders
     c.aux_pool_dir = ""               # share an auxiliary pool between runs (default workdir/aux)
+    c.keep_checkpoints = False        # keep each run's resume checkpoints after it is done
     c.domainnet_duplicates = ""       # DomainBed's domain_net_duplicates.txt (uncleaned DomainNet)
     c.eval_all_splits = True          # records every env's in/out accuracy, as DomainBed
     c.max_eval_images = 0             # >0: evaluate a fixed subset per split (CPU runs)

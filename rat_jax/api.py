@@ -32,6 +32,7 @@ from rat_jax.evaluation import accuracy, load_split, predict_logits, predict_log
 from rat_jax.export import export_flax, export_torch
 from rat_jax.foundation import load_foundation
 from rat_jax.models import create_model
+from rat_jax.pipeline import train_and_evaluate
 from rat_jax.selection import select_and_evaluate
 from rat_jax.soups import ensemble_logits, fuse, fusing_coefficients, greedy_soup
 from rat_jax.stages import (AuxTask, TrainSettings, aux_pool, member_hparams, new_head,
@@ -154,5 +155,5 @@ __all__ = [
     "lmc_curve", "lmc_gate", "load_foundation", "load_split", "member_hparams", "new_head",
     "predict_logits", "predict_logits_stacked", "random_hparams", "read_torch_file", "run_seed",
     "seed_hash", "select", "select_and_evaluate", "split_indices", "stack", "take",
-    "target_members", "train", "TrainResult", "TrainSettings",
+    "target_members", "train", "train_and_evaluate", "TrainResult", "TrainSettings",
 ]

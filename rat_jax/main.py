@@ -22,8 +22,8 @@ def main(argv):
     from rat_jax import runtime
     runtime.setup(config)  # before any JAX device use: CPU device emulation, distributed init
     logging.getLogger("rat_jax").setLevel(logging.INFO)
-    from rat_jax.pipeline import Pipeline
-    Pipeline(config, flags.FLAGS.workdir).run()
+    from rat_jax.pipeline import train_and_evaluate
+    train_and_evaluate(config, flags.FLAGS.workdir)
 
 
 if __name__ == "__main__":

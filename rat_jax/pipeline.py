@@ -7,14 +7,27 @@ its Orbax checkpoints.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import pathlib
+import sys
 
 from rat_jax import distributed, report, selection, stages
 from rat_jax.data import DomainDataset, load_dataset
+from rat_jax.files import write_json_atomic
 
 log = logging.getLogger("rat_jax")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 class Pipeline:
@@ -25,7 +38,25 @@ class Pipeline:
         self.workdir = pathlib.Path(workdir).absolute()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.settings = stages.TrainSettings.from_config(config)
-        self.store = stages.WorkdirStore(self.workdir, config.aux_pool_dir or None)
+        self.store = stages.WorkdirStore(self.workdir, config.aux_pool_dir or None,
+                                         keep_checkpoints=config.keep_checkpoints)
+        self.record_config()
+
+    def record_config(self) -> None:
+        """Write the resolved config and command line to `workdir/config.json`; when the workdir
+        holds another config, log the fields that differ (the runs they affect are retrained)."""
+        path = self.workdir / "config.json"
+        new = _flatten(json.loads(self.c.to_json_best_effort()))
+        if path.exists():
+            old = _flatten(json.loads(path.read_text()).get("config", {}))
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            if changed:
+                log.warning("%s was last run with another config; fields that differ: %s",
+                            self.workdir, ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})"
+                                                    for k in changed))
+        if distributed.is_main_process():
+            write_json_atomic(path, {"config": json.loads(self.c.to_json_best_effort()),
+                                     "argv": sys.argv})
 
     @property
     def trained_members(self) -> int:
@@ -79,3 +110,9 @@ class Pipeline:
             md = report.write(self.workdir, rows, notes)
             print(md, flush=True)
         return rows
+
+
+def train_and_evaluate(config, workdir: str | os.PathLike) -> list[dict]:
+    """Every stage for `config` in `workdir` (resumable); the table rows. What
+    `python -m rat_jax.main` runs, callable from a notebook with a config from `configs/`."""
+    return Pipeline(config, workdir).run()

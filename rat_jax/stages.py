@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pathlib
+import shutil
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -30,6 +32,7 @@ from rat_jax.models import create_model
 from rat_jax.models.layers import torch_linear_init
 
 FOUNDATION = "foundation"
+log = logging.getLogger("rat_jax")
 DATA_PARALLEL = {"auto": None, "on": True, "off": False, "true": True, "false": False}
 
 __all__ = ["FOUNDATION", "GroupResult", "MemoryStore", "TrainSettings", "WorkdirStore",
@@ -162,12 +165,18 @@ class MemoryStore:
 class WorkdirStore(MemoryStore):
     """Runs under `root/<name>/`: a finished run (its `done.json` fingerprint matches) is loaded,
     an unfinished one resumes from its Orbax checkpoints. Names under `aux/` go to `aux_root`
-    when given (an auxiliary pool shared between runs). Process 0 writes the markers."""
+    when given (an auxiliary pool shared between runs). Process 0 writes the markers.
 
-    def __init__(self, root: str | pathlib.Path, aux_root: str | pathlib.Path | None = None):
+    Once a run is done its result (best and final params) is kept and its resume checkpoints are
+    deleted, unless `keep_checkpoints`. A finished run whose inputs changed is retrained, and
+    that is logged."""
+
+    def __init__(self, root: str | pathlib.Path, aux_root: str | pathlib.Path | None = None,
+                 keep_checkpoints: bool = False):
         super().__init__()
         self.root = pathlib.Path(root).absolute()
         self.aux_root = pathlib.Path(aux_root).absolute() if aux_root else None
+        self.keep_checkpoints = keep_checkpoints
 
     def path(self, name: str) -> pathlib.Path:
         head, _, rest = name.partition("/")
@@ -183,11 +192,19 @@ class WorkdirStore(MemoryStore):
         directory = self.path(name)
         directory.mkdir(parents=True, exist_ok=True)
         if self.done(name, fp):
+            log.info("%s: done, loaded from %s", name, directory)
             return GroupResult.load(directory, info)
+        if (directory / "done.json").exists():
+            log.warning("%s: its inputs changed since it was trained (config, data or an earlier "
+                        "stage); training it again", name)
+            shutil.rmtree(directory / "checkpoints", ignore_errors=True)
         result = train(directory)
         self.trained_members += len(result.best_score)
         result.save(directory)
         self.write_json(f"{name}/done.json", {"fingerprint": fp, "info": result.info})
+        if not self.keep_checkpoints and distributed.is_main_process():
+            shutil.rmtree(directory / "checkpoints", ignore_errors=True)  # resume-only state
+        distributed.barrier(f"pruned:{directory}")
         return result
 
     def write_json(self, name: str, obj: Any) -> None:

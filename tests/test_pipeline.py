@@ -67,9 +67,30 @@ def test_demo_smoke_end_to_end_then_resume_without_training(tmp_path):
     # the LMC gate ran before each uniform soup and its barriers are in the row
     assert set(uniform_row["gate_barriers"]) == {str(m["member"]) for m in members}
 
+    # Finished runs keep their results, not their resume checkpoints; the config is recorded.
+    assert not list(tmp_path.rglob("checkpoints"))
+    recorded = json.loads((tmp_path / "config.json").read_text())
+    assert recorded["config"]["target"]["name"] == "digits" and recorded["argv"]
+
     out2 = _run(tmp_path)
     assert "Member runs trained by this invocation: 0." in out2
     assert _table(out2) == _table(out1)
+
+
+def _run_capture(workdir, *extra):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    cmd = [sys.executable, "-m", "rat_jax.main", f"--config={REPO}/configs/demo.py:smoke",
+           f"--workdir={workdir}", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=1500, cwd=REPO)
+
+
+def test_rerun_with_another_config_names_the_changed_fields(tmp_path):
+    base = ["--config.target.test_envs=(1,)", "--config.trials=(0,)", "--config.make_plots=False"]
+    assert _run_capture(tmp_path, *base).returncode == 0
+    res = _run_capture(tmp_path, *base, "--config.lmc_gate.threshold=0.2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "fields that differ: lmc_gate.threshold (0.05 -> 0.2)" in res.stderr
+    assert "Member runs trained by this invocation: 0." in res.stdout  # selection only
 
 
 def test_config_override_and_bad_test_env_is_a_clear_error(tmp_path):

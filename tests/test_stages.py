@@ -77,3 +77,39 @@ def test_train_needs_one_hparams_entry_per_init():
     with pytest.raises(ValueError, match="2 initial param trees but 1 hparams"):
         rj.train(ds, [{}, {}], rj.member_hparams([0], 0, ds.name, 0), test_envs=[0],
                  batch_stats={}, steps=1, arch="resnet_tiny")
+
+
+def _fake_result(value: float) -> stages.GroupResult:
+    params = {"w": np.full((2, 3), value, np.float32)}
+    return stages.GroupResult(params, params, np.array([0.5, 0.6], np.float32),
+                              np.zeros(2, bool), [{"seed": 1}, {"seed": 2}])
+
+
+def test_workdir_store_loads_done_runs_prunes_checkpoints_and_retrains_changed_ones(tmp_path, caplog):
+    calls = []
+
+    def train(value):
+        def fn(directory):
+            calls.append(directory)
+            (directory / "checkpoints" / "7").mkdir(parents=True)
+            return _fake_result(value)
+        return fn
+    store = stages.WorkdirStore(tmp_path)
+    first = store.run("target/x", "fp1", [{}, {}], train(1.0))
+    run_dir = tmp_path / "target" / "x"
+    assert calls == [run_dir] and store.trained_members == 2
+    assert not (run_dir / "checkpoints").exists()  # resume-only state pruned once done
+    assert (run_dir / "done.json").exists() and (run_dir / "result").exists()
+
+    again = store.run("target/x", "fp1", [{"h": 0}, {"h": 1}], train(2.0))
+    assert len(calls) == 1 and again.info == [{"h": 0}, {"h": 1}]
+    np.testing.assert_array_equal(again.best_params["w"], first.best_params["w"])
+
+    with caplog.at_level("WARNING", logger="rat_jax"):
+        changed = store.run("target/x", "fp2", [{}, {}], train(3.0))
+    assert len(calls) == 2 and "inputs changed" in caplog.text
+    assert float(changed.best_params["w"][0, 0]) == 3.0
+
+    keep = stages.WorkdirStore(tmp_path, aux_root=tmp_path / "shared", keep_checkpoints=True)
+    keep.run("aux/glyphs_notest", "fp", [{}, {}], train(4.0))
+    assert (tmp_path / "shared" / "glyphs_notest" / "checkpoints").exists()
