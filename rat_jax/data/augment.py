@@ -23,28 +23,36 @@ API
   `train_transform_uint8(img, size, rng)`). For tests and benchmarks.
 
 Matching the PIL reference (Pillow's C code, emulated operation by operation):
-- resize: PIL's two-pass (horizontal, then vertical, uint8 in between) fixed-point resampler
-  with the bilinear (triangle) filter whose support grows with the downscale factor. The
-  22-bit integer coefficients are computed exactly in int32 (the rational weights, rounded as
-  Pillow rounds them), and each pass is a float32 matmul against the coefficients split into
-  two small-integer parts, so every partial sum is an exactly representable integer
-  (precision=HIGHEST). The crop window and the flip are folded into the coefficient matrices.
-  Exact for crops up to ~10,000 px and downscale factors up to ~100.
-- Brightness/Contrast/Color: Pillow's `Image.blend` (float32 `in1 + alpha*(in2-in1)`, truncated,
-  clipped), the contrast mean `int(mean(L) + 0.5)` and L = (19595 R + 38470 G + 7471 B + 2^15)
-  >> 16 in integers. Products are formed from exact partial products so that an FMA contraction
-  by the compiler cannot change a rounding.
-- hue: Pillow's RGB->HSV->RGB conversions (float32 divisions, the double-precision steps done
-  exactly with split products / integer mantissas), the uint8 hue shift int(h*255) mod 256.
+- resize: Pillow's two-pass fixed-point resampler (uint8 between the passes) with the bilinear
+  (triangle) filter whose support grows with the downscale factor. Pass order: horizontal
+  first, except that newer Pillow (the installed 13.0 does; `pillow_vertical_first()` probes
+  the installed one) resamples vertically first when the height shrinks by more than twice as
+  many pixels as the width. The 22-bit integer coefficients are computed exactly in int32 (the
+  rational weights, rounded as Pillow rounds them); each pass is a float32 matmul against the
+  coefficients split into two small-integer parts, so every partial sum is an exactly
+  representable integer (precision=HIGHEST). The crop window and the flip are folded into the
+  coefficient matrices. Exact up to ~10,000 px crops (224-px output) and 100x downscaling;
+  beyond, `resize_coefficients` raises.
+- Brightness/Contrast/Color: Pillow's `Image.blend` (float32 `in1 + alpha*(in2-in1)`,
+  truncated, clipped), the contrast mean `int(mean(L) + 0.5)` and L = (19595 R + 38470 G +
+  7471 B + 2^15) >> 16 in integers. Products are formed from exact partial products, so that an
+  FMA contraction by the compiler cannot change a rounding.
+- hue: Pillow's RGB->HSV->RGB conversions (float32 divisions; its double-precision steps done
+  exactly with split products, integer mantissas or float-float sums), the uint8 hue shift
+  int(h*255) mod 256. XLA turns x / constant into x * (1 / constant), which is not correctly
+  rounded; `_div_exact` corrects that.
 - grayscale: Pillow's L conversion; normalize: the same float32 ops as `transforms.normalize`.
 
-Measured against the PIL reference (Pillow 13, this x86-64 CPU, XLA:CPU; tests/test_data_augment.py):
-every op is bit-identical (max abs diff 0 on the 0-255 scale) for identical parameters --
-downscale (40 -> 24) and upscale (24 -> 40) crops, and the whole transform with parameters from
-`draw_params` on random and real images; normalized outputs equal `transforms.normalize`
-exactly. RGB->HSV and HSV->RGB were checked on all 2^24 inputs. On accelerators the result
-relies on IEEE float32 division and true-f32 matmuls (GPU: expected identical, unmeasured; TPU:
-its division is not IEEE, so rare +-1 differences are possible there).
+Measured against the PIL reference (Pillow 13.0, x86-64, XLA:CPU; tests/test_data_augment.py):
+every op is bit-identical -- max abs diff 0 on the 0-255 scale -- for identical parameters
+(brightness/contrast/saturation/hue factors incl. the range ends, downscale 40 -> 24 and
+upscale 24 -> 40 crops, 100 random crop windows both pass orders, grayscale, flip), and so is
+the whole transform with parameters from `draw_params` (random and smooth 48x40 images, PACS
+photos at 224 px); normalized outputs equal `transforms.normalize` bit for bit. RGB->HSV and
+HSV->RGB were also checked on all 2^24 inputs. On accelerators the result relies on IEEE
+float32 division and true-f32 matmuls (GPU: expected identical, not measured; TPU division is
+not IEEE, so rare +-1 differences are possible there). Cost on this 2-core CPU (shared, so
+rough): ~20 ms per 280 -> 224 px image (resize ~8, colour jitter ~8).
 """
 import functools
 import math
@@ -100,23 +108,14 @@ def _floor_mul(x, c):
 
 
 def _div_exact(x, c: int):
-    """float32(x / c) correctly rounded, c a positive integer constant < 256. (XLA rewrites a
-    division by a constant or a broadcast scalar into a multiplication by its reciprocal, which
-    is not correctly rounded; this corrects that product with exact residuals.)"""
+    """float32(x / c) correctly rounded, for c = 6 or 255 and the operands used here (a quotient
+    that is never within 2^-40 of a rounding midpoint). XLA rewrites a division by a constant
+    or a broadcast scalar into a multiplication by the reciprocal, which is not correctly
+    rounded; the product is corrected once with its exact residual x - c * q."""
     q = x * np.float32(1.0 / c)
-    cands = [lax.nextafter(q, jnp.full_like(q, -np.inf)), q,
-             lax.nextafter(q, jnp.full_like(q, np.inf))]
-
-    def residual(qq):  # |x - c * qq|, exactly
-        hi, lo = _split(qq, 8)
-        return jnp.abs((x - hi * _F32(c)) - lo * _F32(c))
-    best, best_r = cands[0], residual(cands[0])
-    for qq in cands[1:]:
-        r = residual(qq)
-        even = (lax.bitcast_convert_type(qq, _I32) & 1) == 0
-        better = (r < best_r) | ((r == best_r) & even)
-        best, best_r = jnp.where(better, qq, best), jnp.where(better, r, best_r)
-    return best
+    hi, lo = _split(q, 8)
+    residual = (x - hi * _F32(c)) - lo * _F32(c)  # exact
+    return q + residual * np.float32(1.0 / c)
 
 
 def _mul_rounded(x, alpha):
@@ -163,7 +162,9 @@ def resize_coefficients(start, length, out_size: int, in_len: int):
     weight of input pixel j for output x is 1 - |j + 0.5 - (x + 0.5) * scale| / filterscale
     (clipped at 0), normalized to sum 1 and rounded to int(0.5 + k * 2^22). In integers:
     W_j = max(0, 2 max(length, out) - |(2j + 1) out - (2x + 1) length|)."""
-    if 2 * in_len * in_len // max(out_size, 1) + 4 * (in_len + out_size) >= 2 ** 20:
+    # int32 long division needs sum(W) < 2^20; the low-part matmul needs < 258 taps
+    if (2 * in_len * in_len // out_size + 4 * (in_len + out_size) >= 2 ** 20
+            or 2 * in_len // out_size + 3 >= 256):
         raise ValueError(f"resize of {in_len} px to {out_size} px is outside the exact range")
     start, length = jnp.asarray(start, _I32), jnp.asarray(length, _I32)
     j = jnp.arange(in_len, dtype=_I32) - start
@@ -336,10 +337,14 @@ def _hsv_to_rgb(h, s, v):
     q = v - _ceil_mul_minus_half(v, fs * f)  # round(v * (1.0 - (float)(fs * f)))
     t = _round_t(v, fs, f)
     sector = i % 6
-    rgb = [jnp.select([sector == k for k in range(6)], opts)
-           for opts in ([v, q, p, p, t, v], [t, v, v, q, p, p], [p, p, t, v, v, q])]
-    out = jnp.stack(rgb, axis=-1)
-    return jnp.where((s == 0)[..., None], v[..., None], out)
+
+    def pick(opts):  # opts[sector]; s == 0: v
+        out = opts[5]
+        for k in range(4, -1, -1):
+            out = jnp.where(sector == k, opts[k], out)
+        return jnp.where(s == 0, v, out)
+    return jnp.stack([pick([v, q, p, p, t, v]), pick([t, v, v, q, p, p]),
+                      pick([p, p, t, v, v, q])], axis=-1)
 
 
 def _hue_shift(hue_factor):
@@ -427,13 +432,16 @@ def draw_params(key, height: int, width: int, *, scale=SCALE, ratio=RATIO, jitte
 
 
 # -- the whole transform -----------------------------------------------------------------------
-def _cheap_op(image, which, params):
-    """brightness (0), contrast (1), saturation (2) or nothing (-1)."""
-    return lax.switch(jnp.clip(which + 1, 0, 3), [
-        lambda x: x,
-        lambda x: _brightness(x, params["brightness"]),
-        lambda x: _contrast(x, params["contrast"]),
-        lambda x: _saturation(x, params["saturation"])], image)
+def _blend_op(image, which, params):
+    """brightness (0), contrast (1), saturation (2) or nothing (-1), as one Pillow blend:
+    all three blend the image with a base (0, the mean of L, L); alpha 1 is the identity."""
+    luma = _luma(image)
+    count = image.shape[0] * image.shape[1]
+    mean = (2 * luma.sum() + count) // (2 * count)  # int(sum / count + 0.5)
+    base = jnp.where(which == 0, 0, jnp.where(which == 1, mean, luma))[..., None]
+    factors = jnp.stack([params["brightness"], params["contrast"], params["saturation"]])
+    alpha = jnp.where(which < 0, _F32(1), factors.astype(_F32)[jnp.clip(which, 0, 2)])
+    return _blend(jnp.broadcast_to(base, image.shape), image, alpha)
 
 
 def _color_jitter(image, params):
@@ -442,10 +450,10 @@ def _color_jitter(image, params):
     hue_at = jnp.argmax(order == 3)
     rest = order[jnp.argsort(jnp.where(order == 3, 4, jnp.arange(4)))][:3]  # order without hue
     for i in range(3):
-        image = _cheap_op(image, jnp.where(i < hue_at, rest[i], -1), params)
+        image = _blend_op(image, jnp.where(i < hue_at, rest[i], -1), params)
     image = _hue(image, params["hue"])
     for i in range(3):
-        image = _cheap_op(image, jnp.where(i >= hue_at, rest[i], -1), params)
+        image = _blend_op(image, jnp.where(i >= hue_at, rest[i], -1), params)
     return image
 
 
