@@ -63,7 +63,7 @@ import numpy as np
 from jax import lax
 
 from rat_jax.data.transforms import (GRAYSCALE_P, IMAGENET_MEAN, IMAGENET_STD, JITTER, RATIO,
-                                     SCALE)
+                                     SCALE, fallback_crop)
 
 PRECISION_BITS = 22  # Pillow's Resample.c fixed point (32 - 8 - 2)
 _F32 = jnp.float32
@@ -385,17 +385,6 @@ def to_grayscale(image):
 
 
 # -- parameters --------------------------------------------------------------------------------
-def _fallback_crop(height, width, ratio):
-    in_ratio = width / height
-    if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
-    elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
 def draw_params(key, height: int, width: int, *, scale=SCALE, ratio=RATIO, jitter=JITTER,
                 grayscale_p=GRAYSCALE_P) -> dict:
     """One draw of every random choice of the training transform (see the module docstring).
@@ -413,7 +402,7 @@ def draw_params(key, height: int, width: int, *, scale=SCALE, ratio=RATIO, jitte
     ok = (ws > 0) & (ws <= width) & (hs > 0) & (hs <= height)
     first = jnp.argmax(ok)
     found = ok.any()
-    f_top, f_left, f_h, f_w = _fallback_crop(height, width, ratio)
+    f_top, f_left, f_h, f_w = fallback_crop(height, width, ratio)
     h = jnp.where(found, hs[first], f_h)
     w = jnp.where(found, ws[first], f_w)
     top = jnp.where(found, jax.random.randint(keys[2], (), 0, height - h + 1), f_top)

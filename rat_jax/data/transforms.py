@@ -50,6 +50,11 @@ def crop_params(rng: np.random.Generator, width: int, height: int, scale=SCALE, 
             top = int(rng.integers(0, height - h + 1))
             left = int(rng.integers(0, width - w + 1))
             return top, left, h, w
+    return fallback_crop(height, width, ratio)
+
+
+def fallback_crop(height: int, width: int, ratio=RATIO):
+    """(top, left, h, w) of RandomResizedCrop's fallback: the central crop clamped to `ratio`."""
     in_ratio = width / height
     if in_ratio < min(ratio):
         w, h = width, int(round(width / min(ratio)))
