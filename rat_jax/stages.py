@@ -302,7 +302,10 @@ def train_group(dataset: DomainDataset, inits: Sequence[Any], hparams: Sequence[
     per_step = settings.batch_size * len(train_envs)
     n_train = sum(len(dataset.samples[e]) for e in train_envs) * (1 - settings.holdout_fraction)
     member_info = [{"hparams": {k: v for k, v in h.items() if k not in ("init", "group")},
-                    "init": h.get("init"), "group": h.get("group")} for h in hparams]
+                    "init": h.get("init"), "group": h.get("group"),
+                    "args": _domainbed_args(dataset, test_envs, trial, i, h, settings,
+                                            classifier_only)}
+                   for i, h in enumerate(hparams)]
     with loader:
         return train_members(
             settings.model(dataset.num_classes), list(inits), batch_stats, engine_hp, loader,
@@ -313,6 +316,21 @@ def train_group(dataset: DomainDataset, inits: Sequence[Any], hparams: Sequence[
             cpu_ynn=settings.cpu_ynn, eval_sets=sets, val_names=val_names, workdir=workdir,
             save_every=settings.save_every, steps_per_epoch=n_train / per_step,
             member_info=member_info, stage=stage, quiet=settings.quiet)
+
+
+# DomainBed's `args.algorithm` per members group: the no-aux members are its ERM runs, so its
+# collect_results / model_selection read them as such; the others are told apart.
+ALGORITHMS = {"noaux": "ERM", "aux": "Ratatouille", "fusing": "Fusing"}
+
+
+def _domainbed_args(dataset, test_envs, trial: int, index: int, hp: dict,
+                    settings: TrainSettings, classifier_only: bool) -> dict:
+    """The `args` of a DomainBed record (domainbed/scripts/train.py) for one member."""
+    algorithm = "LinearProbe" if classifier_only else ALGORITHMS.get(hp.get("group"), "ERM")
+    return {"dataset": dataset.name, "algorithm": algorithm, "test_envs": list(test_envs),
+            "hparams_seed": int(hp.get("h", index)), "trial_seed": int(trial),
+            "seed": int(hp["seed"]), "holdout_fraction": settings.holdout_fraction,
+            "hparams": {k: v for k, v in hp.items() if k not in ("init", "group", "h")}}
 
 
 def _run_group(store, name: str, fp: str, dataset, inits, hps, **kw) -> GroupResult:

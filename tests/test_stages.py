@@ -1,6 +1,7 @@
 """The pipeline and the functional API run the same stage code: `rj.linear_probe` + `rj.train`
 reproduce, bit for bit, the members the pipeline trains for one (test env, trial)."""
 import importlib.util
+import json
 import pathlib
 
 import jax
@@ -15,6 +16,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _smoke_config(**changes):
+    """configs/demo.py:smoke without auxiliary tasks, one trial, no plots, no LMC gate."""
     spec = importlib.util.spec_from_file_location("demo_cfg", REPO / "configs" / "demo.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -113,3 +115,40 @@ def test_workdir_store_loads_done_runs_prunes_checkpoints_and_retrains_changed_o
     keep = stages.WorkdirStore(tmp_path, aux_root=tmp_path / "shared", keep_checkpoints=True)
     keep.run("aux/glyphs_notest", "fp", [{}, {}], train(4.0))
     assert (tmp_path / "shared" / "glyphs_notest" / "checkpoints").exists()
+
+
+def _domainbed_training_domain_validation(records, test_env):
+    """DomainBed's model_selection.IIDAccuracySelectionMethod on one (dataset, algorithm, test
+    env, trial): per run (hparams_seed) the record with the best mean train-env out accuracy
+    (first maximum), then the run with the best such value; its test-env in accuracy."""
+    runs = {}
+    for r in records:
+        runs.setdefault(r["args"]["hparams_seed"], []).append(r)
+    best = None
+    for h in sorted(runs):
+        recs = runs[h]
+        envs = [int(k[3:-len("_out_acc")]) for k in recs[0] if k.endswith("_out_acc")]
+        envs = [i for i in envs if i not in recs[0]["args"]["test_envs"]]
+        val = lambda r: float(np.mean([r[f"env{i}_out_acc"] for i in envs]))
+        top = max(recs, key=val)
+        if best is None or val(top) > best[0]:
+            best = (val(top), top[f"env{test_env}_in_acc"])
+    return best[1]
+
+
+def test_member_records_are_domainbed_records_that_reproduce_the_erm_row(tmp_path):
+    c = _smoke_config(eval_all_splits=True, max_eval_images=0)
+    rows = Pipeline(c, tmp_path).run()
+    erm = next(r for r in rows if r["method"] == "ERM (vanilla fine-tuning)")
+    run_dir = tmp_path / "target" / "digits_test0_trial0"
+    records = [json.loads(line) for f in sorted(run_dir.glob("member_*/results.jsonl"))
+               for line in f.read_text().splitlines()]
+    assert len({r["args"]["hparams_seed"] for r in records}) == c.n_hparams
+    for r in records:
+        args = r["args"]
+        assert args["dataset"] == "digits" and args["algorithm"] == "ERM"
+        assert args["test_envs"] == [0] and args["trial_seed"] == 0
+        assert args["seed"] == rj.run_seed("digits", 0, args["hparams_seed"], 0)
+        assert args["holdout_fraction"] == 0.2 and "lr" in args["hparams"]
+        assert {"step", "env0_in_acc", "env1_out_acc", "env2_out_acc"} <= set(r)
+    assert _domainbed_training_domain_validation(records, 0) == erm["accuracy"]
