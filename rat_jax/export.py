@@ -234,3 +234,50 @@ def _jsonable(x):
     if isinstance(x, os.PathLike):
         return os.fspath(x)
     return str(x)
+
+
+def soup_name(row: Mapping[str, Any]) -> str:
+    """Folder name of a soup row: 'ratatouille_greedy_test0_trial1', 'soups_diwa_uniform_dagger_test2'."""
+    method = row["method"].replace("†", "").replace("/", "_").replace(" ", "_").lower()
+    selection = row["selection"].replace("†", "").lower()
+    dagger = "_dagger" if "†" in row["method"] else ""
+    trial = f"_trial{row['trial']}" if row["trial"] >= 0 else ""
+    return f"{method}_{selection}{dagger}_test{row['test_env']}{trial}"
+
+
+class SoupWriter:
+    """Writes every soup the selection computes under `root/<soup_name(row)>/`: `model.safetensors`
+    in the foundation's own key layout (torchvision for ResNets, efficientnet_pytorch for Lite0),
+    `flax/` (an Orbax checkpoint, `load_flax_export`) and `card.json` (method, dataset identity,
+    test env, trial, the averaged members with their inits, hparams and scores, the foundation's
+    hash, the accuracy)."""
+
+    def __init__(self, root: str | os.PathLike, *, arch: str, dataset, foundation_hash: str,
+                 image_size: int):
+        self.root = pathlib.Path(root)
+        self.arch, self.dataset = arch, dataset
+        self.foundation_hash, self.image_size = foundation_hash, image_size
+
+    def __call__(self, row: Mapping[str, Any], params: Any, batch_stats: Any,
+                 members: list[dict]) -> pathlib.Path:
+        from rat_jax import distributed
+        from rat_jax.files import write_json_atomic
+        directory = self.root / soup_name(row)
+        variables = {"params": params, "batch_stats": batch_stats}
+        export_flax(directory / "flax", variables, {"arch": self.arch,
+                                                    "image_size": self.image_size},
+                    force=True)  # every process: Orbax coordinates multi-process saves
+        if distributed.is_main_process():
+            export_torch(directory / "model.safetensors", variables, self.arch,
+                         format="safetensors")
+            write_json_atomic(directory / "card.json", {
+                "method": row["method"], "selection": row["selection"],
+                "dataset": self.dataset.name, "dataset_identity": self.dataset.identity,
+                "envs": list(self.dataset.envs), "test_env": row["test_env"],
+                "trial": row["trial"], "accuracy": row["accuracy"],
+                "accuracy_on": "the full test env (max_eval_images subset when set)",
+                "arch": self.arch, "image_size": self.image_size,
+                "num_classes": self.dataset.num_classes,
+                "foundation_sha256": self.foundation_hash, "members": members,
+                "files": {"safetensors": "model.safetensors", "orbax": "flax"}})
+        return directory

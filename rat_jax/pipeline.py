@@ -15,6 +15,7 @@ import sys
 
 from rat_jax import distributed, report, selection, stages
 from rat_jax.data import DomainDataset, load_dataset
+from rat_jax.export import SoupWriter
 from rat_jax.files import write_json_atomic
 
 log = logging.getLogger("rat_jax")
@@ -103,7 +104,9 @@ class Pipeline:
                 target, k, by_trial, batch_stats, settings=s, aux_names=sorted(pool),
                 n_runs=c.n_aux_hparams, gate_threshold=c.lmc_gate.threshold,
                 gate_skip=bool(c.lmc_gate.skip),
-                plots_dir=self.workdir / "plots" if c.make_plots else None)
+                plots_dir=self.workdir / "plots" if c.make_plots else None,
+                save_soup=SoupWriter(self.workdir / "models", arch=c.arch, dataset=target,
+                                     foundation_hash=fhash, image_size=c.image_size))
         notes = selection.notes(c, target, self.trained_members, rows)
         md = report.table(rows) + "\n\n" + notes + "\n"
         if distributed.is_main_process():  # one writer and one printed table per run

@@ -27,8 +27,9 @@ def withaux_members(groups: dict, aux_names, n_runs: int):
 class _Evaluator:
     """Accuracy of one params tree or a stack on in-memory eval arrays (uint8 images)."""
 
-    def __init__(self, settings, dataset, batch_stats):
+    def __init__(self, settings, dataset, batch_stats, saver=None):
         self.settings = settings
+        self.saver = saver
         self.model = settings.model(dataset.num_classes)
         self.batch_stats = batch_stats
         self.dataset = dataset
@@ -49,6 +50,13 @@ class _Evaluator:
         return accuracy(predict_logits(self.model, {"params": params, "batch_stats": self.batch_stats},
                                        x, self.batch_size), y)
 
+    def save(self, row: dict, soup, members, info, scores) -> None:
+        if self.saver is not None:
+            self.saver(row, soup, self.batch_stats, [
+                {"member": int(j), "init": info[j].get("init"), "group": info[j].get("group"),
+                 "hparams": {k: v for k, v in info[j].items() if k not in ("init", "group")},
+                 "score": float(scores[j])} for j in members])
+
     def logits(self, stacked, data):
         return predict_logits_stacked(self.model, stacked, self.batch_stats, data[0],
                                       self.batch_size)
@@ -56,13 +64,14 @@ class _Evaluator:
 
 def select_and_evaluate(target, k: int, by_trial: dict, batch_stats, *, settings,
                         aux_names=(), n_runs: int = 1, gate_threshold: float = 0.0,
-                        gate_skip: bool = False, plots_dir=None) -> list[dict]:
+                        gate_skip: bool = False, plots_dir=None, save_soup=None) -> list[dict]:
     """All rows for test env k from {trial: {group: GroupResult}} (stages.target_members): per
     trial ERM / inter-training / fusing (ID val), uniform and greedy soups, the logit ensemble;
     across trials the uniform soups (†). `gate_threshold` > 0 runs the LMC gate before each
     uniform soup (`gate_skip`: leave gated members out); `plots_dir`: the first trial's
-    diagnostic figures."""
-    ev = _Evaluator(settings, target, batch_stats)
+    diagnostic figures; `save_soup(row, params, batch_stats, members)`: called with every soup
+    (e.g. export.SoupWriter)."""
+    ev = _Evaluator(settings, target, batch_stats, save_soup)
     full_test = ev.split([k], "all", 0)                       # the full test domain
     train_envs = [e for e in range(target.num_envs) if e != k]
     rows = []
@@ -81,15 +90,16 @@ def select_and_evaluate(target, k: int, by_trial: dict, batch_stats, *, settings
         i, acc = best_single(noaux.best_params, noaux.best_score, noaux.nonfinite)
         rows.append(row("ERM (vanilla fine-tuning)", "ID val", t, acc, 1, member=i))
         rows += _soup_rows(ev, "Soups/DiWA", noaux.best_params, noaux.best_score, noaux.nonfinite,
-                           full_test, selection_set, t, row, gate)
-        dagger["Soups/DiWA†"].append((noaux.best_params, noaux.nonfinite))
+                           full_test, selection_set, t, row, gate, noaux.info)
+        dagger["Soups/DiWA†"].append((noaux.best_params, noaux.nonfinite, noaux.info,
+                                      noaux.best_score))
         wa = withaux_members(groups, aux_names, n_runs)
         if wa is not None:
             params, scores, flagged, info = wa
             i, acc = best_single(params, scores, flagged)
             rows.append(row("Inter-training", "ID val", t, acc, 1, member=i, init=info[i]["init"]))
             rows += _soup_rows(ev, "Ratatouille", params, scores, flagged, full_test,
-                               selection_set, t, row, gate)
+                               selection_set, t, row, gate, info)
             ok = [j for j in range(len(scores)) if not flagged[j]]
             logits = ev.logits(trees.select(params, ok), full_test)
             rows.append(row("Ensemble of Ratatouille members", "Logits", t,
@@ -98,7 +108,7 @@ def select_and_evaluate(target, k: int, by_trial: dict, batch_stats, *, settings
                 figures.env_figures(plots_dir, f"test{k}_trial{t}", ev.model,
                                     ev.batch_stats, params, scores, flagged, info, ev.acc,
                                     full_test, selection_set, ev.batch_size)
-            dagger["Ratatouille†"].append((params, flagged))
+            dagger["Ratatouille†"].append((params, flagged, info, scores))
         if "fusing" in groups:
             f = groups["fusing"]
             i, acc = best_single(f.best_params, f.best_score, f.nonfinite)
@@ -107,15 +117,18 @@ def select_and_evaluate(target, k: int, by_trial: dict, batch_stats, *, settings
         for method, stacks in dagger.items():
             if not stacks:
                 continue
-            params = trees.concatenate([p for p, _ in stacks])
-            flagged = np.concatenate([f for _, f in stacks])
+            params = trees.concatenate([p for p, *_ in stacks])
+            flagged = np.concatenate([f for _, f, *_ in stacks])
+            info = [i for _, _, infos, _ in stacks for i in infos]
+            scores = np.concatenate([s for *_, s in stacks])
             ok = [j for j in range(len(flagged)) if not flagged[j]]
-            rows.append(row(method, "Uniform†", -1,
-                            ev.acc(trees.average(params, members=ok), full_test), len(ok)))
+            soup = trees.average(params, members=ok)
+            rows.append(row(method, "Uniform†", -1, ev.acc(soup, full_test), len(ok)))
+            ev.save(rows[-1], soup, ok, info, scores)
     return rows
 
 
-def _soup_rows(ev, method, params, scores, flagged, full_test, selection_set, t, row, gate):
+def _soup_rows(ev, method, params, scores, flagged, full_test, selection_set, t, row, gate, info):
     ok = [j for j in range(len(scores)) if not flagged[j]]
     threshold, skip = gate
     extra = {}
@@ -132,9 +145,11 @@ def _soup_rows(ev, method, params, scores, flagged, full_test, selection_set, t,
     else:
         uniform, n_uniform = trees.average(params, members=ok), len(ok)
     out = [row(method, "Uniform", t, ev.acc(uniform, full_test), n_uniform, **extra)]
+    ev.save(out[-1], uniform, kept if extra else ok, info, scores)
     soup, selected, _ = soups.greedy_soup(params, scores, lambda p: ev.acc(p, selection_set),
                                           exclude=np.flatnonzero(flagged))
     out.append(row(method, "Greedy", t, ev.acc(soup, full_test), len(selected), selected=selected))
+    ev.save(out[-1], soup, selected, info, scores)
     return out
 
 

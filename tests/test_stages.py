@@ -152,3 +152,28 @@ def test_member_records_are_domainbed_records_that_reproduce_the_erm_row(tmp_pat
         assert args["holdout_fraction"] == 0.2 and "lr" in args["hparams"]
         assert {"step", "env0_in_acc", "env1_out_acc", "env2_out_acc"} <= set(r)
     assert _domainbed_training_domain_validation(records, 0) == erm["accuracy"]
+    _check_soup_files(tmp_path, c, rows)
+
+
+def _check_soup_files(workdir, c, rows):
+    """Every soup row is written as safetensors (torch layout) + Orbax + card; loading the
+    safetensors back reproduces the row's accuracy."""
+    from rat_jax.convert import convert_torch_checkpoint
+    from rat_jax.export import load_flax_export, soup_name
+    soup_rows = [r for r in rows if r["selection"] in ("Uniform", "Greedy", "Uniform†")]
+    assert soup_rows
+    settings = rj.TrainSettings.from_config(c)
+    ds = rj.dataset("digits")
+    for row in soup_rows:
+        directory = workdir / "models" / soup_name(row)
+        card = json.loads((directory / "card.json").read_text())
+        assert card["accuracy"] == row["accuracy"] and card["dataset_identity"] == ds.identity
+        assert len(card["members"]) == row["n_members"]
+        assert all({"init", "hparams", "score"} <= set(m) for m in card["members"])
+        back = convert_torch_checkpoint(directory / "model.safetensors", c.arch)
+        flax_vars, meta = load_flax_export(directory / "flax")
+        assert meta["arch"] == c.arch
+        _assert_trees_equal(back["params"], flax_vars["params"])
+        acc = rj.evaluate(back["params"], back["batch_stats"], ds, envs=[row["test_env"]],
+                          split="all", settings=settings)
+        assert acc == row["accuracy"], (soup_name(row), acc, row["accuracy"])
