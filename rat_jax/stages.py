@@ -432,7 +432,7 @@ def ratatouille_foundation_members(hs: Sequence[int], aux_names: Sequence[str],
     """Positions in `hs` of the runs the init rule starts from the foundation: Ratatouille's
     foundation-init members, which are the no-aux members with those h (docs/protocol.md §1.4.5)."""
     return [i for i, h in enumerate(hs)
-            if aux_init_assignment(h, aux_names, max(n_runs, 1)) == "imagenet"]
+            if aux_init_assignment(h, aux_names, n_runs) == "imagenet"]
 
 
 def target_members(target: DomainDataset, test_env: int, trial: int, w_lp: dict,
@@ -460,7 +460,7 @@ def target_members(target: DomainDataset, test_env: int, trial: int, w_lp: dict,
         inits.append({"featurizer": featurizer, "classifier": head})
         tags.append("noaux")
     for h in range(n_hparams):
-        assignment = aux_init_assignment(h, names, n_runs) if names else "imagenet"
+        assignment = aux_init_assignment(h, names, n_runs)
         if assignment == "imagenet":
             continue
         aux_name, run = assignment
