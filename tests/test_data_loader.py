@@ -169,3 +169,40 @@ def test_pacs_full_cache(pacs_root, tmp_path):
     for batch in iterate_eval(ds, image_size=32, batch_size=256, store=store, splits=["all"]):
         counts[batch["env"]] = counts.get(batch["env"], 0) + int(batch["mask"].sum())
     assert [counts[e] for e in range(4)] == [2048, 2344, 1670, 3929]
+
+
+@pytest.mark.parametrize("canvas", [None, 16])
+def test_device_mode_batches_finish_to_the_host_images(tiny, tmp_path, canvas):
+    """augment_on="device": uint8 windows + drawn parameters, finished by augment.model_input
+    in a compiled function, give the host (PIL) mode's float32 images bit for bit; windows
+    larger than the canvas are resized on the host (most windows with canvas 16)."""
+    import jax
+    from rat_jax.data import augment
+    host = _loader(tiny, tmp_path, prefetch=0).batch(3)
+    loader = _loader(tiny, tmp_path, prefetch=0, augment_on="device", canvas=canvas)
+    dev = loader.batch(3)
+    c = loader.canvas
+    assert dev["images"].shape == (2, 8, c, c, 3) and dev["images"].dtype == np.uint8
+    assert dev["image_size"] == 16 and np.array_equal(dev["labels"], host["labels"])
+    assert sorted(dev["augment"]) == sorted(T.WINDOW_PARAMS)
+    h, w = dev["augment"]["height"], dev["augment"]["width"]
+    assert (h <= c).all() and (w <= c).all()
+    finish = jax.jit(jax.vmap(lambda x, a: augment.model_input(x, a, 16)))
+    out = np.asarray(finish(dev["images"], dev["augment"]))
+    np.testing.assert_array_equal(out, host["images"])
+    # nothing outside a window is shipped (the canvas is zero there)
+    m, s = 1, 5
+    assert not dev["images"][m, s, h[m, s]:].any() and not dev["images"][m, s, :, w[m, s]:].any()
+
+
+def test_device_mode_rejects_bad_settings(tiny, tmp_path):
+    with pytest.raises(ValueError, match="augment_on='gpu'"):
+        _loader(tiny, tmp_path, augment_on="gpu")
+    with pytest.raises(ValueError, match="canvas=8 is smaller than image_size=16"):
+        _loader(tiny, tmp_path, augment_on="device", canvas=8)
+
+
+def test_device_mode_resizes_large_windows_on_the_host(tiny, tmp_path):
+    dev = _loader(tiny, tmp_path, prefetch=0, augment_on="device", canvas=16).batch(0)
+    # windows of the capped 20-px cached images mostly exceed 16 px: resized to 16 x 16
+    assert (dev["augment"]["height"] == 16).mean() > 0.5

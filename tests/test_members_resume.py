@@ -8,6 +8,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 TESTS = pathlib.Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -18,6 +19,7 @@ import jax
 import numpy as np
 from rat_jax.engine import make_hparams, train_members
 from members_helpers import ListLoader, StandInNet, member_inits, synthetic_batches
+from rat_jax.data import MemberLoader, load_folder
 
 
 class SlowLoader(ListLoader):
@@ -30,15 +32,35 @@ class SlowLoader(ListLoader):
         return super().__next__()
 
 
-def run(workdir, sleep=0.0):
+class SlowMemberLoader(MemberLoader):
+    def __init__(self, *args, sleep=0.0, **kw):
+        super().__init__(*args, **kw)
+        self.sleep = sleep
+
+    def __next__(self):
+        time.sleep(self.sleep)
+        return super().__next__()
+
+
+def loader(mode, sleep):
+    """Synthetic batches, or the member loader on a small image folder with the augmentation
+    done on the host (PIL) or in the compiled step ("device")."""
+    if mode == "synthetic":
+        return SlowLoader(synthetic_batches(2, 8, 12, seed=1), sleep)
+    ds = load_folder(sys.argv[4])
+    return SlowMemberLoader(ds, [0, 1], [1, 2], batch_size=4, image_size=16, workers=1,
+                            cache_dir=sys.argv[4] + "_cache", augment_on=mode, sleep=sleep)
+
+
+def run(workdir, sleep=0.0, mode="synthetic"):
     model = StandInNet(5)
     params, bs = member_inits(model, 2)
-    batches = synthetic_batches(2, 8, 12, seed=1)
+    batches = loader(mode, sleep)
     rng = np.random.RandomState(0)
     ev = {"env0_out": [{"images": rng.randn(6, 16, 16, 3).astype(np.float32),
                         "labels": rng.randint(0, 5, 6)}]}
     hp = make_hparams(2, lr=[1e-2, 2e-2], dropout=[0.5, 0.1], lp_steps=[-1, 3], seed=[1, 2])
-    res = train_members(model, params, bs, hp, SlowLoader(batches, sleep), num_steps=12,
+    res = train_members(model, params, bs, hp, batches, num_steps=12,
                         checkpoint_freq=4, batch_size=8, devices=jax.devices()[:2],
                         eval_sets=ev, val_names=["env0_out"], workdir=workdir, save_every=3,
                         quiet=True)
@@ -52,15 +74,27 @@ if __name__ == "__main__":
     jax.config.update("jax_num_cpu_devices", 2)
     jax.config.update("jax_compilation_cache_dir", sys.argv[2])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    np.savez(sys.argv[1] + ".npz", **run(sys.argv[1], sleep=0.25))
+    np.savez(sys.argv[1] + ".npz", **run(sys.argv[1], sleep=0.25, mode=sys.argv[3]))
     print("DONE", flush=True)
 '''
 
 
-def _cmd(tmp_path, name):
+def _cmd(tmp_path, name, mode="synthetic"):
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
-    return [sys.executable, str(script), str(tmp_path / name), str(tmp_path / "jax_cache")]
+    images = tmp_path / "images"
+    if mode != "synthetic" and not images.exists():  # 2 envs x 2 classes, assorted sizes
+        from PIL import Image
+        rng = np.random.default_rng(0)
+        for e in ("e0", "e1"):
+            for c in ("a", "b"):
+                (images / e / c).mkdir(parents=True)
+                for i in range(6):
+                    w, h = (int(v) for v in rng.integers(14, 40, 2))
+                    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+                        images / e / c / f"{i}.png")
+    return [sys.executable, str(script), str(tmp_path / name), str(tmp_path / "jax_cache"),
+            mode, str(images)]
 
 
 def _env():
@@ -74,15 +108,25 @@ def _committed_steps(workdir: pathlib.Path):
     return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
 
 
-def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path):
+def _run(cmd):
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.parametrize("mode", ["synthetic", "device"])
+def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path, mode):
     # the uninterrupted run: the same command in its own process (same device count and thread
     # pools as the killed one, so the same reduction orders)
-    done = subprocess.run(_cmd(tmp_path, "ref"), env=_env(), capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    _run(_cmd(tmp_path, "ref", mode))
     ref = dict(np.load(tmp_path / "ref.npz"))
+    if mode == "device":
+        # the images of the device mode are those of the host (PIL) mode: same training bits
+        _run(_cmd(tmp_path, "host", "host"))
+        host = np.load(tmp_path / "host.npz")
+        for k in host.files:
+            np.testing.assert_array_equal(host[k], ref[k], err_msg=k)
 
-    cmd = _cmd(tmp_path, "killed")
+    cmd = _cmd(tmp_path, "killed", mode)
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while not _committed_steps(tmp_path / "killed") and proc.poll() is None:

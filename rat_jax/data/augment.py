@@ -62,6 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from rat_jax.data.transforms import WINDOW_PARAMS, train_params, window_params  # noqa: F401
 from rat_jax.data.transforms import (GRAYSCALE_P, IMAGENET_MEAN, IMAGENET_STD, JITTER, RATIO,
                                      SCALE, fallback_crop)
 
@@ -354,9 +355,12 @@ def _hue_shift(hue_factor):
     return jnp.where(hf < 0, -mag, mag) % 256
 
 
-def _hue(image, hue_factor):
+def _hue(image, hue_factor=None, shift=None):
+    """The hue op by its factor, or by its uint8 shift int(f * 255) mod 256 when given (the
+    host computes it in double precision, exactly as the reference does)."""
     h, s, v = _rgb_to_hsv(image)
-    return _hsv_to_rgb((h + _hue_shift(hue_factor)) % 256, s, v)
+    shift = _hue_shift(hue_factor) if shift is None else jnp.asarray(shift, _I32)
+    return _hsv_to_rgb((h + shift) % 256, s, v)
 
 
 def adjust_brightness(image, factor):
@@ -440,7 +444,7 @@ def _color_jitter(image, params):
     rest = order[jnp.argsort(jnp.where(order == 3, 4, jnp.arange(4)))][:3]  # order without hue
     for i in range(3):
         image = _blend_op(image, jnp.where(i < hue_at, rest[i], -1), params)
-    image = _hue(image, params["hue"])
+    image = _hue(image, params.get("hue"), params.get("hue_shift"))
     for i in range(3):
         image = _blend_op(image, jnp.where(i >= hue_at, rest[i], -1), params)
     return image
@@ -448,9 +452,10 @@ def _color_jitter(image, params):
 
 def apply_params(image, params: dict, size: int):
     """The training transform with explicit parameters, before normalization: uint8 [H, W, 3]
-    -> uint8 [size, size, 3]."""
-    x = _resized_crop(image, params["top"], params["left"], params["height"], params["width"],
-                      size, params["flip"])
+    -> uint8 [size, size, 3]. Without `top` / `left` the window starts at (0, 0); `hue_shift`
+    (int) may replace `hue`."""
+    x = _resized_crop(image, params.get("top", 0), params.get("left", 0), params["height"],
+                      params["width"], size, params["flip"])
     x = _color_jitter(x, params)
     x = jnp.where(params["grayscale"], _grayscale(x), x)
     return x.astype(jnp.uint8)
@@ -477,18 +482,33 @@ def augment_batch(keys, images_uint8, size: int):
     return jax.vmap(augment, in_axes=(0, 0, None))(keys, images_uint8, size)
 
 
+# -- the loader's device mode: windows shipped by the host, the rest in the compiled step -------
+def window_batch(canvases, params: dict, size: int):
+    """Finish the training transform of a batch of crop windows on device.
+
+    canvases: uint8 [N, C, C, 3], each holding its crop window at the top-left corner
+    (params["height"], params["width"]: the window's size; a window the host already resized
+    is (size, size), which resizes as the identity). params: WINDOW_PARAMS, each [N, ...].
+    Returns normalized float32 [N, size, size, 3], equal to the reference transform of the
+    same draws (see the module docstring for where equality is measured)."""
+    one = lambda image, p: apply_params(image, p, size)
+    return normalize(jax.vmap(one)(canvases, {k: params[k] for k in WINDOW_PARAMS}))
+
+
+def model_input(images, params: dict | None = None, size: int | None = None):
+    """What the compiled step feeds the network: float32 images as they are, uint8 images
+    normalized, and crop-window canvases (params given) augmented and normalized."""
+    if params:
+        return window_batch(images, params, size)
+    if images.dtype == jnp.uint8:
+        return normalize(images)
+    return images
+
+
 # -- the PIL reference with explicit parameters -------------------------------------------------
 def reference_params(rng: np.random.Generator, width: int, height: int) -> dict:
     """The parameters `transforms.train_transform_uint8` draws from `rng`, in its order."""
-    from rat_jax.data import transforms as T
-    top, left, h, w = T.crop_params(rng, width, height)
-    flip = bool(rng.random() < 0.5)
-    order = rng.permutation(4)
-    b, c, s = (rng.uniform(1 - JITTER, 1 + JITTER) for _ in range(3))
-    hue = rng.uniform(-JITTER, JITTER)
-    gray = bool(rng.random() < GRAYSCALE_P)
-    return {"top": top, "left": left, "height": h, "width": w, "flip": flip, "brightness": b,
-            "contrast": c, "saturation": s, "hue": hue, "order": order, "grayscale": gray}
+    return train_params(rng, width, height)
 
 
 def reference_apply(image, params: dict, size: int) -> np.ndarray:

@@ -13,10 +13,23 @@ from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
 
+from PIL import Image
+
 from rat_jax.data import transforms as T
 from rat_jax.data.store import DEFAULT_CACHE, ImageStore, default_workers, train_side_for
 
 STATE_VERSION = 1
+AUGMENT_MODES = ("host", "device")
+
+
+def device_canvas(size: int) -> int:
+    """Default canvas side of the device mode: a little over `size` (PACS's 227-px images fit
+    whole at 224), rounded up to a multiple of 8. Larger windows are resized on the host."""
+    return -(-(size * 33 // 32 + 1) // 8) * 8
+
+
+_PARAM_DTYPES = {"flip": np.bool_, "grayscale": np.bool_, "brightness": np.float32,
+                 "contrast": np.float32, "saturation": np.float32}
 
 
 def _as_list(x, n, what):
@@ -33,7 +46,16 @@ class MemberLoader:
 
     `seeds`: one stream seed per member (e.g. protocol.run_seed). `trial_seeds`: the split
     seed per member (int for all). `train_envs`: env indices trained on, in env order.
-    `output="uint8"` skips normalization (normalize on device with transforms.normalize).
+    `output="uint8"` skips normalization (normalize on device with augment.model_input).
+
+    `augment_on="device"`: the host draws every random choice of the transform (the same draws
+    as the host mode) and only cuts each crop window out of the cached image; it ships uint8
+    canvases [M, D*B, C, C, 3] (C = `canvas`, default device_canvas(image_size)) with the
+    window at the top-left, plus `augment` = {name: [M, D*B, ...]} (augment.WINDOW_PARAMS) and
+    `image_size`. The compiled step finishes the transform (resize, flip, colour jitter,
+    grayscale, normalization: augment.model_input), so the images the network sees are those
+    of the host mode. A window larger than the canvas is resized to image_size on the host
+    (the same single resampling; the device's resize of it is then the identity).
     """
 
     def __init__(self, dataset, train_envs: Sequence[int], seeds: Sequence[int], *,
@@ -41,7 +63,10 @@ class MemberLoader:
                  image_size: int = 224, augment: bool = True, holdout_fraction: float = 0.2,
                  store: Optional[ImageStore] = None, cache_dir=DEFAULT_CACHE,
                  cache_side: Optional[int] = None, workers: Optional[int] = None,
-                 prefetch: int = 2, output: str = "float32"):
+                 prefetch: int = 2, output: str = "float32", augment_on: str = "host",
+                 canvas: Optional[int] = None):
+        if augment_on not in AUGMENT_MODES:
+            raise ValueError(f"augment_on={augment_on!r}: use one of {AUGMENT_MODES}")
         if not len(seeds):
             raise ValueError("MemberLoader needs at least one member seed")
         if any(int(s) < 0 for s in seeds):
@@ -56,6 +81,10 @@ class MemberLoader:
         self.trial_seeds = _as_list(trial_seeds, len(self.seeds), "trial_seeds")
         self.batch_size, self.image_size, self.augment = batch_size, image_size, augment
         self.output = output
+        self.augment_on = augment_on
+        self.canvas = int(canvas or device_canvas(image_size))
+        if self.canvas < image_size:
+            raise ValueError(f"canvas={self.canvas} is smaller than image_size={image_size}")
         self.store = store or ImageStore(dataset, cache_dir, workers)
         self.cache_side = cache_side or train_side_for(image_size)
         self.workers = workers or default_workers()
@@ -109,22 +138,48 @@ class MemberLoader:
         img = self.store.train_image(env, idx, self.cache_side)
         return T.train_transform_uint8(img, self.image_size, np.random.default_rng(sample_seed))
 
+    def _window(self, env, idx, sample_seed, out, params, where):
+        """Device mode: draw the sample's parameters, cut its crop window into `out` (a zeroed
+        canvas) and store the parameters at `where` in `params`."""
+        src = self.store.train_array(env, idx, self.cache_side)
+        h_img, w_img = src.shape[:2]
+        p = T.window_params(np.random.default_rng(sample_seed), w_img, h_img)
+        top, left, h, w = p["top"], p["left"], p["height"], p["width"]
+        window = src[top:top + h, left:left + w]
+        if h > self.canvas or w > self.canvas:
+            size = self.image_size
+            window = np.asarray(Image.fromarray(np.ascontiguousarray(window)).resize(
+                (size, size), Image.BILINEAR))
+            h = w = size
+        out[:h, :w] = window
+        p["height"], p["width"] = h, w
+        for k in T.WINDOW_PARAMS:
+            params[k][where] = p[k]
+
     def batch(self, step: int) -> dict:
         """The batch of `step` (same result whenever and wherever it is computed)."""
         plan = self.plan(step)
         m_count, n = self.num_members, len(self.train_envs) * self.batch_size
-        shape = (m_count, n, self.image_size, self.image_size, 3)
-        if self.local_members is None:
-            images, labels = np.empty(shape, np.uint8), np.empty((m_count, n), np.int32)
-        else:  # zeros: pages of members that are never written are never touched
+        device = self.augment and self.augment_on == "device"
+        side = self.canvas if device else self.image_size
+        shape = (m_count, n, side, side, 3)
+        if self.local_members is not None:  # zeros: pages never written are never touched
             keep = set(self.local_members)
             plan = [item for item in plan if item[0] in keep]
-            images, labels = np.zeros(shape, np.uint8), np.zeros((m_count, n), np.int32)
+        images = np.zeros(shape, np.uint8) if device or self.local_members is not None \
+            else np.empty(shape, np.uint8)
+        labels = np.zeros((m_count, n), np.int32)
+        params = {k: np.zeros((m_count, n) + (4,) * (k == "order"),
+                              _PARAM_DTYPES.get(k, np.int32))
+                  for k in T.WINDOW_PARAMS} if device else None
         samples = self.dataset.samples
 
         def one(item):
             m, slot, env, idx, sseed = item
-            images[m, slot] = self._sample(env, idx, sseed)
+            if device:
+                self._window(env, idx, sseed, images[m, slot], params, (m, slot))
+            else:
+                images[m, slot] = self._sample(env, idx, sseed)
             labels[m, slot] = samples[env][idx][1]
         pool = self._get_pool()
         if pool is None:
@@ -132,6 +187,9 @@ class MemberLoader:
                 one(item)
         else:
             list(pool.map(one, plan))
+        if device:
+            return {"images": images, "labels": labels, "augment": params,
+                    "image_size": self.image_size}
         return {"images": T.normalize(images) if self.output == "float32" else images,
                 "labels": labels}
 
@@ -219,7 +277,8 @@ def eval_indices(dataset, trial_seed: int = 0, holdout_fraction: float = 0.2):
 def iterate_eval(dataset, *, trial_seed: int = 0, envs: Optional[Sequence[int]] = None,
                  splits: Sequence[str] = ("in", "out"), batch_size: int = 64,
                  image_size: int = 224, augment: bool = False, seed: int = 0,
-                 holdout_fraction: float = 0.2, store: Optional[ImageStore] = None,
+                 step: Optional[int] = None, holdout_fraction: float = 0.2,
+                 store: Optional[ImageStore] = None,
                  cache_dir=DEFAULT_CACHE, workers: Optional[int] = None, pad: bool = True,
                  output: str = "float32") -> Iterator[dict]:
     """Walk each env's splits once in fixed-size batches.
@@ -227,7 +286,8 @@ def iterate_eval(dataset, *, trial_seed: int = 0, envs: Optional[Sequence[int]] 
     Yields dict(env, split, images [B, H, W, 3], labels [B] int32, mask [B] bool). With
     pad=True the last batch is padded to batch_size (mask False on padding), else short.
     augment=True applies the train transform (the reference's augmented validation), seeded
-    by (seed, env, split, position) so it is repeatable.
+    by (seed, env, split, position) so it is repeatable; with `step` (the training loop's
+    evaluation step) by (seed, step, env, split, position): a fresh draw per evaluation point.
     """
     for s in splits:
         if s not in _SPLIT_CODES:
@@ -251,7 +311,9 @@ def iterate_eval(dataset, *, trial_seed: int = 0, envs: Optional[Sequence[int]] 
                     def one(k):
                         i = int(chunk[k])
                         if augment:
-                            rng = np.random.default_rng([seed, env, _SPLIT_CODES[split], start + k])
+                            key = [seed, env, _SPLIT_CODES[split], start + k]
+                            rng = np.random.default_rng(key if step is None
+                                                        else [seed, step] + key[1:])
                             images[k] = T.train_transform_uint8(
                                 store.train_image(env, i, side), image_size, rng)
                         else:

@@ -74,11 +74,15 @@ class ImageStore:
 
     def train_image(self, env: int, idx: int, side: Optional[int]) -> Image.Image:
         """Image for training crops: cached capped copy, or decoded (and capped) on the fly."""
+        return Image.fromarray(np.asarray(self.train_array(env, idx, side)))
+
+    def train_array(self, env: int, idx: int, side: Optional[int]) -> np.ndarray:
+        """`train_image` as uint8 [H, W, 3] (a read-only view of the cache when there is one)."""
         if self.cache_dir is None or getattr(self.dataset, "arrays", None) is not None:
-            return cap_shorter_side(self.original(env, idx), side)
+            return np.asarray(cap_shorter_side(self.original(env, idx), side))
         flat, index = self._train_env(env, side)
         off, h, w = index[idx]
-        return Image.fromarray(np.asarray(flat[off:off + h * w * 3]).reshape(h, w, 3))
+        return flat[off:off + h * w * 3].reshape(h, w, 3)
 
     def eval_array(self, env: int, idx: int, size: int) -> np.ndarray:
         """Resize((size, size)) of the original, uint8 [size, size, 3]."""

@@ -90,6 +90,36 @@ def color_jitter(img: Image.Image, rng: np.random.Generator, strength: float = J
     return img
 
 
+def train_params(rng: np.random.Generator, width: int, height: int) -> dict:
+    """Every random choice `train_transform_uint8` draws from `rng`, in its order: the crop
+    window (top, left, height, width), flip, the jitter order and factors, grayscale."""
+    top, left, h, w = crop_params(rng, width, height)
+    flip = bool(rng.random() < 0.5)
+    order = rng.permutation(4)
+    b, c, s = (rng.uniform(1 - JITTER, 1 + JITTER) for _ in range(3))
+    hue = rng.uniform(-JITTER, JITTER)
+    gray = bool(rng.random() < GRAYSCALE_P)
+    return {"top": top, "left": left, "height": h, "width": w, "flip": flip, "brightness": b,
+            "contrast": c, "saturation": s, "hue": hue, "order": order, "grayscale": gray}
+
+
+# The per-image parameters MemberLoader(augment_on="device") ships beside the crop windows
+# (rat_jax.data.augment.window_batch applies them on device).
+WINDOW_PARAMS = ("height", "width", "flip", "brightness", "contrast", "saturation", "hue_shift",
+                 "order", "grayscale")
+
+
+def window_params(rng: np.random.Generator, width: int, height: int) -> dict:
+    """`train_params` with the hue factor as its uint8 shift int(f * 255) mod 256 (computed in
+    double precision, as adjust_hue does) and the blend factors as float32 (Pillow's blend
+    casts its alpha to float)."""
+    p = train_params(rng, width, height)
+    p["hue_shift"] = int(p.pop("hue") * 255) % 256
+    for k in ("brightness", "contrast", "saturation"):
+        p[k] = np.float32(p[k])
+    return p
+
+
 def train_transform_uint8(img: Image.Image, size: int, rng: np.random.Generator) -> np.ndarray:
     """Augmented [size, size, 3] uint8 from an RGB PIL image (normalize separately)."""
     top, left, h, w = crop_params(rng, img.width, img.height)

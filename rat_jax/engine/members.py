@@ -19,6 +19,7 @@ extra pmean/psum of the gradients (tests/test_members.py checks the gradient nor
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -28,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import rat_jax.runtime as runtime
 import rat_jax.trees as trees
+from rat_jax.data import augment
 from rat_jax.engine import step as step_lib
 from rat_jax.engine.mesh import DATA_AXIS, MEMBER_AXIS, plan_mesh
 from rat_jax.engine.strategies import check_strategy, default_strategy, run_local
@@ -167,9 +169,11 @@ class MemberEngine:
         """Put a stacked tree (leading member axis) on the mesh, split over 'model'."""
         return jax.tree.map(lambda x: _put(x, self.member_sharding), stacked)
 
-    def place_batch(self, batch: dict) -> tuple[jax.Array, jax.Array]:
+    def place_batch(self, batch: dict) -> tuple[jax.Array, jax.Array, dict]:
+        """(images, labels, augment parameters) of a loader batch on the mesh."""
         images, labels = self._check_batch(batch)
-        return _put(images, self.batch_sharding), _put(labels, self.batch_sharding)
+        aug = jax.tree.map(lambda x: _put(x, self.batch_sharding), batch.get("augment") or {})
+        return _put(images, self.batch_sharding), _put(labels, self.batch_sharding), aug
 
     def _check_batch(self, batch: dict) -> tuple[Any, Any]:
         images, labels = batch["images"], batch["labels"]
@@ -186,8 +190,18 @@ class MemberEngine:
         model, strategy, data_size = self.model, self.strategy, self.data_size
         classifier_only, remat = self.classifier_only, self.remat
 
-        def local(members, hparams, images, labels, batch_stats):
-            def one(member, hp, x, y):
+        def train(members, hparams, images, labels, aug, batch_stats, size):
+            mapped = jax.shard_map(
+                functools.partial(local, size=size), mesh=self.mesh,
+                in_specs=(P(MEMBER_AXIS), P(MEMBER_AXIS), self.batch_spec, self.batch_spec,
+                          self.batch_spec, P()),
+                out_specs=(P(MEMBER_AXIS), P(MEMBER_AXIS)))
+            return mapped(members, hparams, images, labels, aug, batch_stats)
+
+        def local(members, hparams, images, labels, aug, batch_stats, size):
+            def one(member, hp, x, y, a):
+                # uint8 images are normalized, crop windows augmented, here on device
+                x = augment.model_input(x, a, size)
                 kwargs = {}
                 if data_size > 1:  # shard of a member's batch: own dropout masks, global mean CE
                     shard = jax.lax.axis_index(DATA_AXIS)
@@ -197,18 +211,15 @@ class MemberEngine:
                                   reduce_loss=lambda l: jax.lax.psum(l, DATA_AXIS))
                 return step_lib.train_step(model, batch_stats, member, hp, x, y,
                                            classifier_only=classifier_only, remat=remat, **kwargs)
-            return run_local(strategy, one, members, hparams, images, labels)
+            return run_local(strategy, one, members, hparams, images, labels, aug)
 
-        mapped = jax.shard_map(
-            local, mesh=self.mesh,
-            in_specs=(P(MEMBER_AXIS), P(MEMBER_AXIS), self.batch_spec, self.batch_spec, P()),
-            out_specs=(P(MEMBER_AXIS), P(MEMBER_AXIS)))
-        return jax.jit(mapped, donate_argnums=(0,))
+        return jax.jit(train, donate_argnums=(0,), static_argnames=("size",))
 
     def _build_eval(self):
         model, strategy, data_size = self.model, self.strategy, self.data_size
 
         def local(params, images, labels, mask, batch_stats):
+            images = augment.model_input(images)  # uint8: normalized on device
             one = lambda p: step_lib.eval_step(model, batch_stats, p, images, labels, mask)
             correct = run_local(strategy, one, params)
             return jax.lax.psum(correct, DATA_AXIS) if data_size > 1 else correct
@@ -219,20 +230,23 @@ class MemberEngine:
             out_specs=P(MEMBER_AXIS))
         return jax.jit(mapped)
 
-    def _train(self, members, hparams, images, labels, batch_stats):
+    def _train(self, members, hparams, images, labels, aug, batch_stats, size=None):
         """The compiled train step for these shapes: lowered once, its XLA:CPU options chosen by
-        runtime.cpu_compiler_options, compiled once per shape and reused."""
-        key = (jax.tree.structure(members),
+        runtime.cpu_compiler_options, compiled once per shape and reused. `aug`: the device
+        mode's per-image parameters ({} for ready images), `size`: its output size."""
+        size = int(size) if aug else None
+        key = (jax.tree.structure((members, aug)), size,
                tuple((np.shape(x), str(x.dtype)) for x in jax.tree.leaves((members, images))))
         compiled = self._compiled_train.get(key)
         if compiled is None:
-            lowered = self._train_jit.lower(members, hparams, images, labels, batch_stats)
+            lowered = self._train_jit.lower(members, hparams, images, labels, aug, batch_stats,
+                                            size=size)
             n = jax.tree.leaves(members)[0].shape[0]
             options = runtime.cpu_compiler_options(lowered, n, self.mesh.devices.flat[0].platform,
                                                    self.cpu_ynn)
             compiled, self.compiler_options = runtime.compile_with_options(lowered, options)
             self._compiled_train[key] = compiled
-        return compiled(members, hparams, images, labels, batch_stats)
+        return compiled(members, hparams, images, labels, aug, batch_stats)
 
     def _build_take_join(self):
         """'loop' helpers: local member i of every device group out of a stacked tree ([model]
@@ -292,17 +306,20 @@ class MemberEngine:
     def _train_parts(self, parts: _Parts, hparams: _Parts, batch: dict) -> tuple[_Parts, dict]:
         """One update of every member in the training form; each part is donated. Returns
         (parts, metrics [M] in member order)."""
+        size = batch.get("image_size")
         if not self._split_form:
-            images, labels = self.place_batch(batch)
-            members, metrics = self._train(parts[0], hparams[0], images, labels,
-                                           self.batch_stats)
+            images, labels, aug = self.place_batch(batch)
+            members, metrics = self._train(parts[0], hparams[0], images, labels, aug,
+                                           self.batch_stats, size)
             return _Parts((members,)), metrics
         images, labels = self._check_batch(batch)
+        aug_all = batch.get("augment") or {}
         new, outs = [], []
         for i, (members, hp) in enumerate(zip(parts, hparams)):
             index = self._local_index(i)  # sliced on the host: no device copy of the whole batch
-            x, y = _put(images[index], self.batch_sharding), _put(labels[index], self.batch_sharding)
-            members, metrics = self._train(members, hp, x, y, self.batch_stats)
+            put = lambda x: _put(x[index], self.batch_sharding)
+            x, y, aug = put(images), put(labels), jax.tree.map(put, aug_all)
+            members, metrics = self._train(members, hp, x, y, aug, self.batch_stats, size)
             new.append(members)
             outs.append(metrics)
         return _Parts(new), self._gather_local(outs)
@@ -354,10 +371,11 @@ class MemberEngine:
 
     def train_memory(self, state: dict, hparams: dict, batch: dict) -> dict:
         """XLA's memory analysis of the compiled train step (bytes per device), without running it."""
-        images = jax.ShapeDtypeStruct(np.shape(batch["images"]), np.float32,
-                                      sharding=self.batch_sharding)
-        labels = jax.ShapeDtypeStruct(np.shape(batch["labels"]), np.int32,
-                                      sharding=self.batch_sharding)
+        spec = lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
+                                              sharding=self.batch_sharding)
+        images, labels = spec(batch["images"]), spec(batch["labels"])
+        aug = jax.tree.map(spec, batch.get("augment") or {})
+        size = int(batch["image_size"]) if aug else None
         members = state["members"]
         resident = 0
         if self._split_form:  # one member per device group per call
@@ -367,10 +385,10 @@ class MemberEngine:
             full = sum(int(np.prod(np.shape(x))) * x.dtype.itemsize
                        for x in jax.tree.leaves(members)) // self.model_size
             members, hparams = jax.tree.map(one, members), jax.tree.map(one, hparams)
-            images, labels = one(images), one(labels)
+            images, labels, aug = one(images), one(labels), jax.tree.map(one, aug)
             resident = full - full // self.local_members  # the other local members' state
-        compiled = self._train_jit.lower(members, hparams, images, labels,
-                                         self.batch_stats).compile()
+        compiled = self._train_jit.lower(members, hparams, images, labels, aug,
+                                         self.batch_stats, size=size).compile()
         mem = compiled.memory_analysis()
         out = {k: int(getattr(mem, k)) for k in (
             "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
