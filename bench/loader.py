@@ -25,7 +25,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from rat_jax.data import ImageStore, MemberLoader, load_dataset  # noqa: E402
-from rat_jax.data.store import train_side_for  # noqa: E402
 
 TARGET_SPEED, TARGET_BYTES = 10.0, 3.5
 
@@ -130,7 +129,7 @@ def main(argv=None):
     try:
         for size in a.sizes:
             store = ImageStore(ds, cache_dir, workers=max(a.workers))
-            store.warm(train_envs, train_side=train_side_for(size))
+            store.warm(train_envs)  # the originals (the default training cache)
             got = {}
             for workers in a.workers:
                 for mode in a.modes:

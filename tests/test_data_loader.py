@@ -206,3 +206,37 @@ def test_device_mode_resizes_large_windows_on_the_host(tiny, tmp_path):
     dev = _loader(tiny, tmp_path, prefetch=0, augment_on="device", canvas=16).batch(0)
     # windows of the capped 20-px cached images mostly exceed 16 px: resized to 16 x 16
     assert (dev["augment"]["height"] == 16).mean() > 0.5
+
+
+def _reference_batch(ds, loader, step):
+    """The batch of `step` computed from the decoded original files, without any cache."""
+    want = np.zeros((loader.num_members, len(loader.train_envs) * loader.batch_size,
+                     loader.image_size, loader.image_size, 3), np.uint8)
+    for m, slot, env, idx, sseed in loader.plan(step):
+        img = T.decode(ds.samples[env][idx][0])
+        want[m, slot] = T.train_transform_uint8(img, loader.image_size,
+                                                np.random.default_rng(sseed))
+    return T.normalize(want)
+
+
+def test_default_train_cache_keeps_originals(tiny, tmp_path):
+    """Crops are cut from the originals (resampled once, as the reference), although many
+    images here are larger than the 1.25 x size cap the cache used before."""
+    loader = _loader(tiny, tmp_path, prefetch=0)
+    np.testing.assert_array_equal(loader.batch(2)["images"], _reference_batch(tiny, loader, 2))
+    cached = os.listdir(os.path.join(loader.store.env_dir(), "train_s0"))
+    assert "env0.u8" in cached and "env2.u8" in cached
+    capped = _loader(tiny, tmp_path, prefetch=0, cache_side=20)
+    assert not np.array_equal(capped.batch(2)["images"], loader.batch(2)["images"])
+
+
+def test_originals_too_big_for_the_disk_are_decoded_instead(tiny, tmp_path, monkeypatch):
+    import shutil
+    from rat_jax.data import store as store_mod
+    monkeypatch.setattr(store_mod.shutil, "disk_usage",
+                        lambda path: shutil._ntuple_diskusage(10**6, 10**6 - 100, 100))
+    loader = _loader(tiny, tmp_path, prefetch=0)
+    with pytest.warns(UserWarning, match=r"train_cache_side"):
+        got = loader.batch(1)["images"]
+    np.testing.assert_array_equal(got, _reference_batch(tiny, loader, 1))
+    assert not os.path.exists(os.path.join(loader.store.env_dir(), "train_s0", "env0.u8"))

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from rat_jax.data import transforms as T
-from rat_jax.data.store import DEFAULT_CACHE, ImageStore, default_workers, train_side_for
+from rat_jax.data.store import DEFAULT_CACHE, ImageStore, default_workers
 
 STATE_VERSION = 1
 AUGMENT_MODES = ("host", "device")
@@ -47,6 +47,8 @@ class MemberLoader:
     `seeds`: one stream seed per member (e.g. protocol.run_seed). `trial_seeds`: the split
     seed per member (int for all). `train_envs`: env indices trained on, in env order.
     `output="uint8"` skips normalization (normalize on device with augment.model_input).
+    `cache_side`: None (default) cuts crops from the original images, as the reference; S caps
+    the cached images' shorter side at S (faster; a second resampling for larger images).
 
     `augment_on="device"`: the host draws every random choice of the transform (the same draws
     as the host mode) and only cuts each crop window out of the cached image; it ships uint8
@@ -86,7 +88,7 @@ class MemberLoader:
         if self.canvas < image_size:
             raise ValueError(f"canvas={self.canvas} is smaller than image_size={image_size}")
         self.store = store or ImageStore(dataset, cache_dir, workers)
-        self.cache_side = cache_side or train_side_for(image_size)
+        self.cache_side = cache_side or None  # None: crops cut from the original images
         self.workers = workers or default_workers()
         self.prefetch = prefetch
         splits = {t: dataset.splits(t, holdout_fraction) for t in set(self.trial_seeds)}
@@ -280,12 +282,13 @@ def iterate_eval(dataset, *, trial_seed: int = 0, envs: Optional[Sequence[int]] 
                  step: Optional[int] = None, holdout_fraction: float = 0.2,
                  store: Optional[ImageStore] = None,
                  cache_dir=DEFAULT_CACHE, workers: Optional[int] = None, pad: bool = True,
-                 output: str = "float32") -> Iterator[dict]:
+                 output: str = "float32", train_side: Optional[int] = None) -> Iterator[dict]:
     """Walk each env's splits once in fixed-size batches.
 
     Yields dict(env, split, images [B, H, W, 3], labels [B] int32, mask [B] bool). With
     pad=True the last batch is padded to batch_size (mask False on padding), else short.
-    augment=True applies the train transform (the reference's augmented validation), seeded
+    augment=True applies the train transform (the reference's augmented validation) to the
+    original images (`train_side`: a capped training cache instead, see ImageStore), seeded
     by (seed, env, split, position) so it is repeatable; with `step` (the training loop's
     evaluation step) by (seed, step, env, split, position): a fresh draw per evaluation point.
     """
@@ -294,7 +297,7 @@ def iterate_eval(dataset, *, trial_seed: int = 0, envs: Optional[Sequence[int]] 
             raise ValueError(f"unknown split {s!r}: use 'in', 'out' or 'all'")
     store = store or ImageStore(dataset, cache_dir, workers)
     workers = workers or default_workers()
-    side = train_side_for(image_size)
+    side = train_side
     index = eval_indices(dataset, trial_seed, holdout_fraction)
     env_list = range(dataset.num_envs) if envs is None else [dataset.env_index(e) for e in envs]
     pool = concurrent.futures.ThreadPoolExecutor(workers) if workers > 1 else None

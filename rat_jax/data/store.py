@@ -1,10 +1,14 @@
 """Decoded-image store with an on-disk uint8 cache, so a second run decodes no JPEG.
 
 Per dataset identity the cache keeps, per env:
-- train_s{S}: every image as RGB uint8, downscaled (aspect kept) so its shorter side is at
-  most S (default ceil(1.25 * train size)); smaller images stay as they are. RandomResizedCrop
-  then runs on this image instead of the original: exact when nothing was downscaled (PACS at
-  224: 227 px originals), otherwise a small extra resampling step (documented approximation).
+- train_s0: every image as RGB uint8 at its original resolution (the default, side=None), so a
+  training crop is cut from the original and resampled once, as in the reference. If the
+  decoded env would not fit the cache disk (estimated from a sample of image headers, against
+  half the free space), the env is not cached and its images are decoded from their files for
+  every crop (still exact, slower; one warning says so, and how to cap the side instead).
+- train_s{S} (side=S, opt-in): the images downscaled (aspect kept) so the shorter side is at
+  most S; smaller images stay as they are. A crop of a downscaled image is resampled twice
+  (an approximation, faster and smaller); exact for datasets whose images are all <= S.
 - eval_{size}: [N, size, size, 3] uint8 of Resize((size, size)) from the original: exact.
 Files are written to a temp name and renamed, so an interrupted build leaves no partial cache.
 
@@ -16,7 +20,9 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import threading
+import warnings
 from typing import Optional
 
 import numpy as np
@@ -62,6 +68,7 @@ class ImageStore:
         self.workers = workers or default_workers()
         self._train = {}   # (env, side) -> (flat memmap, index [N, 3])
         self._eval = {}    # (env, size) -> [N, size, size, 3]
+        self._fits = {}    # (env, side) -> whether train_s{side} is cached on disk
         self._lock = threading.Lock()
 
     # -- raw access -----------------------------------------------------------------------
@@ -78,7 +85,8 @@ class ImageStore:
 
     def train_array(self, env: int, idx: int, side: Optional[int]) -> np.ndarray:
         """`train_image` as uint8 [H, W, 3] (a read-only view of the cache when there is one)."""
-        if self.cache_dir is None or getattr(self.dataset, "arrays", None) is not None:
+        if (self.cache_dir is None or getattr(self.dataset, "arrays", None) is not None
+                or not self.train_cacheable(env, side)):
             return np.asarray(cap_shorter_side(self.original(env, idx), side))
         flat, index = self._train_env(env, side)
         off, h, w = index[idx]
@@ -89,6 +97,41 @@ class ImageStore:
         if self.cache_dir is None:
             return T.eval_transform_uint8(self.original(env, idx), size)
         return self._eval_env(env, size)[idx]
+
+    def train_cacheable(self, env: int, side: Optional[int]) -> bool:
+        """Whether env's training images go to the disk cache: always for a capped side; for
+        originals when their estimated decoded size fits half the cache disk's free space."""
+        return self._once(self._fits, (env, side), self._decide_fits)
+
+    def _decide_fits(self, env: int, side: Optional[int]) -> bool:
+        d, data_path, _ = self._paths(f"train_s{side or 0}", env)
+        if side is not None or os.path.exists(data_path):
+            return True
+        need = self.estimate_train_bytes(env)
+        os.makedirs(self.cache_dir, exist_ok=True)
+        free = shutil.disk_usage(self.cache_dir).free
+        if need <= free // 2:
+            return True
+        warnings.warn(
+            f"{self.dataset.name} env {env}: its decoded originals (~{need / 2**30:.1f} GiB) do "
+            f"not fit half the free space of the cache disk ({free / 2**30:.1f} GiB free in "
+            f"{self.cache_dir}); training crops decode the image files instead (exact, slower). "
+            "Free space, point cache_dir at a larger disk, or cap the cached side "
+            "(config.train_cache_side, e.g. 280 for 224-px training: faster, approximate).",
+            stacklevel=2)
+        return False
+
+    def estimate_train_bytes(self, env: int, sample: int = 256) -> int:
+        """Decoded RGB bytes of env's originals, from the headers of up to `sample` files."""
+        paths = [p for p, _ in self.dataset.samples[env]]
+        if not paths:
+            return 0
+        pick = np.random.default_rng(0).choice(len(paths), min(sample, len(paths)), replace=False)
+        sizes = []
+        for i in pick:
+            with Image.open(paths[i]) as im:  # reads the header only
+                sizes.append(im.size[0] * im.size[1] * 3)
+        return int(np.mean(sizes) * len(paths))
 
     # -- cache ----------------------------------------------------------------------------
     def env_dir(self) -> str:
@@ -173,17 +216,23 @@ class ImageStore:
                            "root": self.dataset.root, "envs": self.dataset.envs,
                            "sizes": self.dataset.env_sizes()}, f, indent=1)
 
-    def warm(self, envs=None, train_side: Optional[int] = None, eval_size: Optional[int] = None):
-        """Build the cache for these envs now (otherwise it is built on first use)."""
+    def warm(self, envs=None, train_side: Optional[int] = None, eval_size: Optional[int] = None,
+             train: bool | None = None):
+        """Build the cache for these envs now (otherwise it is built on first use): the training
+        images (at `train_side`, None = originals) unless train=False (default: when
+        train_side is given or eval_size is not), and the eval images at `eval_size`."""
         if self.cache_dir is None:
             return
+        if train is None:
+            train = train_side is not None or eval_size is None
         for env in range(self.dataset.num_envs) if envs is None else envs:
-            if train_side is not None or eval_size is None:
+            if train and self.train_cacheable(env, train_side):
                 self._train_env(env, train_side)
             if eval_size is not None:
                 self._eval_env(env, eval_size)
 
 
 def train_side_for(size: int) -> int:
-    """Default cached shorter side for a train size: ceil(1.25 * size)."""
+    """A cached shorter side for a train size that keeps most of a crop's pixels:
+    ceil(1.25 * size) (an opt-in cap; the default cache keeps the originals)."""
     return int(math.ceil(1.25 * size))
