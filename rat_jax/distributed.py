@@ -9,8 +9,10 @@ How the processes are found, in order:
      one process per node (all the node's GPUs), or k GPUs per process, read from
      CUDA_VISIBLE_DEVICES / SLURM_* (jax alone would give every process GPU 0 only);
   3. Open MPI (`mpirun`, OMPI_COMM_WORLD_SIZE > 1): jax's own detection;
-  4. Cloud TPU VM (libtpu installed and a TPU attached): `jax.distributed.initialize()` with no
-     coordinator, which reads the pod slice's workers from the TPU metadata (also on one host);
+  4. Cloud TPU pod slice (libtpu installed, a TPU attached, and several hosts: in
+     TPU_WORKER_HOSTNAMES, Multislice's MEGASCALE_* or the VM's metadata worker list):
+     `jax.distributed.initialize()` with no coordinator, which reads the workers itself. A
+     single-host TPU (Colab, Kaggle, a v4-8 or v5e-8 VM) is one process: no initialization;
   5. otherwise a single process: nothing to do.
 `mode="off"` ($RAT_JAX_DISTRIBUTED=off) skips all of it.
 
@@ -175,9 +177,40 @@ def on_cloud_tpu_vm() -> bool:
         [p for p in glob.glob("/dev/vfio/*") if os.path.basename(p).isdigit()])
 
 
-def plan(config: Any = None, env: Mapping[str, str] | None = None) -> dict | None:
+TPU_METADATA_URL = ("http://metadata.google.internal/computeMetadata/v1/instance/attributes/"
+                    "worker-network-endpoints")
+
+
+def tpu_metadata_workers(timeout: float = 2.0) -> str | None:
+    """The TPU VM's worker list from its (link-local) metadata server, or None when there is
+    none (not a pod slice, or no metadata server: Colab, Kaggle, a container)."""
+    import urllib.request
+    req = urllib.request.Request(TPU_METADATA_URL, headers={"Metadata-Flavor": "Google"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:  # noqa: S310 - fixed local URL
+            return r.read().decode()
+    except Exception:  # noqa: BLE001 - any failure means: no slice metadata
+        return None
+
+
+def tpu_hosts(env: Mapping[str, str], metadata=tpu_metadata_workers) -> int:
+    """Hosts of this TPU slice: TPU_WORKER_HOSTNAMES (GKE), else the metadata's worker list
+    (TPU VMs), else 1. Several slices (Multislice: MEGASCALE_COORDINATOR_ADDRESS) count as many."""
+    if env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+        return 2
+    names = env.get("TPU_WORKER_HOSTNAMES", "")
+    if names.strip():
+        return len([h for h in names.split(",") if h.strip()])
+    workers = metadata()
+    return max(1, len([w for w in (workers or "").split(",") if w.strip()]))
+
+
+def plan(config: Any = None, env: Mapping[str, str] | None = None,
+         tpu_metadata=tpu_metadata_workers) -> dict | None:
     """The keyword arguments for `jax.distributed.initialize` (None: single process), with a
-    "method" entry saying how they were found. Pure: reads settings and the environment only."""
+    "method" entry saying how they were found. Reads settings and the environment only, and on
+    a TPU VM its slice's worker list (`tpu_metadata`): a single-host TPU (Colab, Kaggle, a v4-8
+    or v5e-8 VM) runs as one process without distributed initialization."""
     env = os.environ if env is None else env
     s = settings(config, env)
     if s["mode"] == "off":
@@ -204,7 +237,7 @@ def plan(config: Any = None, env: Mapping[str, str] | None = None) -> dict | Non
         return dict(method="slurm", local_device_ids=ids, **timeouts)
     if int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
         return dict(method="ompi", local_device_ids=ids, **timeouts)
-    if on_cloud_tpu_vm():
+    if on_cloud_tpu_vm() and tpu_hosts(env, tpu_metadata) > 1:
         return dict(method="tpu", **timeouts)
     return None
 

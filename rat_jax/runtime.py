@@ -12,6 +12,8 @@ bench/*.py measure each setting; docs/benchmarks.md holds the current numbers.
 from __future__ import annotations
 
 import ctypes
+import glob
+import importlib.util
 import logging
 import os
 import platform
@@ -44,13 +46,45 @@ def default_cpu_devices() -> int:
 DEFAULT_CPU_DEVICES = default_cpu_devices()
 
 
+def _module_installed(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def accelerator_present(env: Mapping[str, str] | None = None) -> str | None:
+    """"tpu", "gpu" or None: whether JAX, once started, will find an accelerator -- a plugin
+    installed for it (libtpu; jax's CUDA or ROCm plugins) and a device node it can drive
+    (/dev/accel* or /dev/vfio/N; /dev/nvidiaN unless CUDA_VISIBLE_DEVICES hides every GPU;
+    /dev/kfd). Decided without importing JAX."""
+    env = os.environ if env is None else env
+    if _module_installed("libtpu") and (glob.glob("/dev/accel*") or [
+            p for p in glob.glob("/dev/vfio/*") if os.path.basename(p).isdigit()]):
+        return "tpu"
+    if env.get("CUDA_VISIBLE_DEVICES", "x").strip() not in ("", "-1"):
+        cuda = any(_module_installed(m) for m in (
+            "jax_cuda12_plugin", "jax_cuda13_plugin", "jax_plugins.xla_cuda12",
+            "jax_plugins.xla_cuda13"))
+        if cuda and glob.glob("/dev/nvidia[0-9]*"):
+            return "gpu"
+        rocm = any(_module_installed(m) for m in ("jax_rocm60_plugin", "jax_rocm7_plugin",
+                                                  "jax_plugins.xla_rocm60",
+                                                  "jax_plugins.xla_rocm7"))
+        if rocm and os.path.exists("/dev/kfd"):
+            return "gpu"
+    return None
+
+
 def cpu_backend_possible(env: Mapping[str, str] | None = None) -> bool:
-    """False when the environment already says JAX will not run on the CPU ($JAX_PLATFORMS whose
-    first, default, platform is not "cpu", e.g. "cuda" or "tpu"); True otherwise, including when
-    only starting JAX could tell."""
+    """Whether JAX's default backend may be the CPU, decided before JAX starts: $JAX_PLATFORMS
+    when set (its first, default, platform), else whether an accelerator is present
+    (accelerator_present). CPU-only settings (malloc re-exec, XLA:CPU flags) apply only then."""
     env = os.environ if env is None else env
     platforms = [p.strip().lower() for p in env.get("JAX_PLATFORMS", "").split(",") if p.strip()]
-    return not platforms or platforms[0] == "cpu"
+    if platforms:
+        return platforms[0] == "cpu"
+    return accelerator_present(env) is None
 
 
 # glibc malloc settings for XLA:CPU. XLA allocates every step's temporaries afresh and frees them

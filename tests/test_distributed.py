@@ -350,6 +350,22 @@ def test_slurm_local_device_ids(extra, ids):
     assert plan["local_device_ids"] == ids
 
 
+@pytest.mark.parametrize("env, metadata, expect", [
+    ({}, None, None),                                          # Colab / Kaggle: no metadata
+    ({}, "10.0.0.2:8470", None),                               # a v4-8 VM: one worker
+    ({}, "10.0.0.2:8470,10.0.0.3:8470", "tpu"),                # a v4-16 slice: two workers
+    ({"TPU_WORKER_HOSTNAMES": "w-0"}, "a,b", None),            # GKE single host wins
+    ({"TPU_WORKER_HOSTNAMES": "w-0,w-1,w-2,w-3"}, None, "tpu"),
+    ({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.9"}, None, "tpu"),
+])
+def test_single_host_tpu_skips_distributed_initialization(monkeypatch, env, metadata, expect):
+    monkeypatch.setattr(distributed, "on_cloud_tpu_vm", lambda: True)
+    got = distributed.plan(env=env, tpu_metadata=lambda: metadata)
+    assert (got or {}).get("method") == expect
+    monkeypatch.setattr(distributed, "on_cloud_tpu_vm", lambda: False)  # no TPU: never
+    assert distributed.plan(env=env, tpu_metadata=lambda: metadata) is None
+
+
 def test_slurm_tasks_per_node_parsing():
     assert distributed._expand_tasks_per_node("2(x3),1") == [2, 2, 2, 1]
     assert distributed.slurm_tasks_on_node(dict(SLURM_STEP_TASKS_PER_NODE="2(x3),1",

@@ -141,6 +141,27 @@ def test_cpu_backend_possible_from_the_environment():
     assert not runtime.cpu_backend_possible({"JAX_PLATFORMS": "gpu"})
 
 
+def test_cpu_backend_possible_from_installed_plugins_and_devices(monkeypatch, tmp_path):
+    """No $JAX_PLATFORMS: an accelerator plugin with a device to drive means no CPU settings."""
+    assert runtime.accelerator_present({}) is None  # this machine: no plugin, no device
+    installed = set()
+    monkeypatch.setattr(runtime, "_module_installed", lambda name: name in installed)
+    nodes = []
+    monkeypatch.setattr(runtime.glob, "glob",
+                        lambda pattern: [n for n in nodes if n.startswith(pattern.split("*")[0]
+                                                                          .split("[")[0])])
+    installed.add("jax_cuda12_plugin")
+    assert runtime.accelerator_present({}) is None          # a plugin but no GPU
+    nodes.append("/dev/nvidia0")
+    assert runtime.accelerator_present({}) == "gpu"
+    assert not runtime.cpu_backend_possible({})
+    assert runtime.cpu_backend_possible({"CUDA_VISIBLE_DEVICES": ""})  # every GPU hidden
+    assert runtime.cpu_backend_possible({"JAX_PLATFORMS": "cpu"})       # the user's choice wins
+    installed.add("libtpu")
+    nodes.append("/dev/accel0")
+    assert runtime.accelerator_present({}) == "tpu"
+
+
 _SETUP = """
 import json, os, types
 from rat_jax import runtime
