@@ -3,6 +3,7 @@
   python -m rat_jax.main --config=configs/vlcs.py --workdir=runs/vlcs \
       --config.data_root=/data/domainbed --config.foundation=/weights/resnet50-0676ba61.pth
 Variants: `:smoke` (seconds, structure only, embedded data), `:cpu` (EfficientNet-Lite0, 64 px).
+Trials 0, 1, 2 as the official sweeps (the † rows, ± over trials); `:cpu` runs trial 0 only.
 """
 import importlib.util
 import pathlib

@@ -112,11 +112,14 @@ class _FakeSource:
 
 def _fake_tfds():
     names = types.SimpleNamespace(names=["x", "y", "z"])
-    info = types.SimpleNamespace(features={"label": names}, version="1.0.0")
-    return types.SimpleNamespace(
-        builder=lambda name, data_dir=None, file_format=None: types.SimpleNamespace(info=info),
-        data_source=lambda name, split, data_dir=None: _FakeSource(4 if split == "train" else 2,
-                                                                    100 if split == "test" else 0))
+    info = types.SimpleNamespace(features={"image": None, "label": names},
+                                 splits={"train": None, "test": None}, version="1.0.0")
+    builder = types.SimpleNamespace(
+        info=info, data_dir_root="/fake", data_dir="/fake/fake/1.0.0", is_prepared=lambda: True,
+        as_data_source=lambda split, decoders=None: _FakeSource(4 if split == "train" else 2,
+                                                                100 if split == "test" else 0))
+    return types.SimpleNamespace(builder=lambda name, data_dir=None: builder,
+                                 decode=types.SimpleNamespace(SkipDecoding=object))
 
 
 def test_tfds_adapter_logic():

@@ -30,7 +30,7 @@ def _table(stdout):
 
 def test_demo_smoke_end_to_end_then_resume_without_training(tmp_path):
     out1 = _run(tmp_path)
-    rows = json.loads((tmp_path / "results.json").read_text())
+    rows = report.read_rows(tmp_path / "results.json")   # {"plus_minus", "rows"}
     got = {(r["method"], r["selection"]) for r in rows}
     assert got == EXPECTED, EXPECTED - got
     for r in rows:
