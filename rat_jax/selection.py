@@ -1,10 +1,15 @@
 """Stage E and the baselines' selection (docs/protocol.md §1.6-1.7): every row of the paper's table
-from the members of one (test env, trial) and across trials (†)."""
+from the members of one (test env, trial) and across trials (†). Progress goes to the console
+(main process, unless quiet): a line when a test env's selection starts and ends, rate-limited
+status lines in between (which split is loaded, which soup is built: "greedy soup 5/20 members")."""
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
 from rat_jax import diagnostics, distributed, figures, report, soups, trees
+from rat_jax.engine.progress import Console
 from rat_jax.evaluation import accuracy, load_split, predict_logits, predict_logits_stacked
 from rat_jax.stages import ratatouille_foundation_members
 
@@ -27,9 +32,10 @@ def withaux_members(groups: dict, aux_names, n_runs: int):
 class _Evaluator:
     """Accuracy of one params tree or a stack on in-memory eval arrays (uint8 images)."""
 
-    def __init__(self, settings, dataset, batch_stats, saver=None):
+    def __init__(self, settings, dataset, batch_stats, saver=None, console=None):
         self.settings = settings
         self.saver = saver
+        self.console = console or Console("selection", quiet=True)
         self.model = settings.model(dataset.num_classes)
         self.batch_stats = batch_stats
         self.dataset = dataset
@@ -37,6 +43,7 @@ class _Evaluator:
 
     def split(self, envs, split, trial):
         s = self.settings
+        self.console.status(f"trial {trial}: loading envs {list(envs)} split {split!r}")
         x, y = load_split(self.dataset, trial_seed=trial, envs=envs, split=split,
                           image_size=s.image_size, holdout_fraction=s.holdout_fraction,
                           **s.cache_kw())
@@ -64,14 +71,20 @@ class _Evaluator:
 
 def select_and_evaluate(target, k: int, by_trial: dict, batch_stats, *, settings,
                         aux_names=(), n_runs: int = 1, gate_threshold: float = 0.0,
-                        gate_skip: bool = False, plots_dir=None, save_soup=None) -> list[dict]:
+                        gate_skip: bool = False, plots_dir=None, save_soup=None,
+                        progress_interval: float | None = None) -> list[dict]:
     """All rows for test env k from {trial: {group: GroupResult}} (stages.target_members): per
     trial ERM / inter-training / fusing (ID val), uniform and greedy soups, the logit ensemble;
     across trials the uniform soups (†). `gate_threshold` > 0 runs the LMC gate before each
     uniform soup (`gate_skip`: leave gated members out); `plots_dir`: the first trial's
     diagnostic figures; `save_soup(row, params, batch_stats, members)`: called with every soup
-    (e.g. export.SoupWriter)."""
-    ev = _Evaluator(settings, target, batch_stats, save_soup)
+    (e.g. export.SoupWriter). `progress_interval`: seconds between status lines (default 0.5 on
+    a TTY, 30 otherwise)."""
+    console = Console(f"selection env{k}", interval=progress_interval,
+                      quiet=settings.quiet or not distributed.is_main_process())
+    started = time.monotonic()
+    console.message(f"trials {list(by_trial)}: scoring members, soups and ensembles")
+    ev = _Evaluator(settings, target, batch_stats, save_soup, console)
     full_test = ev.split([k], "all", 0)                       # the full test domain
     train_envs = [e for e in range(target.num_envs) if e != k]
     rows = []
@@ -85,6 +98,7 @@ def select_and_evaluate(target, k: int, by_trial: dict, batch_stats, *, settings
 
         def best_single(params, scores, flagged):
             order = soups.sort_by_score(scores, exclude=np.flatnonzero(flagged))
+            console.status(f"trial {t}: scoring the best ID-val member ({len(order)} candidates)")
             return order[0], ev.acc(trees.take(params, order[0]), test_in)
 
         i, acc = best_single(noaux.best_params, noaux.best_score, noaux.nonfinite)
@@ -101,6 +115,7 @@ def select_and_evaluate(target, k: int, by_trial: dict, batch_stats, *, settings
             rows += _soup_rows(ev, "Ratatouille", params, scores, flagged, full_test,
                                selection_set, t, row, gate, info)
             ok = [j for j in range(len(scores)) if not flagged[j]]
+            console.status(f"trial {t}: logit ensemble of {len(ok)} members")
             logits = ev.logits(trees.select(params, ok), full_test)
             rows.append(row("Ensemble of Ratatouille members", "Logits", t,
                             accuracy(soups.ensemble_logits(logits), full_test[1]), len(ok)))
@@ -122,9 +137,11 @@ def select_and_evaluate(target, k: int, by_trial: dict, batch_stats, *, settings
             info = [i for _, _, infos, _ in stacks for i in infos]
             scores = np.concatenate([s for *_, s in stacks])
             ok = [j for j in range(len(flagged)) if not flagged[j]]
+            console.status(f"{method}: uniform soup of {len(ok)} members over trials")
             soup = trees.average(params, members=ok)
             rows.append(row(method, "Uniform†", -1, ev.acc(soup, full_test), len(ok)))
             ev.save(rows[-1], soup, ok, info, scores)
+    console.message(f"done in {time.monotonic() - started:.1f} s: {len(rows)} rows")
     return rows
 
 
@@ -133,6 +150,7 @@ def _soup_rows(ev, method, params, scores, flagged, full_test, selection_set, t,
     threshold, skip = gate
     extra = {}
     if threshold > 0 and len(ok) > 1:
+        ev.console.status(f"trial {t} {method}: LMC gate over {len(ok)} members")
         # LMC gate on the ID-val selection set, members in score order (docs/protocol.md: no test data).
         order = soups.sort_by_score(scores, exclude=np.flatnonzero(flagged))
         uniform, kept, records = diagnostics.lmc_gate(
@@ -144,16 +162,28 @@ def _soup_rows(ev, method, params, scores, flagged, full_test, selection_set, t,
         n_uniform = len(kept)
     else:
         uniform, n_uniform = trees.average(params, members=ok), len(ok)
+    ev.console.status(f"trial {t} {method}: uniform soup of {n_uniform} members")
     out = [row(method, "Uniform", t, ev.acc(uniform, full_test), n_uniform, **extra)]
     ev.save(out[-1], uniform, kept if extra else ok, info, scores)
-    soup, selected, _ = soups.greedy_soup(params, scores, lambda p: ev.acc(p, selection_set),
+    candidates = len(soups.sort_by_score(scores, exclude=np.flatnonzero(flagged)))
+    tried = []
+
+    def greedy_score(p):
+        tried.append(1)
+        ev.console.status(f"trial {t} {method}: greedy soup {len(tried)}/{candidates} members")
+        return ev.acc(p, selection_set)
+    soup, selected, _ = soups.greedy_soup(params, scores, greedy_score,
                                           exclude=np.flatnonzero(flagged))
     out.append(row(method, "Greedy", t, ev.acc(soup, full_test), len(selected), selected=selected))
     ev.save(out[-1], soup, selected, info, scores)
     return out
 
 
-def notes(c, target, trained_members: int, rows=()) -> str:
+def notes(c, target, trained_members: int, rows=(), aux_names=None, n_runs=None) -> str:
+    """The sentences under the table. `aux_names` / `n_runs`: the auxiliary pool actually used
+    (trained and brought checkpoints); default config.aux and config.n_aux_hparams."""
+    aux_names = sorted(c.aux.keys()) if aux_names is None else sorted(aux_names)
+    n_runs = c.n_aux_hparams if n_runs is None else n_runs
     flagged = ""
     gated = [f"{r['method']} env {r['test_env']} trial {r['trial']}: members {r['gated']}"
              + (" left out" if r.get("gate_excluded") else " kept (warn only)")
@@ -165,7 +195,7 @@ def notes(c, target, trained_members: int, rows=()) -> str:
     return (f"Target {target.name} ({', '.join(f'{i}={e}' for i, e in enumerate(target.envs))}); "
             f"arch {c.arch}, {c.image_size}px, batch {c.batch_size}/domain, "
             f"{c.target.steps} steps, {c.n_hparams} members per (test env, trial), "
-            f"trials {list(c.trials)}, aux datasets {sorted(c.aux.keys())} x {c.n_aux_hparams} runs. "
+            f"trials {list(c.trials)}, aux datasets {aux_names} x {n_runs} runs. "
             "Single-model rows: test env in-split (80%), as DomainBed's collect_results; "
             "soups and ensembles: the full test env, as MR's inference.py. "
             f"Member runs trained by this invocation: {trained_members}.{flagged}")

@@ -11,6 +11,7 @@ fingerprinted results and resume from Orbax checkpoints.
 """
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 import logging
@@ -26,6 +27,7 @@ from rat_jax.data import DomainDataset, MemberLoader, iterate_eval
 from rat_jax.data.protocol import (aux_init_assignment, default_hparams, random_hparams,
                                    run_seed)
 from rat_jax.engine import TrainResult, id_val_names, make_hparams, train_members
+from rat_jax.engine.progress import NO_WRITER, Console, writer_backend
 from rat_jax.files import fingerprint, write_json_atomic
 from rat_jax.foundation import load_foundation
 from rat_jax.models import create_model
@@ -66,12 +68,20 @@ class TrainSettings:
     cpu_ynn: str = "auto"
     save_every: int = 500
     cache_dir: str = ""                   # decoded-image cache ("" = the default location)
+    augment_on: str = "auto"              # training augmentation: "host", "device" or "auto"
+    train_cache_side: int = 0             # 0: crops from the original images; S: cached capped
     quiet: bool = False
+    tensorboard: bool = False             # TensorBoard scalars per member (not fingerprinted)
 
     def __post_init__(self):
+        if str(self.augment_on).lower() not in ("auto", "host", "device"):
+            raise ValueError(f"augment_on={self.augment_on!r}: use 'auto', 'host' or 'device' "
+                             "(config.augment_on)")
         if str(self.data_parallel).lower() not in DATA_PARALLEL:
             raise ValueError(f"data_parallel={self.data_parallel!r}: use 'auto', 'on' or 'off' "
                              "(config.engine.data_parallel)")
+        if self.tensorboard and writer_backend() is None:
+            raise ImportError(NO_WRITER)
 
     @classmethod
     def from_config(cls, config) -> "TrainSettings":
@@ -85,18 +95,38 @@ class TrainSettings:
                    conv_impl=config.conv_impl, compute_dtype=e.compute_dtype,
                    strategy=e.strategy, remat=e.remat, data_parallel=e.data_parallel,
                    cpu_ynn=e.get("cpu_ynn", "auto"), save_every=config.save_every,
-                   cache_dir=config.cache_dir, quiet=config.quiet)
+                   cache_dir=config.cache_dir, quiet=config.quiet,
+                   tensorboard=bool(config.get("tensorboard", False)),
+                   augment_on=config.get("augment_on", "auto"),
+                   train_cache_side=int(config.get("train_cache_side", 0)))
 
     def replace(self, **changes) -> "TrainSettings":
         return dataclasses.replace(self, **changes)
 
     def fingerprint(self) -> list:
-        """What changes a run's numbers (engine and cache settings do not)."""
-        return [self.arch, self.image_size, self.batch_size, self.holdout_fraction,
-                bool(self.validation_augment), self.max_eval_images, self.lr_scale]
+        """What changes a run's numbers (engine, cache, console and TensorBoard settings do
+        not: a rerun with them changed loads the finished runs)."""
+        fp = [self.arch, self.image_size, self.batch_size, self.holdout_fraction,
+              bool(self.validation_augment), self.max_eval_images, self.lr_scale]
+        # a capped training cache changes the crops of larger images (0, the originals, is
+        # left out so that the fingerprints of runs made before the field existed still hold)
+        return fp + [int(self.train_cache_side)] if self.train_cache_side else fp
+
+    def augment_mode(self) -> str:
+        """Where training augmentation runs: "device" on accelerators and "host" on CPU for
+        "auto" (bench/loader.py: XLA:CPU's resize and colour ops cost more than Pillow's)."""
+        mode = str(self.augment_on).lower()
+        if mode == "auto":
+            return "host" if jax.default_backend() == "cpu" else "device"
+        return mode
 
     def cache_kw(self) -> dict:
         return {"cache_dir": self.cache_dir} if self.cache_dir else {}
+
+    @property
+    def train_side(self) -> int | None:
+        """The cached side of training crops (None: the original images)."""
+        return int(self.train_cache_side) or None
 
     def model(self, num_classes: int):
         return create_model(self.arch, num_classes, conv_impl=self.conv_impl,
@@ -169,14 +199,20 @@ class WorkdirStore(MemoryStore):
 
     Once a run is done its result (best and final params) is kept and its resume checkpoints are
     deleted, unless `keep_checkpoints`. A finished run whose inputs changed is retrained, and
-    that is logged."""
+    that is logged. A run loaded because it is done is announced on the console (main process,
+    unless `quiet`). While a run trains, `WorkdirStore.tensorboard_run` holds the folder of its
+    TensorBoard event files, `root/tensorboard/<name>` (train_group reads it)."""
+
+    tensorboard_run: contextvars.ContextVar = contextvars.ContextVar("rat_jax_tensorboard_run",
+                                                                     default=None)
 
     def __init__(self, root: str | pathlib.Path, aux_root: str | pathlib.Path | None = None,
-                 keep_checkpoints: bool = False):
+                 keep_checkpoints: bool = False, quiet: bool = False):
         super().__init__()
         self.root = pathlib.Path(root).absolute()
         self.aux_root = pathlib.Path(aux_root).absolute() if aux_root else None
         self.keep_checkpoints = keep_checkpoints
+        self.quiet = quiet
 
     def path(self, name: str) -> pathlib.Path:
         head, _, rest = name.partition("/")
@@ -192,13 +228,21 @@ class WorkdirStore(MemoryStore):
         directory = self.path(name)
         directory.mkdir(parents=True, exist_ok=True)
         if self.done(name, fp):
-            log.info("%s: done, loaded from %s", name, directory)
+            if self.quiet or not distributed.is_main_process():
+                log.info("%s: done, loaded from %s", name, directory)
+            else:
+                Console(name).message(f"skipped: already done with the same inputs, loaded from "
+                                      f"{directory}")
             return GroupResult.load(directory, info)
         if (directory / "done.json").exists():
             log.warning("%s: its inputs changed since it was trained (config, data or an earlier "
                         "stage); training it again", name)
             shutil.rmtree(directory / "checkpoints", ignore_errors=True)
-        result = train(directory)
+        token = self.tensorboard_run.set(self.root / "tensorboard" / name)
+        try:
+            result = train(directory)
+        finally:
+            self.tensorboard_run.reset(token)
         self.trained_members += len(result.best_score)
         result.save(directory)
         self.write_json(f"{name}/done.json", {"fingerprint": fp, "info": result.info})
@@ -242,13 +286,17 @@ def new_head(arch: str, num_classes: int, seed: int = 0) -> dict:
 
 def _eval_source(dataset, env: int, split: str, trial: int, augment: bool,
                  settings: TrainSettings):
+    """One eval set's batches as a callable; `step` (the evaluation step, given by the training
+    loop) seeds an augmented set's draw, so each evaluation point sees fresh augmentation, the
+    same in every run and after a resume. A clean set ignores it."""
     limit = settings.max_eval_images
 
-    def batches():
+    def batches(step: int | None = None):
         seen = 0
         for b in iterate_eval(dataset, trial_seed=trial, envs=[env], splits=[split],
                               batch_size=settings.eval_batch_size,
                               image_size=settings.image_size, augment=augment,
+                              step=step if augment else None, train_side=settings.train_side,
                               holdout_fraction=settings.holdout_fraction, pad=False,
                               **settings.cache_kw()):
             if limit and seen >= limit:
@@ -261,8 +309,9 @@ def _eval_source(dataset, env: int, split: str, trial: int, augment: bool,
 def eval_sets(dataset: DomainDataset, test_envs: Sequence[int], trial: int,
               settings: TrainSettings) -> dict:
     """Evaluation splits of a members run, streamed in `eval_batch_size` batches: the train envs'
-    out splits (augmented with `validation_augment`, as the reference) for the ID-val score;
-    with `eval_all_splits`, also every env's in/out split for the records."""
+    out splits (augmented with `validation_augment`, as the reference: a fresh seeded draw at
+    each evaluation step) for the ID-val score; with `eval_all_splits`, also every env's in/out
+    split for the records."""
     sets = {}
     for env in range(dataset.num_envs):
         is_test = env in set(test_envs)
@@ -281,7 +330,9 @@ def train_group(dataset: DomainDataset, inits: Sequence[Any], hparams: Sequence[
     """Train len(inits) members together on `dataset` minus `test_envs` and return the engine's
     TrainResult. `hparams[i]`: member i's lr, weight_decay, resnet_dropout, seed (data stream and
     dropout), optional lp_steps (-1: whole net from update 0) and any other keys, which go into
-    its records. `workdir`: records and resume checkpoints (None: in memory)."""
+    its records. `workdir`: records and resume checkpoints (None: in memory). With
+    `settings.tensorboard`, per-member scalars go to `<workdir root>/tensorboard/<run name>/`
+    under a WorkdirStore, else `workdir/tensorboard/` (none without a workdir)."""
     if len(inits) != len(hparams):
         raise ValueError(f"{len(inits)} initial param trees but {len(hparams)} hparams")
     train_envs = [i for i in range(dataset.num_envs) if i not in set(test_envs)]
@@ -296,6 +347,7 @@ def train_group(dataset: DomainDataset, inits: Sequence[Any], hparams: Sequence[
     loader = MemberLoader(dataset, train_envs, seeds, trial_seeds=trial,
                           batch_size=settings.batch_size, image_size=settings.image_size,
                           augment=True, holdout_fraction=settings.holdout_fraction,
+                          augment_on=settings.augment_mode(), cache_side=settings.train_side,
                           **settings.cache_kw())
     sets = eval_sets(dataset, test_envs, trial, settings)
     val_names = [n for n in id_val_names(dataset.num_envs, test_envs) if n in sets]
@@ -306,6 +358,12 @@ def train_group(dataset: DomainDataset, inits: Sequence[Any], hparams: Sequence[
                     "args": _domainbed_args(dataset, test_envs, trial, i, h, settings,
                                             classifier_only)}
                    for i, h in enumerate(hparams)]
+    board = None
+    if settings.tensorboard:
+        board = WorkdirStore.tensorboard_run.get() or (
+            pathlib.Path(workdir) / "tensorboard" if workdir is not None else None)
+        if board is None:
+            log.warning("%s: tensorboard=True but no workdir: no event files written", stage)
     with loader:
         return train_members(
             settings.model(dataset.num_classes), list(inits), batch_stats, engine_hp, loader,
@@ -315,7 +373,8 @@ def train_group(dataset: DomainDataset, inits: Sequence[Any], hparams: Sequence[
             data_parallel=DATA_PARALLEL[str(settings.data_parallel).lower()],
             cpu_ynn=settings.cpu_ynn, eval_sets=sets, val_names=val_names, workdir=workdir,
             save_every=settings.save_every, steps_per_epoch=n_train / per_step,
-            member_info=member_info, stage=stage, quiet=settings.quiet)
+            member_info=member_info, stage=stage, quiet=settings.quiet,
+            tensorboard_dir=board)
 
 
 # DomainBed's `args.algorithm` per members group: the no-aux members are its ERM runs, so its

@@ -8,13 +8,21 @@ replaced only on a strict improvement. One DomainBed-style JSONL record per memb
 Inputs are duck-typed so this module does not depend on rat_jax.data:
   train_batches  an iterable of dict(images=float32 [M, N, H, W, C], labels=int32 [M, N]); if it
                  (or its iterator) has get_state()/set_state(), that state is checkpointed;
-  eval_sets      {name: batches}, name like "env0_in"; batches is a re-iterable or a zero-argument
-                 callable returning an iterable of dict(images [B, H, W, C], labels [B]) (or tuples);
-                 the images are shared by all members.
+  eval_sets      {name: batches}, name like "env0_in"; batches is a re-iterable or a callable
+                 returning an iterable of dict(images [B, H, W, C], labels [B]) (or tuples); the
+                 images are shared by all members. A callable with a `step` parameter is called
+                 with the evaluation step (augmented sets draw fresh augmentation per evaluation
+                 point, seeded by the step), otherwise with no argument.
+
+Console (main process, unless quiet): a header, a resume notice, `compiled in X s` after the first
+update (the ETA counts from there), the live progress line, evaluation progress, and one line per
+evaluation point and member group (train loss since the last evaluation, mean and best ID-val
+accuracy, the best member). Optional TensorBoard scalars per member (`tensorboard_dir`).
 """
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -29,7 +37,7 @@ import rat_jax.distributed as distributed
 import rat_jax.files as files
 import rat_jax.trees as trees
 from rat_jax.engine.members import MemberEngine, init_state
-from rat_jax.engine.progress import Progress
+from rat_jax.engine.progress import Progress, ScalarWriter
 from rat_jax.engine.resume import RunCheckpoints, decode_state, encode_state
 
 RESULTS_FILE = "results.jsonl"
@@ -90,13 +98,34 @@ def _pad_to(n: int, images, labels, mask):
             np.concatenate([mask, np.zeros((pad,), bool)]))
 
 
-def evaluate(engine: MemberEngine, params: Any, eval_sets: Mapping[str, Any]) -> dict:
-    """Accuracy [M] of every member on every eval set, in one pass over each set's images."""
+def _takes_step(fn) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "step" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _open_source(source, step: int | None):
+    """An eval set's batches; a callable taking `step` is given the evaluation step."""
+    if not callable(source):
+        return source
+    return source(step=step) if step is not None and _takes_step(source) else source()
+
+
+def evaluate(engine: MemberEngine, params: Any, eval_sets: Mapping[str, Any],
+             step: int | None = None,
+             on_set: Callable[[int, int, str], None] | None = None) -> dict:
+    """Accuracy [M] of every member on every eval set, in one pass over each set's images.
+    `step`: the evaluation step, passed to sources that take it. `on_set(i, n, name)` is called
+    before set i of n (progress)."""
     accs = {}
     batch_size = 0
     params = engine.prepare_eval(params)  # once for all batches
-    for name, source in eval_sets.items():
-        batches = source() if callable(source) else source
+    for k, (name, source) in enumerate(eval_sets.items()):
+        if on_set is not None:
+            on_set(k, len(eval_sets), name)
+        batches = _open_source(source, step)
         counts, total = [], 0
         for batch in batches:
             images, labels, mask = _unpack(batch)
@@ -167,6 +196,44 @@ def _hparams_meta(hparams: dict) -> dict:
     return {k: np.asarray(v).tolist() for k, v in hparams.items()}
 
 
+def member_groups(num_members: int, member_info: Sequence[dict] | None) -> list:
+    """[(group name or None, [member indices])] in order of first appearance (member_info's
+    "group": e.g. noaux / aux / fusing in a target run)."""
+    groups: dict = {}
+    for i in range(num_members):
+        g = member_info[i].get("group") if member_info else None
+        groups.setdefault(g, []).append(i)
+    return list(groups.items())
+
+
+def eval_lines(step: int, groups, losses, score, nonfinite) -> list[str]:
+    """One console line per member group at an evaluation point: the mean train loss since the
+    last evaluation, the mean and best ID-val accuracy over the group's members (non-finite
+    members left out) and the best member. `score` None: no ID-val splits."""
+    out = []
+    for name, idx in groups:
+        idx = np.asarray(idx)
+        label = f"{len(idx)} member{'s' if len(idx) > 1 else ''}"
+        text = f"step {step}  " + (f"{name} ({label})" if name is not None else label)
+        ok = idx[~np.asarray(nonfinite, bool)[idx]]
+        loss = np.asarray(losses, np.float64)[ok]
+        loss = loss[np.isfinite(loss)]
+        text += f"  train loss {loss.mean():.4f}" if loss.size else "  train loss -"
+        if score is not None:
+            s = np.asarray(score, np.float64)[ok]
+            fin = np.isfinite(s)
+            if fin.any():
+                best = int(ok[fin][np.argmax(s[fin])])
+                text += (f"  ID-val mean {s[fin].mean():.4f} best {np.max(s[fin]):.4f} "
+                         f"(member {best})")
+            else:
+                text += "  ID-val -"
+        if len(ok) < len(idx):
+            text += f"  ({len(idx) - len(ok)} non-finite)"
+        out.append(text)
+    return out
+
+
 def run_loop(engine: MemberEngine, state: dict, hparams: dict, train_batches: Iterable, *,
              num_steps: int, checkpoint_freq: int, eval_sets: Mapping[str, Any] | None = None,
              val_names: Sequence[str] | None = None, workdir: str | os.PathLike | None = None,
@@ -174,13 +241,16 @@ def run_loop(engine: MemberEngine, state: dict, hparams: dict, train_batches: It
              member_info: Sequence[dict] | None = None, member_dirs: Sequence[str] | None = None,
              stage: str = "train", quiet: bool = False, progress_stream=None,
              progress_interval: float | None = None, max_to_keep: int = 1,
-             async_checkpoints: bool = False, on_record: Callable[[int, dict], None] | None = None) -> TrainResult:
+             async_checkpoints: bool = False, on_record: Callable[[int, dict], None] | None = None,
+             tensorboard_dir: str | os.PathLike | None = None) -> TrainResult:
     """Train the engine's members for `num_steps` updates (resuming from `workdir` if it holds a
     checkpoint of this run), evaluating every `checkpoint_freq` steps. `state` / `hparams` are the
     stacked state and [M] settings (host or placed). Checkpoints every `save_every` steps (default
     `checkpoint_freq`) and at the end (`async_checkpoints`: write them in the background).
     Per-member results.jsonl go to `workdir/<member_dirs[i]>/` (default `member_<i>`);
-    `member_info[i]` is merged into member i's records (its "hparams" replace the default ones).
+    `member_info[i]` is merged into member i's records (its "hparams" replace the default ones;
+    its "group" groups the console's evaluation lines). `tensorboard_dir`: per-member train loss
+    and ID-val accuracy at each evaluation point as TensorBoard scalars (main process).
     Returns the final stacked state and per-member records.
     """
     m = engine.num_members
@@ -219,6 +289,16 @@ def run_loop(engine: MemberEngine, state: dict, hparams: dict, train_batches: It
     quiet = quiet or not distributed.is_main_process()
     progress = Progress(stage, num_steps, start=start, quiet=quiet, stream=progress_stream,
                         interval=progress_interval)
+    groups = member_groups(m, member_info)
+    names = list(member_dirs or [f"member_{i}" for i in range(m)])
+    board = (ScalarWriter(tensorboard_dir)
+             if tensorboard_dir is not None and distributed.is_main_process() else None)
+    if start < num_steps:
+        progress.message(f"{m} member{'s' if m > 1 else ''}, {num_steps} steps, evaluation every "
+                         f"{checkpoint_freq}")
+    if latest is not None:
+        progress.message(f"resuming from the checkpoint of step {latest}: "
+                         f"{start}/{num_steps} updates done")
     pending: list = []  # device losses not yet folded into loss_sum (no sync every step)
     last_losses = None
 
@@ -238,7 +318,11 @@ def run_loop(engine: MemberEngine, state: dict, hparams: dict, train_batches: It
         batch = next(iterator)
         if per_step_images is None:
             per_step_images = int(np.prod(np.shape(batch["labels"])))
+        t_step = time.perf_counter()
         metrics = live.step(batch)
+        if step == start:  # the first update compiles: timed alone, kept out of the ETA
+            jax.block_until_ready(metrics["loss"])
+            progress.compiled(time.perf_counter() - t_step)
         if pending:  # keep at most one step in flight
             jax.block_until_ready(pending[-1])
         pending.append(metrics["loss"])
@@ -252,7 +336,9 @@ def run_loop(engine: MemberEngine, state: dict, hparams: dict, train_batches: It
         if is_eval or is_save:
             state = {**state, "members": live.stacked()}
         if is_eval:
-            accs = evaluate(engine, live.params_for_eval(), eval_sets)
+            accs = evaluate(engine, live.params_for_eval(), eval_sets, step=step,
+                            on_set=lambda k, n, name: progress.status(
+                                f"step {step}: evaluating {name} ({k + 1}/{n})"))
             score = (np.mean([accs[n] for n in val_names], axis=0) if val_names
                      else np.full((m,), np.nan))
             # no validation splits: keep the latest evaluated params as "best"
@@ -274,6 +360,16 @@ def run_loop(engine: MemberEngine, state: dict, hparams: dict, train_batches: It
                 writer.write(i, rec)
                 if on_record is not None:
                     on_record(i, rec)
+            mean_loss = loss_sum / max(count, 1)
+            for text in eval_lines(step, groups, mean_loss, score if val_names else None,
+                                   nonfinite):
+                progress.message(text)
+            if board is not None:
+                values = {f"train_loss/{names[i]}": _json_float(mean_loss[i]) for i in range(m)}
+                if val_names:
+                    values.update({f"id_val_acc/{names[i]}": _json_float(score[i])
+                                   for i in range(m)})
+                board.scalars(step, values)
             loss_sum, time_sum, count = np.zeros((m,), np.float64), 0.0, 0
 
         if is_save:
@@ -282,13 +378,18 @@ def run_loop(engine: MemberEngine, state: dict, hparams: dict, train_batches: It
                     "loss_sum": loss_sum.tolist(), "time_sum": time_sum, "count": count}
             ckpts.save(step, state, meta)
         state = {**state, "members": None}  # not kept while the live members train on
-        progress.update(step + 1, per_step_images or 0, last_losses)
+        if step == start:  # rate and ETA from here on: compilation and the first evaluation out
+            progress.restart(step + 1)
+        else:
+            progress.update(step + 1, per_step_images or 0, last_losses)
 
     flush_losses()
     state = {**state, "members": live.stacked()}
     jax.block_until_ready(state)
     if ckpts is not None:
         ckpts.close()
+    if board is not None:
+        board.close()
     if start < num_steps:
         progress.close(num_steps, last_losses)
     return TrainResult(state=state, records=writer.records)

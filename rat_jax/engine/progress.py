@@ -1,14 +1,20 @@
-"""A live progress line per stage: step/total, steps/s, images/s, ETA and the members' loss range.
+"""What a person follows on the console, and optional TensorBoard scalars.
 
+`Progress`: a live line per stage (step/total, steps/s, images/s, ETA, the members' loss range).
 On a TTY the line is redrawn in place (carriage return); otherwise a plain line is printed every
-`interval` seconds. `quiet=True` prints nothing.
+`interval` seconds. The rate and ETA count from the end of the first update (`restart`), so
+compilation does not inflate the ETA; the compile time is reported once (`compiled`).
+`Console`: permanent lines (`message`: evaluation summaries, skip/resume notices) and
+rate-limited status lines (`status`: evaluation and selection progress). `quiet=True` prints
+nothing. Callers pass `quiet=True` on every process but the main one.
+`ScalarWriter`: TensorBoard event files through tensorboardX, clu or tf.summary.
 """
 from __future__ import annotations
 
 import math
 import sys
 import time
-from typing import TextIO
+from typing import Mapping, TextIO
 
 import numpy as np
 
@@ -22,21 +28,79 @@ def _fmt_duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
 
 
-class Progress:
-    def __init__(self, stage: str, total: int, *, start: int = 0, quiet: bool = False,
-                 stream: TextIO | None = None, interval: float | None = None,
-                 clock=time.monotonic):
-        self.stage, self.total, self.quiet = stage, total, quiet
+class Console:
+    """Lines for one stage on `stream` (default stderr): permanent `message`s and rate-limited
+    `status` lines (redrawn in place on a TTY, else printed at most every `interval` s)."""
+
+    def __init__(self, stage: str, *, quiet: bool = False, stream: TextIO | None = None,
+                 interval: float | None = None, clock=time.monotonic):
+        self.stage, self.quiet = stage, quiet
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.interval = interval if interval is not None else (0.5 if self.tty else 30.0)
         self.clock = clock
-        self.start_step = start
-        self.t0 = self.last_print = clock()
-        self.images = 0
-        self._printed = False
+        self.last_print = clock()
         self.last_line = ""
+        self._open = False  # TTY: the cursor is at the end of a status line that will be redrawn
+
+    def _write(self, text: str, transient: bool) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K" + text + ("" if transient else "\n"))
+            self._open = transient
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        """A permanent line, `[stage] text` (unless quiet)."""
+        if not self.quiet:
+            self._write(f"[{self.stage}] {text}", transient=False)
+
+    def due(self) -> bool:
+        return not self.quiet and self.clock() - self.last_print >= self.interval
+
+    def status(self, text: str, force: bool = False) -> bool:
+        """`[stage] text` if `interval` has passed since the last status line (or `force`);
+        returns whether it was shown."""
+        if self.quiet or not (force or self.due()):
+            return False
+        self.last_print = self.clock()
+        self.last_line = f"[{self.stage}] {text}"
+        self._write(self.last_line, transient=self.tty)
+        return True
+
+    def end_line(self) -> None:
+        """Close an open TTY status line (before other output, or at the end)."""
+        if self._open:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._open = False
+
+
+class Progress(Console):
+    def __init__(self, stage: str, total: int, *, start: int = 0, quiet: bool = False,
+                 stream: TextIO | None = None, interval: float | None = None,
+                 clock=time.monotonic):
+        super().__init__(stage, quiet=quiet, stream=stream, interval=interval, clock=clock)
+        self.total = total
+        self.start_step = start
+        self.t0 = self.last_print
+        self.images = 0
+        self.compile_seconds = None
+        self._printed = False
         self.last_step = None
+
+    def compiled(self, seconds: float) -> None:
+        """Report the first update's compile time, once."""
+        if self.compile_seconds is None:
+            self.compile_seconds = float(seconds)
+            self.message(f"compiled in {self.compile_seconds:.1f} s")
+
+    def restart(self, step: int) -> None:
+        """Count the rate, images/s and ETA from now, after `step` updates (the loop calls it
+        once the first update, which compiles, and its evaluation are done)."""
+        self.t0 = self.last_print = self.clock()
+        self.start_step, self.images = step, 0
 
     def line(self, step: int, losses=None) -> str:
         """The status after `step` updates of this stage (`step` counts from 0 at stage start)."""
@@ -66,24 +130,69 @@ class Progress:
         self.last_print = now
         self.last_step = step
         self.last_line = self.line(step, losses)
-        if self.tty:
-            self.stream.write("\r\033[K" + self.last_line)
-        else:
-            self.stream.write(self.last_line + "\n")
-        self.stream.flush()
+        self._write(self.last_line, transient=self.tty)
         self._printed = True
-
-    def due(self) -> bool:
-        return not self.quiet and self.clock() - self.last_print >= self.interval
 
     def close(self, step: int, losses=None) -> None:
         """Print the final line (unless the last one printed was already for `step`)."""
-        if self.quiet or (self.last_step == step and self._printed):
-            if self.tty and self._printed and not self.quiet:
-                self.stream.write("\n")
-                self.stream.flush()
-            return
-        self.update(step, 0, losses, force=True)
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        if not self.quiet and not (self.last_step == step and self._printed):
+            self.update(step, 0, losses, force=True)
+        self.end_line()
+
+
+# ----------------------------------------------------------------------------------------------
+# TensorBoard scalars
+# ----------------------------------------------------------------------------------------------
+NO_WRITER = ("tensorboard=True needs a TensorBoard writer and none is installed: "
+             "pip install tensorboardX (or pip install 'rat_jax[tensorboard]')")
+
+
+class ScalarWriter:
+    """Scalars to TensorBoard event files in `logdir` with the first writer importable:
+    tensorboardX, clu.metric_writers, tf.summary."""
+
+    def __init__(self, logdir: str):
+        self.logdir = str(logdir)
+        kind = writer_backend()
+        if kind is None:
+            raise ImportError(NO_WRITER)
+        self.kind = kind
+        if kind == "tensorboardX":
+            from tensorboardX import SummaryWriter
+            self._w = SummaryWriter(self.logdir)
+        elif kind == "clu":
+            from clu import metric_writers
+            self._w = metric_writers.SummaryWriter(self.logdir)
+        else:
+            import tensorflow as tf
+            self._w = tf.summary.create_file_writer(self.logdir)
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        values = {k: float(v) for k, v in values.items() if v is not None}
+        if self.kind == "tensorboardX":
+            for tag, v in values.items():
+                self._w.add_scalar(tag, v, step)
+        elif self.kind == "clu":
+            self._w.write_scalars(step, values)
+        else:
+            import tensorflow as tf
+            with self._w.as_default():
+                for tag, v in values.items():
+                    tf.summary.scalar(tag, v, step=step)
+        self._w.flush()
+
+    def close(self) -> None:
+        self._w.close()
+
+
+def writer_backend() -> str | None:
+    """The TensorBoard writer ScalarWriter would use, or None when none is importable."""
+    import importlib.util
+    for kind, module in (("tensorboardX", "tensorboardX"), ("clu", "clu.metric_writers"),
+                         ("tf", "tensorflow")):
+        try:
+            if importlib.util.find_spec(module) is not None:
+                return kind
+        except (ImportError, ValueError):  # find_spec of a submodule imports its parent
+            continue
+    return None
