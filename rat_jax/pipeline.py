@@ -13,7 +13,7 @@ import os
 import pathlib
 import sys
 
-from rat_jax import distributed, report, selection, stages
+from rat_jax import aux_checkpoints, distributed, report, selection, stages
 from rat_jax.data import DomainDataset, load_dataset
 from rat_jax.export import SoupWriter
 from rat_jax.files import write_json_atomic
@@ -40,7 +40,9 @@ class Pipeline:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.settings = stages.TrainSettings.from_config(config)
         self.store = stages.WorkdirStore(self.workdir, config.aux_pool_dir or None,
-                                         keep_checkpoints=config.keep_checkpoints)
+                                         keep_checkpoints=config.keep_checkpoints,
+                                         quiet=bool(config.quiet))
+        self.pool: dict = {}  # the auxiliary pool of the last run(): trained + checkpoints
         self.record_config()
 
     def record_config(self) -> None:
@@ -66,8 +68,14 @@ class Pipeline:
 
     def dataset(self, entry) -> DomainDataset:
         """A config dataset entry (name, optional root) as a dataset."""
-        return load_dataset(entry.name, entry.root or self.c.data_root or None,
-                            cache_dir=self.c.cache_dir or None,
+        return self._resolve_dataset(entry.name, entry.root)
+
+    def _resolve_dataset(self, name: str, root: str | None) -> DomainDataset:
+        """A dataset by name or folder with this config's data settings. config.data_root (the
+        DomainBed folder) is not a TFDS data dir: a `tfds:` name without a root uses TFDS's."""
+        if not root and not str(name).startswith("tfds:"):
+            root = self.c.data_root
+        return load_dataset(name, root or None, cache_dir=self.c.cache_dir or None,
                             domainnet_duplicates=self.c.domainnet_duplicates or None)
 
     def run(self) -> list[dict]:
@@ -83,9 +91,17 @@ class Pipeline:
         tasks = {name: stages.AuxTask(self.dataset(e), e.steps, e.checkpoint_freq,
                                       c.lp_probe_steps)
                  for name, e in c.aux.items()}
+        # Checkpoints first (cheap; a bad file fails before any training), then the trained pool.
+        brought = aux_checkpoints.load_aux_checkpoints(
+            c.get("aux_checkpoints", ()), arch=c.arch, foundation_featurizer=featurizer,
+            foundation_batch_stats=batch_stats, target=target, foundation_hash=fhash,
+            n_runs=c.n_aux_hparams if tasks else None, reserved_names=sorted(tasks),
+            resolve_dataset=self._resolve_dataset, store=self.store)
         pool = stages.aux_pool(tasks, featurizer, batch_stats, target=target,
                                n_runs=c.n_aux_hparams, settings=s, foundation_hash=fhash,
                                store=self.store) if tasks else {}
+        pool = self.pool = aux_checkpoints.merge_pools(pool, brought)
+        n_runs = aux_checkpoints.pool_runs(pool, c.n_aux_hparams)
         rows = []
         for k in test_envs:
             lp_steps = c.lp_probe_steps if c.lp_probe_steps > 0 else c.target.steps
@@ -96,18 +112,23 @@ class Pipeline:
                                        name=f"{target.name}_test{k}")
             by_trial = {t: stages.target_members(
                 target, k, t, w_lp, featurizer, batch_stats, pool, n_hparams=c.n_hparams,
-                n_runs=c.n_aux_hparams, lp_steps=c.lp_steps, steps=c.target.steps,
+                n_runs=n_runs, lp_steps=c.lp_steps, steps=c.target.steps,
                 checkpoint_freq=c.target.checkpoint_freq, settings=s, run_fusing=c.run_fusing,
                 fusing_range=c.fusing_range, foundation_hash=fhash, store=self.store)
                 for t in c.trials}
             rows += selection.select_and_evaluate(
                 target, k, by_trial, batch_stats, settings=s, aux_names=sorted(pool),
-                n_runs=c.n_aux_hparams, gate_threshold=c.lmc_gate.threshold,
+                n_runs=n_runs, gate_threshold=c.lmc_gate.threshold,
                 gate_skip=bool(c.lmc_gate.skip),
                 plots_dir=self.workdir / "plots" if c.make_plots else None,
                 save_soup=SoupWriter(self.workdir / "models", arch=c.arch, dataset=target,
                                      foundation_hash=fhash, image_size=c.image_size))
-        notes = selection.notes(c, target, self.trained_members, rows)
+        notes = selection.notes(c, target, self.trained_members, rows, aux_names=sorted(pool),
+                                n_runs=n_runs)
+        if brought:
+            notes += (" Auxiliary checkpoints (config.aux_checkpoints, not trained here): "
+                      + ", ".join(f"{n} x {len(p['featurizers'])}" for n, p in brought.items())
+                      + f"; {n_runs} runs per auxiliary dataset.")
         md = report.table(rows) + "\n\n" + notes + "\n"
         if distributed.is_main_process():  # one writer and one printed table per run
             md = report.write(self.workdir, rows, notes)

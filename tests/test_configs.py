@@ -12,7 +12,8 @@ from rat_jax.data import SPECS
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 DOMAINBED = {"pacs": "PACS", "vlcs": "VLCS", "officehome": "OfficeHome",
              "terraincognita": "TerraIncognita", "domainnet": "DomainNet"}
-VARIANTS = {**{name: (None, "smoke", "cpu") for name in DOMAINBED}, "demo": (None, "smoke")}
+VARIANTS = {**{name: (None, "smoke", "cpu", "gpu_quick") for name in DOMAINBED},
+            "demo": (None, "smoke")}
 # What configs/demo.py changes on top of the :cpu variant.
 DEMO_DIFFERENCES = {"target", "image_size", "batch_size", "trials", "lp_probe_steps",
                     "max_eval_images"}
@@ -47,6 +48,13 @@ def test_every_config_and_variant_loads(name, variant, tmp_path, monkeypatch):
     if variant == "cpu":
         assert c.foundation == "pypi:efficientnet_lite0" and c.image_size == 64
         assert c.target.name == DOMAINBED[name] and sorted(c.aux) == ["glyphs", "textures"]
+    if variant == "gpu_quick":  # 8 members, one test env, reference lrs, 224 px
+        assert (c.image_size, c.lr_scale, len(c.target.test_envs), c.trials) == (224, 1.0, 1, (0,))
+        from rat_jax.data.protocol import aux_init_assignment
+        aux_init = sum(aux_init_assignment(h, sorted(c.aux), c.n_aux_hparams) != "imagenet"
+                       for h in range(c.n_hparams))
+        assert c.n_hparams + aux_init + c.n_hparams * c.run_fusing == 8
+        assert c.target.name == DOMAINBED[name] and c.engine.compute_dtype == "bfloat16"
 
 
 def test_config_flags_load_a_config_by_relative_path_from_another_directory(tmp_path):

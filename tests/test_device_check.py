@@ -44,6 +44,13 @@ def _check(stdout, rows, members, strategies):
         assert r["images_per_s"] > 0 and r["xla_gib_per_member"] > 0
         assert r["vs_one_by_one"] > 0
     assert "| members | strategy | images/s |" in stdout and "Parity: resnet_tiny @ 32 px" in stdout
+    feed = {r["mode"]: r for r in rows if r["section"] == "feed"}
+    assert sorted(feed) == ["device", "host"] and all(r["img_per_s"] > 0 for r in feed.values())
+    # uint8 windows + parameters against float32 images: fewer bytes per image
+    assert feed["device"]["bytes_per_image"] < feed["host"]["bytes_per_image"] / 2  # 40-px canvas
+    assert feed["device"]["device_finish_ms_per_image"] > 0
+    assert f"Recommended local strategy on this device: {strategies[0]}" in stdout or (
+        "Recommended local strategy on this device:" in stdout and len(strategies) > 1)
 
 
 def test_tiny_on_cpu_one_strategy(tmp_path):
@@ -76,4 +83,7 @@ def test_table_marks_oom_and_skipped_rows():
     assert "| 16 | map | 1024.0 | 1.20 | 500.0 | 30.0 | 1.50 | - |" in text
     args = dc.parse_args([])
     assert (args.arch, args.image, args.members) == ("resnet50", 224, "1,4,8,16")
-    assert args.strategies == "map,vmap"  # the accelerator default and its comparison
+    assert args.strategies == "loop,map,vmap"  # every local strategy on an accelerator
+    assert args.parity_archs == "resnet50,efficientnet_lite0"
+    # the recommendation: most images/s at the largest member count that ran
+    assert dc.recommend(rows) == "map" and "Recommended local strategy on this device: map" in text
