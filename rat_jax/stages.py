@@ -136,6 +136,9 @@ class TrainSettings:
 # ---------------------------------------------------------------------------------------------
 # Results of one members run, and where they are kept
 # ---------------------------------------------------------------------------------------------
+PARAMS = ("best", "final")  # the params a members run yields: best ID-val and last
+
+
 @dataclasses.dataclass
 class GroupResult:
     """Stacked outputs of one members run (numpy, leading member axis); `info[i]` is member i's
@@ -152,21 +155,28 @@ class GroupResult:
                    np.asarray(result.best_score), np.asarray(result.nonfinite),
                    [dict(h) for h in info])
 
-    def save(self, directory: pathlib.Path) -> None:
-        checkpoint.save_pytree(directory / "result", {
-            "best_params": self.best_params, "final_params": self.final_params,
-            "best_score": self.best_score, "nonfinite": self.nonfinite}, force=True)
+    def save(self, directory: pathlib.Path, keep: Sequence[str] = PARAMS) -> None:
+        """Write the result; `keep`: which params ("best", "final") go to disk."""
+        bad = sorted(set(keep) - set(PARAMS))
+        if bad:
+            raise ValueError(f"keep={list(keep)}: {bad} unknown; use a subset of {PARAMS}")
+        tree = {"best_score": self.best_score, "nonfinite": self.nonfinite}
+        for which in keep:
+            tree[f"{which}_params"] = getattr(self, f"{which}_params")
+        checkpoint.save_pytree(directory / "result", tree, force=True)
 
     @classmethod
     def load(cls, directory: pathlib.Path, info: Sequence[dict]) -> "GroupResult":
+        """A saved result; params that were not kept are None."""
         tree = checkpoint.restore_pytree(directory / "result")
-        return cls(trees.to_host(tree["best_params"]), trees.to_host(tree["final_params"]),
-                   np.asarray(tree["best_score"]), np.asarray(tree["nonfinite"]), list(info))
+        get = lambda k: trees.to_host(tree[k]) if k in tree else None
+        return cls(get("best_params"), get("final_params"), np.asarray(tree["best_score"]),
+                   np.asarray(tree["nonfinite"]), list(info))
 
     def subset(self, idx: Sequence[int]) -> "GroupResult":
         idx = list(idx)
-        return GroupResult(trees.select(self.best_params, idx),
-                           trees.select(self.final_params, idx), self.best_score[idx],
+        pick = lambda t: None if t is None else trees.select(t, idx)
+        return GroupResult(pick(self.best_params), pick(self.final_params), self.best_score[idx],
                            self.nonfinite[idx], [self.info[i] for i in idx])
 
     @property
@@ -182,8 +192,10 @@ class MemoryStore:
         self.trained_members = 0
 
     def run(self, name: str, fp: str, info: Sequence[dict],
-            train: Callable[[pathlib.Path | None], GroupResult]) -> GroupResult:
-        del name, fp, info
+            train: Callable[[pathlib.Path | None], GroupResult],
+            keep: Sequence[str] = PARAMS) -> GroupResult:
+        """Train (or load) run `name`; `keep`: the params later stages read ("best", "final")."""
+        del name, fp, info, keep
         result = train(None)
         self.trained_members += len(result.best_score)
         return result
@@ -197,8 +209,9 @@ class WorkdirStore(MemoryStore):
     an unfinished one resumes from its Orbax checkpoints. Names under `aux/` go to `aux_root`
     when given (an auxiliary pool shared between runs). Process 0 writes the markers.
 
-    Once a run is done its result (best and final params) is kept and its resume checkpoints are
-    deleted, unless `keep_checkpoints`. A finished run whose inputs changed is retrained, and
+    Once a run is done its result keeps only the params later stages read (`keep`: the best
+    for target runs and linear probes, the final for auxiliary runs) and its resume checkpoints
+    are deleted; `keep_checkpoints` keeps both params and the checkpoints. A finished run whose inputs changed is retrained, and
     that is logged. A run loaded because it is done is announced on the console (main process,
     unless `quiet`). While a run trains, `WorkdirStore.tensorboard_run` holds the folder of its
     TensorBoard event files, `root/tensorboard/<name>` (train_group reads it)."""
@@ -224,7 +237,7 @@ class WorkdirStore(MemoryStore):
         marker = self.path(name) / "done.json"
         return marker.exists() and json.loads(marker.read_text()).get("fingerprint") == fp
 
-    def run(self, name, fp, info, train):
+    def run(self, name, fp, info, train, keep=PARAMS):
         directory = self.path(name)
         directory.mkdir(parents=True, exist_ok=True)
         if self.done(name, fp):
@@ -244,7 +257,7 @@ class WorkdirStore(MemoryStore):
         finally:
             self.tensorboard_run.reset(token)
         self.trained_members += len(result.best_score)
-        result.save(directory)
+        result.save(directory, PARAMS if self.keep_checkpoints else keep)
         self.write_json(f"{name}/done.json", {"fingerprint": fp, "info": result.info})
         if not self.keep_checkpoints and distributed.is_main_process():
             shutil.rmtree(directory / "checkpoints", ignore_errors=True)  # resume-only state
@@ -392,11 +405,12 @@ def _domainbed_args(dataset, test_envs, trial: int, index: int, hp: dict,
             "hparams": {k: v for k, v in hp.items() if k not in ("init", "group", "h")}}
 
 
-def _run_group(store, name: str, fp: str, dataset, inits, hps, **kw) -> GroupResult:
+def _run_group(store, name: str, fp: str, dataset, inits, hps, keep: Sequence[str],
+               **kw) -> GroupResult:
     def train(directory):
         return GroupResult.from_train(train_group(dataset, inits, hps, workdir=directory, **kw),
                                       hps)
-    return store.run(name, fp, hps, train)
+    return store.run(name, fp, hps, train, keep=keep)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,7 +430,7 @@ def linear_probe(dataset: DomainDataset, featurizer: Any, batch_stats: Any, *,
     fp = fingerprint("lp", dataset.identity, list(test_envs), steps, foundation_hash,
                      settings.fingerprint())
     res = _run_group(store or MemoryStore(), f"lp/{name}", fp, dataset,
-                     [{"featurizer": featurizer, "classifier": head}], [hp],
+                     [{"featurizer": featurizer, "classifier": head}], [hp], keep=("best",),
                      test_envs=test_envs, trial=0, batch_stats=batch_stats, steps=steps,
                      checkpoint_freq=checkpoint_freq or max(1, steps // 4), settings=settings,
                      classifier_only=True, stage=f"LP {name}")
@@ -471,7 +485,8 @@ def aux_pool(tasks: Mapping[str, AuxTask], featurizer: Any, batch_stats: Any, *,
             hps.append(dict(hp, lp_steps=-1, init=f"lp:{name}"))
         fp = fingerprint("aux", ds.identity, hps, task.steps, foundation_hash,
                          settings.fingerprint())
-        res = _run_group(store, f"aux/{name}_notest", fp, ds, [lp] * n_runs, hps, test_envs=[],
+        res = _run_group(store, f"aux/{name}_notest", fp, ds, [lp] * n_runs, hps,
+                         keep=("final",), test_envs=[],
                          trial=0, batch_stats=batch_stats, steps=task.steps,
                          checkpoint_freq=task.checkpoint_freq, settings=settings,
                          stage=f"aux {name}")
@@ -543,7 +558,7 @@ def target_members(target: DomainDataset, test_env: int, trial: int, w_lp: dict,
                      settings.fingerprint())
     run = f"{target.name}_test{test_env}_trial{trial}"
     res = _run_group(store or MemoryStore(), f"target/{run}", fp, target, inits, hps,
-                     test_envs=[test_env], trial=trial, batch_stats=batch_stats, steps=steps,
+                     keep=("best",), test_envs=[test_env], trial=trial, batch_stats=batch_stats, steps=steps,
                      checkpoint_freq=checkpoint_freq, settings=settings,
                      stage=f"target env{test_env} trial{trial}")
     return {tag: res.subset([i for i, t in enumerate(tags) if t == tag])

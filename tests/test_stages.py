@@ -55,7 +55,7 @@ def test_api_train_reproduces_the_pipelines_target_members(tmp_path):
                    steps=c.target.steps, checkpoint_freq=c.target.checkpoint_freq,
                    settings=settings)
     _assert_trees_equal(trees.to_host(res.best_params), stored.best_params)
-    _assert_trees_equal(trees.to_host(res.final_params), stored.final_params)
+    assert stored.final_params is None  # target runs keep only what selection reads
     np.testing.assert_array_equal(np.asarray(res.best_score), stored.best_score)
 
     # A rerun on the same workdir trains nothing and gives the same rows.
@@ -113,8 +113,18 @@ def test_workdir_store_loads_done_runs_prunes_checkpoints_and_retrains_changed_o
     assert float(changed.best_params["w"][0, 0]) == 3.0
 
     keep = stages.WorkdirStore(tmp_path, aux_root=tmp_path / "shared", keep_checkpoints=True)
-    keep.run("aux/glyphs_notest", "fp", [{}, {}], train(4.0))
+    keep.run("aux/glyphs_notest", "fp", [{}, {}], train(4.0), keep=("final",))
     assert (tmp_path / "shared" / "glyphs_notest" / "checkpoints").exists()
+    kept = stages.GroupResult.load(tmp_path / "shared" / "glyphs_notest", [{}, {}])
+    assert kept.best_params is not None and kept.final_params is not None  # everything kept
+
+    # one copy: only the params later stages read are written
+    store.run("aux/textures_notest", "fp", [{}, {}], train(5.0), keep=("final",))
+    final_only = stages.GroupResult.load(tmp_path / "aux" / "textures_notest", [{}, {}])
+    assert final_only.best_params is None and float(final_only.final_params["w"][0, 0]) == 5.0
+    assert final_only.subset([1]).best_params is None
+    with pytest.raises(ValueError, match="unknown"):
+        _fake_result(1.0).save(tmp_path / "bad", keep=("last",))
 
 
 def _domainbed_training_domain_validation(records, test_env):
