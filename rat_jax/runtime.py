@@ -278,5 +278,25 @@ def setup(config=None) -> None:
     distributed.initialize(config)
 
 
+def setup_notebook(cpu_devices: int = 0) -> str:
+    """A notebook's set-up (Colab, Kaggle, Jupyter): what `setup` does for one process, without
+    its process-level parts -- no distributed initialization (a notebook is one process) and no
+    malloc tuning (it would outlive the notebook's cells in the shared kernel). On a CPU runtime:
+    the XLA:CPU flags and `cpu_devices` emulated devices (0 = default). Returns the runtime kind
+    ("cpu", "gpu" or "tpu"), decided before JAX starts; call before any JAX device use."""
+    import jax
+    kind = "cpu" if cpu_backend_possible() else (accelerator_present() or "gpu")
+    if kind == "cpu":
+        configure_cpu_xla_flags("auto")
+        n = int(cpu_devices) or int(os.environ.get("RAT_JAX_CPU_DEVICES", DEFAULT_CPU_DEVICES))
+        try:
+            jax.config.update("jax_num_cpu_devices", n)
+        except RuntimeError:  # backend already initialised: keep what is there
+            pass
+    enable_compilation_cache()
+    quiet_logs()
+    return kind
+
+
 if __name__ == "__main__":  # `export $(python -m rat_jax.runtime)`: the environment entry points use
     print(f"GLIBC_TUNABLES={malloc_tunables() or os.environ.get('GLIBC_TUNABLES', '')}")

@@ -74,3 +74,36 @@ def test_quickstart_notebook_quick(tmp_path):
 def test_quickstart_notebook_full(tmp_path):
     nb = _execute(tmp_path, quick=False, timeout=1800)
     _check(nb, tmp_path)
+
+
+def _install_cell() -> str:
+    nb = json.loads(NOTEBOOK.read_text())
+    return "".join(nb["cells"][1]["source"])
+
+
+@pytest.mark.parametrize("kind, extra", [("cpu", ""), ("gpu", "[cuda12]"), ("tpu", "[tpu]")])
+def test_install_cell_installs_from_the_users_source_with_the_runtimes_extra(
+        monkeypatch, tmp_path, kind, extra):
+    """The first cell as on a fresh Colab runtime (rat_jax not importable): pip installs the
+    folder the user set, with the runtime's extra and never the test extras."""
+    import importlib.util
+    import subprocess
+    calls = []
+    code = _install_cell().replace("import rat_jax\n", "rat_jax = None\n").replace(
+        'print("runtime:", RUNTIME, "| rat_jax from", os.path.dirname(rat_jax.__file__))', "")
+    code = code.replace('RAT_JAX_SOURCE = ""', f'RAT_JAX_SOURCE = {str(tmp_path)!r}')
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(subprocess, "check_call", lambda cmd: calls.append(cmd))
+    namespace = {}
+    exec(compile(code.replace("RUNTIME = runtime_kind()", f"RUNTIME = {kind!r}"), "cell1",
+                 "exec"), namespace)
+    assert calls == [[__import__("sys").executable, "-m", "pip", "install", "-q",
+                      str(tmp_path) + extra]]
+
+
+def test_install_cell_says_what_to_set_when_there_is_no_source(monkeypatch):
+    import importlib.util
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    monkeypatch.delenv("RAT_JAX_SOURCE", raising=False)
+    with pytest.raises(FileNotFoundError, match="set RAT_JAX_SOURCE"):
+        exec(compile(_install_cell(), "cell1", "exec"), {})

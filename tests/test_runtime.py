@@ -221,3 +221,24 @@ def test_reexec_sets_the_tunables_once_and_keeps_the_command_line():
     for env in ({"RAT_JAX_MALLOC": "system"}, {"JAX_PLATFORMS": "cuda"}):
         tunables, args = json.loads(_python(_REEXEC, env, args=("--x",)))
         assert tunables == "" and args == ["--x"]
+
+
+_NOTEBOOK_SETUP = """
+import json
+from rat_jax import runtime
+import rat_jax.distributed as distributed
+calls = []
+runtime.apply_mallopt = lambda: calls.append("mallopt") or True
+distributed.initialize = lambda *a, **k: calls.append("distributed")
+kind = runtime.setup_notebook(cpu_devices=2)
+import jax
+print(json.dumps([kind, calls, jax.device_count()]))
+"""
+
+
+def test_setup_notebook_neither_initializes_distributed_nor_tunes_malloc():
+    res = subprocess.run([sys.executable, "-c", _NOTEBOOK_SETUP], capture_output=True, text=True,
+                         env={k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"},
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == ["cpu", [], 2]
