@@ -3,14 +3,17 @@ the augmentation on the host (PIL, float32 shipped) or finished on the device (u
 windows + drawn parameters shipped), next to what the device-side finish and one ResNet-50
 member step cost per image on this machine.
 
-  python bench/loader.py --json --root ../shared/datasets/PACS --sizes 224 --workers 2
+  python bench/loader.py --json --root ../shared/datasets/PACS --sizes 224 --workers 2 \
+      --worker_types thread process
 
-One JSON row per (size, mode, workers): `mode` (host / device), `size`, `workers`, `img_per_s`
-(images/s the host side delivers from the warm uint8 cache), `bytes_per_image` (bytes shipped
-to the device per image, parameters included). Then per size one `device_finish` row (ms per
-image of augment.model_input compiled on this CPU, and of one ResNet-50 member train step,
-fp32) and one `ratios` row: device vs host images/s for each worker count and host vs device
-bytes per image, with the targets (>= 10x, >= 3.5x) and whether they are met.
+One JSON row per (size, mode, workers, worker_type): `mode` (host / device), `size`, `workers`,
+`worker_type` (thread / process: MemberLoader's worker_type), `img_per_s` (images/s the host
+side delivers from the warm uint8 cache, after one warm-up step that also starts the worker
+processes), `bytes_per_image` (bytes shipped to the device per image, parameters included).
+Then per size one `device_finish` row (ms per image of augment.model_input compiled on this
+CPU, and of one ResNet-50 member train step, fp32) and `ratios` rows: device vs host images/s
+per worker count and worker type, and host vs device bytes per image, with the targets
+(>= 10x, >= 3.5x) and whether they are met.
 """
 import argparse
 import json
@@ -34,11 +37,13 @@ def batch_bytes(batch) -> int:
     return sum(np.asarray(a).nbytes for a in arrays)
 
 
-def loader_rate(ds, size, mode, cache_dir, store, workers, steps, members, batch, train_envs):
-    """(images/s, bytes per image) of MemberLoader after one warm-up step, prefetch off."""
+def loader_rate(ds, size, mode, cache_dir, store, workers, steps, members, batch, train_envs,
+                worker_type="thread", prefetch=0):
+    """(images/s, bytes per image) of MemberLoader after one warm-up step (prefetch off by
+    default: the rate of computing batches one at a time)."""
     with MemberLoader(ds, train_envs, list(range(1, members + 1)), batch_size=batch,
                       image_size=size, cache_dir=cache_dir, store=store, workers=workers,
-                      prefetch=0, augment_on=mode) as loader:
+                      prefetch=prefetch, augment_on=mode, worker_type=worker_type) as loader:
         first = next(loader)
         t = time.perf_counter()
         for _ in range(steps):
@@ -105,6 +110,9 @@ def main(argv=None):
     p.add_argument("--sizes", type=int, nargs="+", default=[224])
     p.add_argument("--workers", type=int, nargs="+", default=[2])
     p.add_argument("--modes", nargs="+", default=["host", "device"], choices=["host", "device"])
+    p.add_argument("--worker_types", nargs="+", default=["thread"],
+                   choices=["thread", "process", "auto"])
+    p.add_argument("--prefetch", type=int, default=0, help="loader prefetch depth")
     p.add_argument("--steps", type=int, default=4, help="timed loader steps per row")
     p.add_argument("--members", type=int, default=1)
     p.add_argument("--batch", type=int, default=32, help="per domain")
@@ -132,13 +140,16 @@ def main(argv=None):
             store.warm(train_envs)  # the originals (the default training cache)
             got = {}
             for workers in a.workers:
-                for mode in a.modes:
-                    rate, nbytes = loader_rate(ds, size, mode, cache_dir, store, workers,
-                                               a.steps, a.members, a.batch, train_envs)
-                    got[mode, workers] = (rate, nbytes)
-                    emit({"kind": "loader", "mode": mode, "size": size, "workers": workers,
-                          "members": a.members, "img_per_s": round(rate, 1),
-                          "bytes_per_image": round(nbytes, 1)})
+                for wtype in a.worker_types:
+                    for mode in a.modes:
+                        rate, nbytes = loader_rate(ds, size, mode, cache_dir, store, workers,
+                                                   a.steps, a.members, a.batch, train_envs,
+                                                   wtype, a.prefetch)
+                        got[mode, workers, wtype] = (rate, nbytes)
+                        emit({"kind": "loader", "mode": mode, "size": size, "workers": workers,
+                              "worker_type": wtype, "members": a.members,
+                              "prefetch": a.prefetch, "img_per_s": round(rate, 1),
+                              "bytes_per_image": round(nbytes, 1)})
             finish = (device_finish_ms(ds, size, store, train_envs, a.finish_images)
                       if a.finish_images else None)
             step = (member_step_ms(a.arch, ds.num_classes, size, a.model_batch)
@@ -148,10 +159,11 @@ def main(argv=None):
                   "model": None if step is None else a.arch,
                   "member_step_ms_per_image": None if step is None else round(step, 2)})
             if ("host" in a.modes) and ("device" in a.modes):
-                for workers in a.workers:
-                    speed = got["device", workers][0] / got["host", workers][0]
-                    fewer = got["host", workers][1] / got["device", workers][1]
+                for workers, wtype in [(w, t) for w in a.workers for t in a.worker_types]:
+                    speed = got["device", workers, wtype][0] / got["host", workers, wtype][0]
+                    fewer = got["host", workers, wtype][1] / got["device", workers, wtype][1]
                     emit({"kind": "ratios", "size": size, "workers": workers,
+                          "worker_type": wtype,
                           "device_vs_host_img_per_s": round(speed, 2),
                           "host_vs_device_bytes": round(fewer, 2),
                           "targets": f">= {TARGET_SPEED:g}x, >= {TARGET_BYTES:g}x",

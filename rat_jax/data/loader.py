@@ -9,6 +9,9 @@ computed by any number of workers in any order.
 """
 import collections
 import concurrent.futures
+import concurrent.futures.process
+import os
+import warnings
 from typing import Iterator, Optional, Sequence, Union
 
 import numpy as np
@@ -16,10 +19,12 @@ import numpy as np
 from PIL import Image
 
 from rat_jax.data import transforms as T
+from rat_jax.data import workers as W
 from rat_jax.data.store import DEFAULT_CACHE, ImageStore, default_workers
 
 STATE_VERSION = 1
 AUGMENT_MODES = ("host", "device")
+WORKER_TYPES = ("auto", "thread", "process")
 
 
 def device_canvas(size: int) -> int:
@@ -41,6 +46,45 @@ def _as_list(x, n, what):
     return x
 
 
+# worker_type="auto" (see resolve_worker_type): processes need this many usable cores, and per
+# worker this many images per step (host mode: PIL, ~2 ms an image; device mode: ~40 us).
+AUTO_MIN_CORES = 4
+AUTO_MIN_IMAGES_PER_WORKER = {"host": 16, "device": 256}
+
+
+def resolve_worker_type(worker_type: str, workers: int, dataset, images_per_step: int,
+                        mode: str) -> str:
+    """"thread" or "process" for MemberLoader's `worker_type`.
+
+    "auto" picks processes when all hold: workers >= 2; at least AUTO_MIN_CORES usable cores;
+    the dataset is read from files (an in-memory `arrays` dataset would be copied into every
+    worker); and the step has at least AUTO_MIN_IMAGES_PER_WORKER[mode] images per worker
+    (mode: "host" = PIL transform, "device" = crop windows only). Else threads.
+
+    Measured (bench/loader.py --worker_types thread process, PACS, 224 px, 96 images a step,
+    prefetch 0, on 2 cores shared with other jobs at load 1-2.5): device mode, 60 steps: one
+    worker 21.5k (thread) vs 20.0k (process) img/s, two workers 21.9k vs 17.4k; host mode, 20
+    steps: one worker 515 vs 541, two workers 518 vs 519 img/s. (With the default 4 steps
+    device-mode processes look 2x slower -- 10-13k img/s -- from first touches of each
+    worker's own cache mapping, which a long run pays once.) Processes won nothing beyond noise
+    on this machine (its second core was busy, so neither type scaled) and cost ~0.3-1 ms a
+    step in steady state: hence threads below AUTO_MIN_CORES. The core threshold and the per-worker image
+    counts (a worker's share must dwarf that cost: 16 PIL images ~30 ms, 256 windows ~10 ms)
+    are that cost scaled, not a measurement on a larger host: there the GIL-held Python per
+    sample (Generator construction, draws, slicing) keeps threads from scaling (issue 18).
+    """
+    if worker_type != "auto":
+        return worker_type
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    if (workers >= 2 and cores >= AUTO_MIN_CORES and getattr(dataset, "arrays", None) is None
+            and images_per_step >= AUTO_MIN_IMAGES_PER_WORKER[mode] * workers):
+        return "process"
+    return "thread"
+
+
 class MemberLoader:
     """Iterator of dict(images=[M, D*B, H, W, 3] float32, labels=[M, D*B] int32).
 
@@ -58,6 +102,21 @@ class MemberLoader:
     grayscale, normalization: augment.model_input), so the images the network sees are those
     of the host mode. A window larger than the canvas is resized to image_size on the host
     (the same single resampling; the device's resize of it is then the identity).
+
+    `workers` (default: the usable cores, at most 8) computes each step's samples in parallel;
+    `worker_type` says how:
+    - "thread": a thread pool in this process. Python parts of the per-sample work (Generator
+      construction, parameter draws, slicing) hold the GIL, so threads stop scaling with cores.
+    - "process": `workers` worker processes (started with "spawn", never fork), each with its
+      own ImageStore over the same cache dir (the cache is warmed in this process first); each
+      computes a share of the step's plan and writes images, labels and augment parameters
+      into a shared-memory segment whose arrays are the returned batch (no image is pickled).
+      A segment is reused only after every array of the batch it holds has been garbage
+      collected, so the arrays stay valid for as long as they are referenced (see workers.py).
+      close() (or `with`, or garbage collection) ends the processes and unlinks the segments.
+      An error in a worker (ImageDecodeError naming the file, ...) is raised here unchanged.
+    - "auto" (default): see `resolve_worker_type`.
+    The batches are bit-identical for every worker type, worker count and prefetch depth.
     """
 
     def __init__(self, dataset, train_envs: Sequence[int], seeds: Sequence[int], *,
@@ -66,7 +125,9 @@ class MemberLoader:
                  store: Optional[ImageStore] = None, cache_dir=DEFAULT_CACHE,
                  cache_side: Optional[int] = None, workers: Optional[int] = None,
                  prefetch: int = 2, output: str = "float32", augment_on: str = "host",
-                 canvas: Optional[int] = None):
+                 canvas: Optional[int] = None, worker_type: str = "auto"):
+        if worker_type not in WORKER_TYPES:
+            raise ValueError(f"worker_type={worker_type!r}: use one of {WORKER_TYPES}")
         if augment_on not in AUGMENT_MODES:
             raise ValueError(f"augment_on={augment_on!r}: use one of {AUGMENT_MODES}")
         if not len(seeds):
@@ -91,6 +152,9 @@ class MemberLoader:
         self.cache_side = cache_side or None  # None: crops cut from the original images
         self.workers = workers or default_workers()
         self.prefetch = prefetch
+        self.worker_type = resolve_worker_type(worker_type, self.workers, dataset,
+                                               len(self.seeds) * len(self.train_envs)
+                                               * batch_size, augment_on if augment else "host")
         splits = {t: dataset.splits(t, holdout_fraction) for t in set(self.trial_seeds)}
         self.pools = [[splits[t][e][1] for e in self.train_envs] for t in self.trial_seeds]
         for e, pool in zip(self.train_envs, self.pools[0]):
@@ -98,6 +162,9 @@ class MemberLoader:
                 raise ValueError(f"env {dataset.envs[e]!r} has an empty in split; it cannot be "
                                  "trained on")
         self._pool = None
+        self._procs = None      # W.ProcessWorkers of worker_type="process", started on first use
+        self._auto_workers = worker_type == "auto"
+        self._process_batches = 0
         self._producer = None
         self._queue = collections.deque()
         self._step = 0
@@ -160,6 +227,11 @@ class MemberLoader:
 
     def batch(self, step: int) -> dict:
         """The batch of `step` (same result whenever and wherever it is computed)."""
+        if self.worker_type == "process":
+            return self._process_result(self._submit(step), step)
+        return self._thread_batch(step)
+
+    def _thread_batch(self, step: int) -> dict:
         plan = self.plan(step)
         m_count, n = self.num_members, len(self.train_envs) * self.batch_size
         device = self.augment and self.augment_on == "device"
@@ -195,6 +267,104 @@ class MemberLoader:
         return {"images": T.normalize(images) if self.output == "float32" else images,
                 "labels": labels}
 
+    # -- process workers --------------------------------------------------------------------
+    def _layout(self):
+        m_count, n = self.num_members, len(self.train_envs) * self.batch_size
+        device = self.augment and self.augment_on == "device"
+        side = self.canvas if device else self.image_size
+        dtype = np.float32 if not device and self.output == "float32" else np.uint8
+        fields = [("images", dtype, (m_count, n, side, side, 3)),
+                  ("labels", np.int32, (m_count, n))]
+        if device:
+            fields += [(f"augment.{k}", _PARAM_DTYPES.get(k, np.int32),
+                        (m_count, n) + (4,) * (k == "order")) for k in T.WINDOW_PARAMS]
+        return W.make_layout(fields)
+
+    def _fill_rows(self, items, arrays):
+        """Worker side: compute `items` of a plan into the shared arrays, exactly as
+        _thread_batch does (float32 images normalized per image: an elementwise map, so the
+        same bits; device canvases zeroed outside the window, as a fresh zeroed batch)."""
+        device = self.augment and self.augment_on == "device"
+        images, labels = arrays["images"], arrays["labels"]
+        params = {k: arrays[f"augment.{k}"] for k in T.WINDOW_PARAMS} if device else None
+        to_float = images.dtype == np.float32
+        samples = self.dataset.samples
+        for m, slot, env, idx, sseed in items:
+            if device:
+                out = images[m, slot]
+                self._window(env, idx, sseed, out, params, (m, slot))
+                h, w = int(params["height"][m, slot]), int(params["width"][m, slot])
+                out[h:] = 0
+                out[:h, w:] = 0
+            elif to_float:
+                images[m, slot] = T.normalize(self._sample(env, idx, sseed))
+            else:
+                images[m, slot] = self._sample(env, idx, sseed)
+            labels[m, slot] = samples[env][idx][1]
+
+    def _start_processes(self):
+        """Warm the cache here (once, not in every worker), then start the workers."""
+        if self._procs is None:
+            envs = self.train_envs
+            if not self.augment:
+                self.store.warm(envs, eval_size=self.image_size, train=False)
+            elif getattr(self.dataset, "arrays", None) is None:
+                self.store.warm(envs, train_side=self.cache_side, train=True)
+            self._procs = W.ProcessWorkers(self.workers, _RowFiller(self))
+        return self._procs
+
+    def _submit(self, step: int) -> "W.PendingBatch":
+        procs = self._start_processes()
+        plan = self.plan(step)
+        loaded = set(range(self.num_members)) if self.local_members is None \
+            else set(self.local_members)
+        if self.local_members is not None:
+            plan = [item for item in plan if item[0] in loaded]
+        layout, size = self._layout()
+        device = self.augment and self.augment_on == "device"
+        # rows of members not loaded: zero, or normalize(0) (what _thread_batch returns there)
+        fill_tag = "norm0" if not device and self.output == "float32" else "zero"
+
+        def prepare(seg, arrays):
+            for m in range(self.num_members):
+                if m in loaded:
+                    seg.rows[m] = "data"
+                elif seg.rows.get(m, "zero") != fill_tag:
+                    for key, a in arrays.items():
+                        a[m] = 0
+                    if fill_tag == "norm0":
+                        arrays["images"][m] = T.normalize(np.zeros((1, 1, 3), np.uint8))
+                    seg.rows[m] = fill_tag
+
+        def finish(arrays):
+            out = {"images": arrays["images"], "labels": arrays["labels"]}
+            if device:
+                out["augment"] = {k: arrays[f"augment.{k}"] for k in T.WINDOW_PARAMS}
+                out["image_size"] = self.image_size
+            return out
+
+        # 2 chunks per worker: a worker that finishes early takes another share of the step
+        k = max(1, min(len(plan), 2 * procs.n))
+        chunks = [plan[len(plan) * i // k:len(plan) * (i + 1) // k] for i in range(k)]
+        return procs.submit(layout, size, chunks, prepare, finish)
+
+    def _process_result(self, pending: "W.PendingBatch", step: int) -> dict:
+        """pending.result(); under worker_type="auto", workers that die before delivering any
+        batch (e.g. a main script without the `__main__` guard spawn needs) mean threads."""
+        try:
+            out = pending.result()
+        except concurrent.futures.process.BrokenProcessPool as e:
+            if not self._auto_workers or self._process_batches:
+                raise
+            warnings.warn(f"worker_type='auto': the loader's worker processes failed ({e}); "
+                          "using threads", RuntimeWarning, stacklevel=3)
+            self._drop_prefetch()
+            self._procs.close()
+            self._procs, self.worker_type = None, "thread"
+            return self._thread_batch(step)
+        self._process_batches += 1
+        return out
+
     # -- iteration with prefetch ------------------------------------------------------------
     def _get_pool(self):
         if self.workers <= 1:
@@ -203,6 +373,14 @@ class MemberLoader:
             self._pool = concurrent.futures.ThreadPoolExecutor(self.workers)
         return self._pool
 
+    def _start(self, step: int):
+        """A handle (result(), cancel()) of the batch of `step`, computed in the background."""
+        if self.worker_type == "process":
+            return self._submit(step)  # the workers pipeline the prefetched steps themselves
+        if self._producer is None:
+            self._producer = concurrent.futures.ThreadPoolExecutor(1)
+        return self._producer.submit(self.batch, step)
+
     def __iter__(self) -> Iterator[dict]:
         return self
 
@@ -210,14 +388,13 @@ class MemberLoader:
         if self.prefetch <= 0:
             out = self.batch(self._step)
         else:
-            if self._producer is None:
-                self._producer = concurrent.futures.ThreadPoolExecutor(1)
             while len(self._queue) <= self.prefetch:
                 s = self._step + len(self._queue)
-                self._queue.append((s, self._producer.submit(self.batch, s)))
+                self._queue.append((s, self._start(s)))
             s, fut = self._queue.popleft()
             assert s == self._step
-            out = fut.result()
+            out = self._process_result(fut, s) if isinstance(fut, W.PendingBatch) \
+                else fut.result()
         self._step += 1
         return out
 
@@ -251,17 +428,46 @@ class MemberLoader:
         self._queue.clear()
 
     def close(self):
+        """Stop prefetching, end the worker threads or processes, unlink shared memory.
+        Arrays of batches already returned stay valid."""
         self._drop_prefetch()
         for ex in (self._producer, self._pool):
             if ex is not None:
                 ex.shutdown(wait=True)
-        self._producer = self._pool = None
+        if self._procs is not None:
+            self._procs.close()
+        self._producer = self._pool = self._procs = None
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _RowFiller:
+    """What a worker process needs of a MemberLoader (pickled once per worker): the stream's
+    definition, and the store's cache dir and fit decisions to open its own ImageStore."""
+    ATTRS = ("dataset", "train_envs", "seeds", "trial_seeds", "batch_size", "image_size",
+             "augment", "output", "augment_on", "canvas", "cache_side")
+
+    def __init__(self, loader: MemberLoader):
+        self.state = {k: getattr(loader, k) for k in self.ATTRS}
+        self.cache_dir = loader.store.cache_dir
+        self.fits = dict(loader.store._fits)
+        self._loader = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_loader": None}
+
+    def __call__(self, items, arrays):
+        if self._loader is None:
+            ld = MemberLoader.__new__(MemberLoader)
+            ld.__dict__.update(self.state)
+            ld.store = ImageStore(self.state["dataset"], self.cache_dir, 1)
+            ld.store._fits.update(self.fits)  # the parent's decisions: no re-estimate, no warning
+            self._loader = ld
+        self._loader._fill_rows(items, arrays)
 
 
 _SPLIT_CODES = {"out": 0, "in": 1, "all": 2}

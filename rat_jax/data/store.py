@@ -129,9 +129,12 @@ class ImageStore:
         pick = np.random.default_rng(0).choice(len(paths), min(sample, len(paths)), replace=False)
         sizes = []
         for i in pick:
-            with Image.open(paths[i]) as im:  # reads the header only
-                sizes.append(im.size[0] * im.size[1] * 3)
-        return int(np.mean(sizes) * len(paths))
+            try:
+                with Image.open(paths[i]) as im:  # reads the header only
+                    sizes.append(im.size[0] * im.size[1] * 3)
+            except (OSError, SyntaxError, ValueError):  # unreadable: decoding it names the file
+                continue
+        return int(np.mean(sizes) * len(paths)) if sizes else 0
 
     # -- cache ----------------------------------------------------------------------------
     def env_dir(self) -> str:
