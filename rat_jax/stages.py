@@ -311,7 +311,7 @@ def _eval_source(dataset, env: int, split: str, trial: int, augment: bool,
                               image_size=settings.image_size, augment=augment,
                               step=step if augment else None, train_side=settings.train_side,
                               holdout_fraction=settings.holdout_fraction, pad=False,
-                              **settings.cache_kw()):
+                              output="uint8", **settings.cache_kw()):  # normalized on device
             if limit and seen >= limit:
                 return
             yield b
