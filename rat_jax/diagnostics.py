@@ -9,13 +9,15 @@ Diversity: pairwise prediction disagreement and the ratio-error of Aksela (2003)
 (Ramé et al., 2022), per member and per initialization source, so one can check whether
 auxiliary-task inits make members err on different samples.
 
-Every evaluation goes through `rat_jax.evaluation` (uint8 images normalized on device).
+Every evaluation goes through `rat_jax.evaluation` (uint8 images normalized on device); with
+`stack_logits` (e.g. the member engine's `StackEvaluator.logits` bound to a split) the points of
+one curve are evaluated as one stack of params in one pass over the images.
 """
 from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -49,17 +51,22 @@ def _mix(a, b, alpha):
 
 
 def lmc_curve(model, batch_stats: Any, a: Any, b: Any, images, labels,
-              alphas: Sequence[float] = DEFAULT_ALPHAS, batch_size: int = 256) -> dict:
+              alphas: Sequence[float] = DEFAULT_ALPHAS, batch_size: int = 256, *,
+              stack_logits: Callable[[Any], np.ndarray] | None = None) -> dict:
     """Accuracy and mean cross-entropy of `model` along the segment from params `a` (α=0) to `b`
-    (α=1) on (images uint8 [N,H,W,3], labels [N]). Returns dict(alphas, acc, loss) of lists."""
+    (α=1) on (images uint8 [N,H,W,3], labels [N]). Returns dict(alphas, acc, loss) of lists.
+    `stack_logits(stacked)`: logits [K, N, C] of K stacked params on those images; given, the
+    points are evaluated as one stack (`images` is then not read), else one by one."""
     alphas = [float(x) for x in alphas]
     labels = np.asarray(labels)
-    acc, loss = [], []
-    for params in interpolate(a, b, alphas):
-        logits = predict_logits(model, {"params": params, "batch_stats": batch_stats}, images,
-                                batch_size)
-        acc.append(accuracy(logits, labels))
-        loss.append(mean_loss(logits, labels))
+    points = interpolate(a, b, alphas)
+    if stack_logits is not None:
+        all_logits = stack_logits(trees.stack(points))
+    else:
+        all_logits = [predict_logits(model, {"params": p, "batch_stats": batch_stats}, images,
+                                     batch_size) for p in points]
+    acc = [accuracy(lg, labels) for lg in all_logits]
+    loss = [mean_loss(lg, labels) for lg in all_logits]
     return {"alphas": alphas, "acc": acc, "loss": loss}
 
 
@@ -95,7 +102,8 @@ def barrier(values: Sequence[float], alphas: Sequence[float] | None = None,
 
 def lmc_gate(model, batch_stats: Any, stacked: Any, order: Sequence[int], images, labels,
              threshold: float, skip: bool = False, *, alphas: Sequence[float] = GATE_ALPHAS,
-             metric: str = "acc", batch_size: int = 256):
+             metric: str = "acc", batch_size: int = 256,
+             stack_logits: Callable[[Any], np.ndarray] | None = None):
     """Walk members in `order`; measure each one's barrier (in `metric`, see :func:`barrier`) with
     the uniform soup of the members kept so far, and warn when it exceeds `threshold`; with
     `skip=True` such members are left out of the soup.
@@ -103,6 +111,7 @@ def lmc_gate(model, batch_stats: Any, stacked: Any, order: Sequence[int], images
     Returns (soup_params, kept member indices, records): one record per member walked,
     dict(member, barrier, gated, excluded), where `gated` means barrier > threshold (the first
     member starts the soup: barrier 0.0). ``[r for r in records if r['gated']]`` are the gated ones.
+    `stack_logits`: as lmc_curve's (each member's gate points in one stack).
     """
     order = [int(i) for i in order]
     if not order:
@@ -112,7 +121,7 @@ def lmc_gate(model, batch_stats: Any, stacked: Any, order: Sequence[int], images
     for i in order[1:]:
         soup = trees.average(stacked, members=kept)
         curve = lmc_curve(model, batch_stats, soup, trees.take(stacked, i), images, labels,
-                          alphas, batch_size)
+                          alphas, batch_size, stack_logits=stack_logits)
         b = barrier(curve[metric], curve["alphas"], metric)
         gated = b > threshold
         excluded = gated and skip

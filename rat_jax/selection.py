@@ -1,7 +1,15 @@
 """Stage E and the baselines' selection (docs/protocol.md §1.6-1.7): every row of the paper's table
 from the members of one (test env, trial) and across trials (†). Progress goes to the console
 (main process, unless quiet): a line when a test env's selection starts and ends, rate-limited
-status lines in between (which split is loaded, which soup is built: "greedy soup 5/20 members")."""
+status lines in between (which split is loaded, which soup is built: "greedy soup 5/20 members").
+
+Evaluation goes through the member engine (evaluation.StackEvaluator -> MemberEngine.logits):
+members split over the devices, images over 'data' and the processes, each process decoding
+only its rows of a split (evaluation.EvalSplit). Each member's logits on a split are computed
+once, in one pass per (split, members group) — members shared by two groups (the no-aux members
+of Ratatouille's group) once — and reused by the best-single rows, the logit ensemble and the
+figures; soups, greedy candidates and LMC gate points are new params evaluated through the same
+engine, a gate's points (and the figures' curves) as one stack."""
 from __future__ import annotations
 
 import time
@@ -10,8 +18,9 @@ import numpy as np
 
 from rat_jax import diagnostics, distributed, figures, report, soups, trees
 from rat_jax.engine.progress import Console
-from rat_jax.evaluation import accuracy, load_split, predict_logits, predict_logits_stacked
-from rat_jax.stages import ratatouille_foundation_members
+from rat_jax.data import ImageStore
+from rat_jax.evaluation import StackEvaluator, accuracy, eval_split
+from rat_jax.stages import DATA_PARALLEL, ratatouille_foundation_members
 
 
 def withaux_members(groups: dict, aux_names, n_runs: int):
@@ -30,7 +39,8 @@ def withaux_members(groups: dict, aux_names, n_runs: int):
 
 
 class _Evaluator:
-    """Accuracy of one params tree or a stack on in-memory eval arrays (uint8 images)."""
+    """Logits and accuracies of member stacks and soups on evaluation splits (EvalSplit, uint8
+    images decoded per process), through the member engine; member logits cached per split."""
 
     def __init__(self, settings, dataset, batch_stats, saver=None, console=None):
         self.settings = settings
@@ -40,22 +50,46 @@ class _Evaluator:
         self.batch_stats = batch_stats
         self.dataset = dataset
         self.batch_size = settings.eval_batch_size
+        self.store = ImageStore(dataset, **settings.cache_kw())
+        self.engine = StackEvaluator(
+            self.model, batch_stats, settings.eval_batch_size,
+            strategy=None if settings.strategy == "auto" else settings.strategy,
+            data_parallel=DATA_PARALLEL[str(settings.data_parallel).lower()])
+        self._members: dict = {}  # (split name, member key) -> logits [N, C]
 
     def split(self, envs, split, trial):
         s = self.settings
-        self.console.status(f"trial {trial}: loading envs {list(envs)} split {split!r}")
-        x, y = load_split(self.dataset, trial_seed=trial, envs=envs, split=split,
+        self.console.status(f"trial {trial}: envs {list(envs)} split {split!r}")
+        data = eval_split(self.dataset, trial_seed=trial, envs=envs, split=split,
                           image_size=s.image_size, holdout_fraction=s.holdout_fraction,
-                          **s.cache_kw())
-        if s.max_eval_images and len(y) > s.max_eval_images:  # CPU runs: a fixed subset
-            keep = np.random.RandomState(0).choice(len(y), s.max_eval_images, replace=False)
-            x, y = x[np.sort(keep)], y[np.sort(keep)]
-        return x, y
+                          max_images=s.max_eval_images, store=self.store)
+        data.name = (tuple(envs), split, trial)
+        return data
+
+    def logits(self, stacked, data) -> np.ndarray:
+        """Logits [K, N, C] of K stacked params (one pass over the images)."""
+        return self.engine.logits(stacked, data)
+
+    def accs(self, params_list, data) -> list[float]:
+        """Accuracies of several param trees (soups), evaluated as one stack."""
+        return [accuracy(lg, data.labels)
+                for lg in self.engine.logits_of(list(params_list), data)]
 
     def acc(self, params, data) -> float:
-        x, y = data
-        return accuracy(predict_logits(self.model, {"params": params, "batch_stats": self.batch_stats},
-                                       x, self.batch_size), y)
+        return self.accs([params], data)[0]
+
+    def members(self, params, keys, data, which=None) -> np.ndarray:
+        """Logits [len(which), N, C] of members `which` (default all) of the stacked `params`,
+        whose member j is known as keys[j] (e.g. ("noaux", trial, j)): the members not yet
+        evaluated on `data` go in one pass, the others come from the cache."""
+        which = list(range(len(keys))) if which is None else [int(j) for j in which]
+        todo = [j for j in which if (data.name, keys[j]) not in self._members]
+        if todo:
+            for j, lg in zip(todo, self.logits(trees.select(params, todo), data)):
+                self._members[(data.name, keys[j])] = lg
+        if not which:
+            return np.zeros((0, len(data), 0), np.float32)
+        return np.stack([self._members[(data.name, keys[j])] for j in which])
 
     def save(self, row: dict, soup, members, info, scores) -> None:
         if self.saver is not None:
@@ -63,10 +97,6 @@ class _Evaluator:
                 {"member": int(j), "init": info[j].get("init"), "group": info[j].get("group"),
                  "hparams": {k: v for k, v in info[j].items() if k not in ("init", "group")},
                  "score": float(scores[j])} for j in members])
-
-    def logits(self, stacked, data):
-        return predict_logits_stacked(self.model, stacked, self.batch_stats, data[0],
-                                      self.batch_size)
 
 
 def select_and_evaluate(target, k: int, by_trial: dict, batch_stats, *, settings,
@@ -96,37 +126,51 @@ def select_and_evaluate(target, k: int, by_trial: dict, batch_stats, *, settings
         selection_set = ev.split(train_envs, "out", t)        # merged clean train-env out splits
         noaux = groups["noaux"]
 
-        def best_single(params, scores, flagged):
+        def best_single(params, scores, flagged, keys):
+            # the group's candidates in one pass; the row scores the best ID-val one
             order = soups.sort_by_score(scores, exclude=np.flatnonzero(flagged))
             console.status(f"trial {t}: scoring the best ID-val member ({len(order)} candidates)")
-            return order[0], ev.acc(trees.take(params, order[0]), test_in)
+            logits = ev.members(params, keys, test_in, order)
+            return order[0], accuracy(logits[0], test_in.labels)
 
-        i, acc = best_single(noaux.best_params, noaux.best_score, noaux.nonfinite)
+        noaux_keys = [("noaux", t, j) for j in range(len(noaux.best_score))]
+        i, acc = best_single(noaux.best_params, noaux.best_score, noaux.nonfinite, noaux_keys)
         rows.append(row("ERM (vanilla fine-tuning)", "ID val", t, acc, 1, member=i))
-        rows += _soup_rows(ev, "Soups/DiWA", noaux.best_params, noaux.best_score, noaux.nonfinite,
-                           full_test, selection_set, t, row, gate, noaux.info)
+        soup_rows, _ = _soup_rows(ev, "Soups/DiWA", noaux.best_params, noaux.best_score,
+                                  noaux.nonfinite, full_test, selection_set, t, row, gate,
+                                  noaux.info)
+        rows += soup_rows
         dagger["Soups/DiWA†"].append((noaux.best_params, noaux.nonfinite, noaux.info,
                                       noaux.best_score))
         wa = withaux_members(groups, aux_names, n_runs)
         if wa is not None:
             params, scores, flagged, info = wa
-            i, acc = best_single(params, scores, flagged)
+            idx = ratatouille_foundation_members([hp["h"] for hp in noaux.info], aux_names, n_runs)
+            # the no-aux members among them keep their keys: their logits are not recomputed
+            keys = [noaux_keys[j] for j in idx] + [("aux", t, j)
+                                                    for j in range(len(scores) - len(idx))]
+            i, acc = best_single(params, scores, flagged, keys)
             rows.append(row("Inter-training", "ID val", t, acc, 1, member=i, init=info[i]["init"]))
-            rows += _soup_rows(ev, "Ratatouille", params, scores, flagged, full_test,
-                               selection_set, t, row, gate, info)
+            soup_rows, greedy = _soup_rows(ev, "Ratatouille", params, scores, flagged, full_test,
+                                           selection_set, t, row, gate, info)
+            rows += soup_rows
             ok = [j for j in range(len(scores)) if not flagged[j]]
             console.status(f"trial {t}: logit ensemble of {len(ok)} members")
-            logits = ev.logits(trees.select(params, ok), full_test)
+            logits = ev.members(params, keys, full_test, ok)
             rows.append(row("Ensemble of Ratatouille members", "Logits", t,
-                            accuracy(soups.ensemble_logits(logits), full_test[1]), len(ok)))
-            if plots_dir is not None and t == min(by_trial) and distributed.is_main_process():
+                            accuracy(soups.ensemble_logits(logits), full_test.labels), len(ok)))
+            if plots_dir is not None and t == min(by_trial):
+                # every process evaluates (the engine spans them); the main one writes
                 figures.env_figures(plots_dir, f"test{k}_trial{t}", ev.model,
-                                    ev.batch_stats, params, scores, flagged, info, ev.acc,
-                                    full_test, selection_set, ev.batch_size)
+                                    ev.batch_stats, params, scores, flagged, info, None,
+                                    full_test, selection_set, ev.batch_size,
+                                    stack_logits=ev.logits, member_logits=logits,
+                                    greedy=greedy, write=distributed.is_main_process())
             dagger["Ratatouille†"].append((params, flagged, info, scores))
         if "fusing" in groups:
             f = groups["fusing"]
-            i, acc = best_single(f.best_params, f.best_score, f.nonfinite)
+            i, acc = best_single(f.best_params, f.best_score, f.nonfinite,
+                                 [("fusing", t, j) for j in range(len(f.best_score))])
             rows.append(row("Fusing", "ID val", t, acc, 1, member=i, init=f.info[i]["init"]))
     if len(by_trial) > 1:
         for method, stacks in dagger.items():
@@ -154,8 +198,9 @@ def _soup_rows(ev, method, params, scores, flagged, full_test, selection_set, t,
         # LMC gate on the ID-val selection set, members in score order (docs/protocol.md: no test data).
         order = soups.sort_by_score(scores, exclude=np.flatnonzero(flagged))
         uniform, kept, records = diagnostics.lmc_gate(
-            ev.model, ev.batch_stats, params, order, *selection_set, threshold=threshold,
-            skip=skip, batch_size=ev.batch_size)
+            ev.model, ev.batch_stats, params, order, None, selection_set.labels,
+            threshold=threshold, skip=skip, batch_size=ev.batch_size,
+            stack_logits=lambda stacked: ev.logits(stacked, selection_set))
         extra = {"gated": [r["member"] for r in records if r["gated"]],
                  "gate_excluded": [r["member"] for r in records if r["excluded"]],
                  "gate_barriers": {str(r["member"]): r["barrier"] for r in records}}
@@ -172,11 +217,11 @@ def _soup_rows(ev, method, params, scores, flagged, full_test, selection_set, t,
         tried.append(1)
         ev.console.status(f"trial {t} {method}: greedy soup {len(tried)}/{candidates} members")
         return ev.acc(p, selection_set)
-    soup, selected, _ = soups.greedy_soup(params, scores, greedy_score,
-                                          exclude=np.flatnonzero(flagged))
+    soup, selected, log = soups.greedy_soup(params, scores, greedy_score,
+                                            exclude=np.flatnonzero(flagged))
     out.append(row(method, "Greedy", t, ev.acc(soup, full_test), len(selected), selected=selected))
     ev.save(out[-1], soup, selected, info, scores)
-    return out
+    return out, (selected, log)
 
 
 def notes(c, target, trained_members: int, rows=(), aux_names=None, n_runs=None) -> str:

@@ -12,6 +12,13 @@ members per device, the live members are held in parts (local member i of every 
 part), each stepped in place with donated buffers, so no step slices members out of the stacked
 tree and writes them back; the stacked tree is assembled only when asked for.
 
+Evaluation and selection: `engine.logits(params, images)` gives every member's logits [M, N, C]
+(host numpy on every process) from one compiled `jit(shard_map)`: members split over 'model',
+images over 'data' in steps of at most `batch_size` images per device; `images` is an array every
+process holds or a row source (rat_jax.evaluation.EvalSplit) of which each process loads only the
+rows its devices hold. `plan_eval_mesh` lays 'data' over the processes first, so that each process
+decodes only its share of an evaluation split.
+
 Data-parallel gradients: with `check_vma=True`, the gradient of a parameter that is replicated over
 'data' is already summed over 'data' by autodiff (the transpose of the implicit broadcast is a psum).
 The local loss is therefore the shard's summed CE divided by the *global* batch size, and there is no
@@ -27,11 +34,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+import rat_jax.distributed as distributed
 import rat_jax.runtime as runtime
 import rat_jax.trees as trees
 from rat_jax.data import augment
 from rat_jax.engine import step as step_lib
-from rat_jax.engine.mesh import DATA_AXIS, MEMBER_AXIS, plan_mesh
+from rat_jax.engine.mesh import DATA_AXIS, MEMBER_AXIS, default_data_parallel, plan_mesh
 from rat_jax.engine.strategies import check_strategy, default_strategy, run_local
 
 
@@ -160,6 +168,7 @@ class MemberEngine:
         self._compiled_train: dict = {}
         self.compiler_options: dict | None = None  # the XLA options of the last compiled train step
         self._eval = self._build_eval()
+        self._logits_jit = self._build_logits()
         if self.strategy == "loop":
             self._take_jit, self._join_jit = self._build_take_join()
         self._best = jax.jit(_update_best, donate_argnums=(0,))
@@ -229,6 +238,15 @@ class MemberEngine:
             in_specs=(P(MEMBER_AXIS), self.eval_spec, self.eval_spec, self.eval_spec, P()),
             out_specs=P(MEMBER_AXIS))
         return jax.jit(mapped)
+
+    def _build_logits(self):
+        """The compiled logits program, shared by every engine of the same (model, mesh,
+        strategy): selection builds engines per stack layout and per test env, and none of them
+        traces or compiles it again."""
+        try:
+            return _logits_program(self.model, self.mesh, self.strategy)
+        except TypeError:  # an unhashable module: one program per engine
+            return _logits_program.__wrapped__(self.model, self.mesh, self.strategy)
 
     def _train(self, members, hparams, images, labels, aug, batch_stats, size=None):
         """The compiled train step for these shapes: lowered once, its XLA:CPU options chosen by
@@ -361,6 +379,71 @@ class MemberEngine:
             return self._gather_local([self._eval(p, *shared) for p in parts])
         return self._eval(parts[0], *shared)
 
+    def _eval_parts(self, params: Any) -> _Parts:
+        """Stacked params [K] (any K that the 'model' axis divides; host or placed) or _Parts ->
+        the parts `logits` runs: with the 'loop' strategy, local member i of every device group
+        per part (the training parts machinery), else the whole placed stack."""
+        if isinstance(params, _Parts):
+            return params
+        k = trees.num_members(params)
+        if k % self.model_size:
+            raise ValueError(f"{k} members do not split over the 'model' axis of "
+                             f"{self.model_size} devices (plan_eval_mesh({k}) gives a mesh "
+                             "that fits)")
+        placed = self.place(params)
+        local = k // self.model_size
+        if self.strategy != "loop" or local == 1:
+            return _Parts((placed,))
+        take = _take_program(self.mesh)
+        return _Parts(take(placed, np.int32(i)) for i in range(local))
+
+    def logits(self, params: Any, images: Any, batch_size: int = 256) -> np.ndarray:
+        """Logits [K, N, C] (float32 numpy, on every process) of every member of `params` on
+        `images`, each image sent once and run through all members.
+
+        `params`: stacked [K] (host or placed; K a multiple of the 'model' axis, not necessarily
+        `num_members`), live.params_for_eval() or prepare_eval(params). `images`: uint8 (or
+        normalized float32) [N, H, W, 3] that every process holds, or a row source with
+        `len()`, `image_shape`, `dtype` and `load(rows) -> [len(rows), H, W, 3]` (e.g.
+        rat_jax.evaluation.EvalSplit): each process then loads only the rows its devices hold.
+        Images go in steps of `batch_size` rows per device ('data' shard); the last step is
+        padded with zeros, so one shape is compiled per split size class."""
+        source = images if hasattr(images, "load") else _ArrayRows(images)
+        parts = self._eval_parts(params)
+        n = len(source)
+        k = sum(int(jax.tree.leaves(p)[0].shape[0]) for p in parts)
+        if n == 0:
+            return np.zeros((k, 0, _num_classes(parts[0])), np.float32)
+        d = self.data_size
+        b = max(1, min(int(batch_size), -(-n // d)))        # rows per device and step
+        g = b * d                                             # rows per step
+        shape = (g,) + tuple(source.image_shape)
+        held = distributed.process_indices(self.mesh, self.eval_spec, shape)[0]
+        pending, outs = None, []
+
+        def fetch(start, arrays):
+            host = [distributed.to_host(a) for a in arrays]   # [model, g, C] per part
+            full = host[0] if len(host) == 1 else np.stack(host, axis=1).reshape(
+                (k,) + host[0].shape[1:])
+            outs.append(full[:, : min(g, n - start)])
+
+        for start in range(0, n, g):
+            rows = start + held
+            local = np.zeros((len(held),) + shape[1:], source.dtype)
+            valid = rows < n
+            if valid.any():
+                local[valid] = source.load(rows[valid])
+            if jax.process_count() > 1:
+                x = jax.make_array_from_process_local_data(self.eval_sharding, local, shape)
+            else:
+                x = jax.device_put(local, self.eval_sharding)
+            arrays = [self._logits_jit(p, x, self.batch_stats) for p in parts]
+            if pending is not None:                           # at most two steps in flight
+                fetch(*pending)
+            pending = (start, arrays)
+        fetch(*pending)
+        return np.concatenate(outs, axis=1)
+
     def update_best(self, state: dict, score: jax.Array, step: int) -> dict:
         """Replace best params/score/step of members whose score strictly improved."""
         best = self._best({"best_params": state["best_params"], "best_score": state["best_score"],
@@ -416,3 +499,95 @@ def _update_best(best: dict, params: Any, score: jax.Array, step: jax.Array) -> 
     return {"best_params": jax.tree.map(pick, params, best["best_params"]),
             "best_score": jnp.where(improved, score, best["best_score"]),
             "best_step": jnp.where(improved, step, best["best_step"])}
+
+
+@functools.lru_cache(maxsize=64)
+def _logits_program(model, mesh: Mesh, strategy: str):
+    """jit(shard_map): stacked params [K] ('model') x images [B] ('data', when the mesh has a
+    'data' axis > 1) -> logits [K, B, C] float32, each device running its local members with
+    `strategy` on its images."""
+    data_size = mesh.shape[DATA_AXIS]
+    image_spec = P(DATA_AXIS) if data_size > 1 else P()
+
+    def local(params, images, batch_stats):
+        # uint8 images normalized on device as rat_jax.evaluation does it (the reference
+        # one-device path): the same logits to the bit (augment.model_input's correctly
+        # rounded normalization differs from it by an ulp on some pixels)
+        if images.dtype == jnp.uint8:
+            images = _eval_normalize(images)
+        one = lambda p: model.apply({"params": p, "batch_stats": batch_stats}, images,
+                                    train=False).astype(jnp.float32)
+        return run_local(strategy, one, params)
+
+    out = P(MEMBER_AXIS, DATA_AXIS) if data_size > 1 else P(MEMBER_AXIS)
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(MEMBER_AXIS), image_spec, P()),
+                                 out_specs=out))
+
+
+@functools.lru_cache(maxsize=64)
+def _take_program(mesh: Mesh):
+    """Local member i of every device group of a stacked tree ([model] leading axis): the
+    'loop' strategy's parts for evaluation (as MemberEngine._build_take_join's take)."""
+    spec = P(MEMBER_AXIS)
+
+    def take(tree, i):
+        return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=True), tree)
+    return jax.jit(jax.shard_map(take, mesh=mesh, in_specs=(spec, P()), out_specs=spec))
+
+
+def _eval_normalize(images_uint8):
+    from rat_jax.evaluation import normalize_on_device
+    return normalize_on_device(images_uint8)
+
+
+class _ArrayRows:
+    """Rows of an image array that every process holds (the row-source interface of
+    MemberEngine.logits)."""
+
+    def __init__(self, images):
+        self.images = np.asarray(images)
+        if self.images.ndim != 4:
+            raise ValueError(f"images must be [N, H, W, C], got shape {self.images.shape}")
+        self.image_shape, self.dtype = self.images.shape[1:], self.images.dtype
+
+    def __len__(self):
+        return len(self.images)
+
+    def load(self, rows):
+        rows = np.asarray(rows)
+        if len(rows) and np.all(np.diff(rows) == 1):
+            return self.images[rows[0]:rows[-1] + 1]
+        return self.images[rows]
+
+
+def _num_classes(params) -> int:
+    try:
+        return int(np.shape(params["classifier"]["bias"])[-1])
+    except (KeyError, TypeError, IndexError):
+        return 0
+
+
+def plan_eval_mesh(num_members: int, devices: Sequence[jax.Device] | None = None,
+                   data_parallel: bool | None = None) -> Mesh:
+    """The mesh ('model', 'data') for evaluating `num_members` stacked members (any count).
+
+    'data' is laid over the processes first, so that each process holds (and loads) only its
+    share of an evaluation split's images, and every process holds all members; within a process
+    the members split over its devices as training's plan_mesh splits them ('model' = the
+    largest divisor of the member count that fits the process's devices; with `data_parallel`,
+    default mesh.default_data_parallel, gcd(members, local devices) and the devices left over
+    add to 'data'). One process: plan_mesh's layout."""
+    devices = list(jax.devices() if devices is None else devices)
+    if data_parallel is None:
+        data_parallel = default_data_parallel(devices)
+    procs = sorted({d.process_index for d in devices})
+    by_proc = [[d for d in devices if d.process_index == p] for p in procs]
+    local = min(len(ds) for ds in by_proc)
+    if data_parallel:
+        model = int(np.gcd(num_members, local))
+    else:
+        model = max(k for k in range(1, min(local, num_members) + 1) if num_members % k == 0)
+    per = local // model if data_parallel else 1
+    # grid[m, p * per + j] = process p's device m * per + j
+    blocks = [np.asarray(ds[: model * per], dtype=object).reshape(model, per) for ds in by_proc]
+    return Mesh(np.concatenate(blocks, axis=1), (MEMBER_AXIS, DATA_AXIS))
