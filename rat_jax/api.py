@@ -29,7 +29,8 @@ from rat_jax.data.protocol import (aux_init_assignment, random_hparams, run_seed
                                    split_indices)
 from rat_jax.diagnostics import barrier, diversity, interpolate, lmc_curve, lmc_gate
 from rat_jax.engine import TrainResult, id_val_names
-from rat_jax.evaluation import accuracy, load_split, predict_logits, predict_logits_stacked
+from rat_jax.evaluation import (StackEvaluator, accuracy, eval_split, load_split, predict_logits,
+                                predict_logits_stacked)
 from rat_jax.export import export_flax, export_torch
 from rat_jax.foundation import load_foundation
 from rat_jax.models import create_model
@@ -100,24 +101,31 @@ def evaluate(params: Any, batch_stats: Any, ds, *, envs: Sequence[int], split: s
                                    s.eval_batch_size), y)
 
 
+def _member_logits(stacked: Any, batch_stats: Any, ds, envs, split, trial_seed,
+                   s: TrainSettings):
+    """(logits [M, N, C], labels) of every member through the member engine: members and
+    images sharded over the devices (and processes, each decoding only its rows)."""
+    data = eval_split(ds, trial_seed=trial_seed, envs=envs, split=split,
+                      image_size=s.image_size, holdout_fraction=s.holdout_fraction,
+                      **s.cache_kw())
+    ev = StackEvaluator(s.model(ds.num_classes), batch_stats, s.eval_batch_size)
+    return ev.logits(stacked, data), data.labels
+
+
 def evaluate_members(stacked: Any, batch_stats: Any, ds, *, envs: Sequence[int],
                      split: str = "all", settings: TrainSettings | None = None,
                      trial_seed: int = 0, **overrides) -> np.ndarray:
-    """Accuracy [M] of every member of `stacked`, each image batch shared by all members."""
-    s = _settings(settings, overrides)
-    x, y = _split(ds, envs, split, trial_seed, s)
-    logits = predict_logits_stacked(s.model(ds.num_classes), stacked, batch_stats, x,
-                                    s.eval_batch_size)
+    """Accuracy [M] of every member of `stacked`, evaluated in parallel by the member engine."""
+    logits, y = _member_logits(stacked, batch_stats, ds, envs, split, trial_seed,
+                               _settings(settings, overrides))
     return np.asarray([accuracy(lg, y) for lg in logits])
 
 
 def ensemble(stacked: Any, batch_stats: Any, ds, *, envs: Sequence[int], split: str = "all",
              settings: TrainSettings | None = None, trial_seed: int = 0, **overrides) -> float:
     """Accuracy of the logit ensemble of all members of `stacked`."""
-    s = _settings(settings, overrides)
-    x, y = _split(ds, envs, split, trial_seed, s)
-    logits = predict_logits_stacked(s.model(ds.num_classes), stacked, batch_stats, x,
-                                    s.eval_batch_size)
+    logits, y = _member_logits(stacked, batch_stats, ds, envs, split, trial_seed,
+                               _settings(settings, overrides))
     return accuracy(ensemble_logits(logits), y)
 
 
