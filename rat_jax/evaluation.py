@@ -25,7 +25,7 @@ import numpy as np
 from rat_jax import trees
 from rat_jax.data import DomainDataset, ImageStore, eval_indices, iterate_eval, load_dataset
 from rat_jax.data.store import DEFAULT_CACHE
-from rat_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from rat_jax.engine.step import normalize_on_device
 
 __all__ = ["load_split", "EvalSplit", "eval_split", "StackEvaluator", "predict_logits",
            "predict_logits_stacked", "accuracy", "mean_loss", "normalize_on_device"]
@@ -164,12 +164,6 @@ class StackEvaluator:
         """Logits [K, N, C] of K separate param trees (soups, interpolation points) as one
         stack."""
         return self.logits(trees.stack(params_list), images)
-
-
-def normalize_on_device(images_uint8: jax.Array) -> jax.Array:
-    """uint8 [..., 3] -> float32 ImageNet-normalized (same math as transforms.normalize)."""
-    x = images_uint8.astype(jnp.float32) * jnp.float32(1 / 255)
-    return (x - jnp.asarray(IMAGENET_MEAN)) * jnp.asarray(1 / IMAGENET_STD)
 
 
 @functools.lru_cache(maxsize=32)

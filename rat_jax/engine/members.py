@@ -536,8 +536,7 @@ def _take_program(mesh: Mesh):
 
 
 def _eval_normalize(images_uint8):
-    from rat_jax.evaluation import normalize_on_device
-    return normalize_on_device(images_uint8)
+    return step_lib.normalize_on_device(images_uint8)
 
 
 class _ArrayRows:
