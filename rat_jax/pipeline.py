@@ -31,35 +31,48 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-class Pipeline:
-    """All stages for one config and workdir. `run()` returns the result rows."""
+def record_config(config, workdir: pathlib.Path) -> None:
+    """Write `config` and the command line to `workdir/config.json` (process 0); when the workdir
+    holds another config, log the fields that differ."""
+    path = workdir / "config.json"
+    new = _flatten(json.loads(config.to_json_best_effort()))
+    if path.exists():
+        old = _flatten(json.loads(path.read_text()).get("config", {}))
+        changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if changed:
+            log.warning("%s was last run with another config; fields that differ: %s",
+                        workdir, ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})"
+                                           for k in changed))
+    if distributed.is_main_process():
+        write_json_atomic(path, {"config": json.loads(config.to_json_best_effort()),
+                                 "argv": sys.argv})
 
-    def __init__(self, config, workdir: str | os.PathLike):
+
+class Pipeline:
+    """All stages for one config and workdir. `run()` returns the result rows.
+
+    `shared_root` (a sweep's root, rat_jax.sweep): the foundation, the auxiliary pool and the
+    auxiliary linear probes live there, shared by every target of the sweep
+    (`stages.WorkdirStore`); the target's own runs, soups and table stay in `workdir`."""
+
+    def __init__(self, config, workdir: str | os.PathLike,
+                 shared_root: str | os.PathLike | None = None):
         self.c = config
         self.workdir = pathlib.Path(workdir).absolute()
         self.workdir.mkdir(parents=True, exist_ok=True)
+        self.shared_root = pathlib.Path(shared_root).absolute() if shared_root else None
         self.settings = stages.TrainSettings.from_config(config)
         self.store = stages.WorkdirStore(self.workdir, config.aux_pool_dir or None,
                                          keep_checkpoints=config.keep_checkpoints,
-                                         quiet=bool(config.quiet))
+                                         quiet=bool(config.quiet), shared_root=self.shared_root)
+        self.notes = ""  # the sentences under the last run()'s table
         self.pool: dict = {}  # the auxiliary pool of the last run(): trained + checkpoints
         self.record_config()
 
     def record_config(self) -> None:
         """Write the resolved config and command line to `workdir/config.json`; when the workdir
         holds another config, log the fields that differ (the runs they affect are retrained)."""
-        path = self.workdir / "config.json"
-        new = _flatten(json.loads(self.c.to_json_best_effort()))
-        if path.exists():
-            old = _flatten(json.loads(path.read_text()).get("config", {}))
-            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            if changed:
-                log.warning("%s was last run with another config; fields that differ: %s",
-                            self.workdir, ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})"
-                                                    for k in changed))
-        if distributed.is_main_process():
-            write_json_atomic(path, {"config": json.loads(self.c.to_json_best_effort()),
-                                     "argv": sys.argv})
+        record_config(self.c, self.workdir)
 
     @property
     def trained_members(self) -> int:
@@ -81,7 +94,8 @@ class Pipeline:
     def run(self) -> list[dict]:
         c, s = self.c, self.settings
         featurizer, batch_stats, fhash = stages.load_foundation(
-            c.foundation, c.arch, self.workdir / stages.FOUNDATION, c.image_size)
+            c.foundation, c.arch, (self.shared_root or self.workdir) / stages.FOUNDATION,
+            c.image_size)
         target = self.dataset(c.target)
         test_envs = list(c.target.test_envs) or list(range(target.num_envs))
         for k in test_envs:
@@ -129,7 +143,7 @@ class Pipeline:
             notes += (" Auxiliary checkpoints (config.aux_checkpoints, not trained here): "
                       + ", ".join(f"{n} x {len(p['featurizers'])}" for n, p in brought.items())
                       + f"; {n_runs} runs per auxiliary dataset.")
-        md = report.table(rows) + "\n\n" + notes + "\n"
+        self.notes = notes
         if distributed.is_main_process():  # one writer and one printed table per run
             md = report.write(self.workdir, rows, notes)
             print(md, flush=True)

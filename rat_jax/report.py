@@ -95,3 +95,93 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
     data = json.loads(pathlib.Path(path).read_text())
     return list(data["rows"] if isinstance(data, dict) else data)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# The combined table of a sweep (rat_jax.sweep): one column per target dataset
+# ---------------------------------------------------------------------------------------------
+DATASET_PLUS_MINUS = (
+    "A dataset's value is its target table's Avg (mean over its test envs of the per-env means "
+    "over trials). ± : standard error over trials of the per-trial average over the test envs, "
+    "std/√n with numpy's population std (ddof=0), as the 'Averages' table of DomainBed's "
+    "collect_results; no ± for a single value (one trial, † rows). Avg: mean of the dataset "
+    "columns; — : not done yet.")
+
+
+def dataset_cell(rows: Sequence[dict], method: str, selection: str) -> dict | None:
+    """One dataset's value for one (method, selection): {"mean", "stderr", "n_trials"} in %, or
+    None when no trial has a row for every test env of `rows`. Per trial, the mean over the test
+    envs; then the mean and standard error over trials (DomainBed's collect_results
+    'Averages')."""
+    envs = sorted({r["test_env"] for r in rows})
+    by_trial: dict = defaultdict(dict)
+    for r in rows:
+        if (r["method"], r["selection"]) == (method, selection):
+            by_trial[r["trial"]][r["test_env"]] = 100.0 * r["accuracy"]
+    averages = [np.mean([accs[e] for e in envs]) for _, accs in sorted(by_trial.items())
+                if envs and all(e in accs for e in envs)]
+    if not averages:
+        return None
+    return {"mean": float(np.mean(averages)), "n_trials": len(averages),
+            "stderr": standard_error(averages) if len(averages) > 1 else None}
+
+
+def combined_cells(results: dict) -> list[dict]:
+    """`results`: {dataset: its rows, or None while pending}, in column order. Every
+    (method, selection, dataset) cell that has a value, as dicts with method, selection,
+    dataset, mean, stderr, n_trials (mean and stderr in %)."""
+    cells = []
+    for dataset, rows in results.items():
+        for m, s in _methods([r for rs in results.values() if rs for r in rs]):
+            cell = dataset_cell(rows or [], m, s)
+            if cell is not None:
+                cells.append(dict(method=m, selection=s, dataset=dataset, **cell))
+    return cells
+
+
+def _methods(rows: Sequence[dict]) -> list[tuple]:
+    present = {(r["method"], r["selection"]) for r in rows}
+    ordered = [(m, s) for m, s, _ in ROW_ORDER if (m, s) in present]
+    return ordered + sorted(present - set(ordered))
+
+
+def combined_table(results: dict) -> str:
+    """The paper's layout: rows = methods (ROW_ORDER), columns = the datasets of `results`
+    ({dataset: rows or None}, in column order) and their average; a pending dataset's cells are
+    "—". The line DATASET_PLUS_MINUS under it says what a cell and ± are."""
+    datasets = list(results)
+    all_rows = [r for rs in results.values() if rs for r in rs]
+    methods = [(m, s) for m, s, _ in ROW_ORDER]
+    methods += [k for k in _methods(all_rows) if k not in methods]
+    cells = {(c["method"], c["selection"], c["dataset"]): c for c in combined_cells(results)}
+    head = ["Algorithm", "Selection"] + datasets + ["Avg", "Test protocol"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m, s in methods:
+        vals, means = [], []
+        for d in datasets:
+            c = cells.get((m, s, d))
+            if c is None:
+                vals.append("—")
+                continue
+            means.append(c["mean"])
+            vals.append(f"{c['mean']:.1f}" + (f" ± {c['stderr']:.1f}" if c["stderr"] is not None
+                                              else ""))
+        avg = f"{np.mean(means):.1f}" if datasets and len(means) == len(datasets) else "—"
+        lines.append("| " + " | ".join([m, s] + vals + [avg, PROTOCOL.get((m, s), "")]) + " |")
+    return "\n".join(lines + ["", DATASET_PLUS_MINUS])
+
+
+def write_combined(root: str | os.PathLike, results: dict, notes: str = "") -> str:
+    """Write a sweep's results.md (combined_table + notes) and results.json ({"plus_minus",
+    "datasets", "pending", "cells", "rows": every target's per-trial rows}) under `root`; return
+    the markdown. `read_rows` reads the rows back."""
+    root = pathlib.Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    md = combined_table(results) + ("\n\n" + notes if notes else "") + "\n"
+    data = {"plus_minus": DATASET_PLUS_MINUS, "datasets": list(results),
+            "pending": [d for d, rows in results.items() if rows is None],
+            "cells": combined_cells(results),
+            "rows": [r for rows in results.values() if rows for r in rows]}
+    write_text_atomic(root / "results.json", json.dumps(data, indent=1))
+    write_text_atomic(root / "results.md", md)
+    return md

@@ -207,7 +207,11 @@ class MemoryStore:
 class WorkdirStore(MemoryStore):
     """Runs under `root/<name>/`: a finished run (its `done.json` fingerprint matches) is loaded,
     an unfinished one resumes from its Orbax checkpoints. Names under `aux/` go to `aux_root`
-    when given (an auxiliary pool shared between runs). Process 0 writes the markers.
+    when given (an auxiliary pool shared between runs). With `shared_root` (a sweep's root,
+    rat_jax.sweep), what does not depend on the target goes there instead of `root`: the
+    auxiliary pool (`aux/*`, unless `aux_root` is given) and the auxiliary linear probes
+    (`lp/*_notest`), so that every target of a sweep loads the same runs. Process 0 writes the
+    markers. `trained_runs` lists (name, members) of the runs this store trained.
 
     Once a run is done its result keeps only the params later stages read (`keep`: the best
     for target runs and linear probes, the final for auxiliary runs) and its resume checkpoints
@@ -220,17 +224,30 @@ class WorkdirStore(MemoryStore):
                                                                      default=None)
 
     def __init__(self, root: str | pathlib.Path, aux_root: str | pathlib.Path | None = None,
-                 keep_checkpoints: bool = False, quiet: bool = False):
+                 keep_checkpoints: bool = False, quiet: bool = False,
+                 shared_root: str | pathlib.Path | None = None):
         super().__init__()
         self.root = pathlib.Path(root).absolute()
         self.aux_root = pathlib.Path(aux_root).absolute() if aux_root else None
+        self.shared_root = pathlib.Path(shared_root).absolute() if shared_root else None
         self.keep_checkpoints = keep_checkpoints
         self.quiet = quiet
+        self.trained_runs: list[tuple[str, int]] = []
+
+    @staticmethod
+    def is_shared(name: str) -> bool:
+        """Whether a run name is independent of the target (it goes to `shared_root`): an
+        auxiliary run (`aux/...`) or an auxiliary linear probe (`lp/<A>_notest`), with their
+        files."""
+        head, _, rest = name.partition("/")
+        return head == "aux" or (head == "lp" and rest.partition("/")[0].endswith("_notest"))
 
     def path(self, name: str) -> pathlib.Path:
         head, _, rest = name.partition("/")
         if head == "aux" and self.aux_root is not None:
             return self.aux_root / rest
+        if self.shared_root is not None and self.is_shared(name):
+            return self.shared_root / name
         return self.root / name
 
     def done(self, name: str, fp: str) -> bool:
@@ -257,6 +274,7 @@ class WorkdirStore(MemoryStore):
         finally:
             self.tensorboard_run.reset(token)
         self.trained_members += len(result.best_score)
+        self.trained_runs.append((name, len(result.best_score)))
         result.save(directory, PARAMS if self.keep_checkpoints else keep)
         self.write_json(f"{name}/done.json", {"fingerprint": fp, "info": result.info})
         if not self.keep_checkpoints and distributed.is_main_process():

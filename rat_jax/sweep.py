@@ -1,0 +1,574 @@
+"""Several targets in one workdir (the paper's whole table): a loop over targets through the same
+`rat_jax.pipeline.Pipeline`, sharing what does not depend on the target.
+
+A sweep config (configs/paper.py) is a base config whose `target` / `aux` are replaced by
+`datasets` (name -> dataset entry) and `sweep.targets` (the targets, in column order); target T
+is the config of `target_config(config, T)`: T as the target, every other entry of `datasets` as
+an auxiliary task. The sweep's root holds
+
+  config.json                   the sweep config and command line
+  foundation/                   converted once
+  lp/<A>_notest/, aux/<A>_notest/   each auxiliary dataset's linear probe and pool, trained once
+                                and loaded by every target that uses A (stages.WorkdirStore with
+                                `shared_root`; fingerprints and leakage guards unchanged)
+  targets/<T>/                  target T's own workdir: config.json, lp/<T>_test<k>/, target/,
+                                models/, plots/, its per-env results.md / results.json
+  results.md, results.json      the combined table (report.combined_table), rewritten after
+                                each target; pending targets are "—" and listed in the notes
+  trained_runs.jsonl            one line per target finished by an invocation: the runs it
+                                trained (none when everything was loaded)
+
+A rerun loads every finished run and resumes a killed one (the stores' fingerprints); on several
+hosts every process runs the same loop and process 0 writes the files, as in a single run.
+
+`planned_runs` lists every members run a config implies, without JAX (rat_jax.status reads it
+too); `plan` prints them per stage and dataset with an estimated time and refuses members that
+cannot fit the devices' memory (`python -m rat_jax.main ... --plan`). This module imports no JAX
+at module level.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import sys
+import time
+from typing import Callable, Sequence
+
+import ml_collections
+
+from rat_jax import report
+from rat_jax.data import SPECS
+from rat_jax.data.protocol import aux_init_assignment
+
+log = logging.getLogger("rat_jax")
+
+TARGETS_DIR = "targets"
+TRAINED_LOG = "trained_runs.jsonl"
+STAGES = ("linear probes", "auxiliary pools", "target runs")
+# Image totals and classes of the DomainBed datasets: the usual DomainBed figures
+# (docs/protocol.md §3.1), not read from data. The plan splits a total evenly over the envs.
+DOMAINBED_IMAGES = {"VLCS": 10_729, "PACS": 9_991, "OfficeHome": 15_588,
+                    "TerraIncognita": 24_788, "DomainNet": 586_575}
+DOMAINBED_CLASSES = {"VLCS": 5, "PACS": 7, "OfficeHome": 65, "TerraIncognita": 10,
+                     "DomainNet": 345}
+# A forward pass costs about a third of a training step (forward + backward) per image: the
+# weight of evaluation images and of linear-probe images (frozen featurizer) in the estimate.
+FORWARD_COST = 1 / 3
+# Pixels of the timed member step on CPU (4 images at 224 px: a ResNet-50 224-px step is slow)
+CPU_TIMING_PIXELS = 4 * 224 * 224
+
+
+# ---------------------------------------------------------------------------------------------
+# Sweep configs
+# ---------------------------------------------------------------------------------------------
+def _plain(config) -> dict:
+    return config.to_dict() if hasattr(config, "to_dict") else copy.deepcopy(dict(config))
+
+
+def is_sweep(config) -> bool:
+    """Whether `config` (ConfigDict or the dict of a config.json) is a sweep config."""
+    return "sweep" in config
+
+
+def target_names(config) -> list[str]:
+    """The targets of a sweep config, in column order (the one target of a plain config)."""
+    if is_sweep(config):
+        return [str(t) for t in config["sweep"]["targets"]]
+    return [str(config["target"]["name"])]
+
+
+def target_dict(config, name: str) -> dict:
+    """Target `name`'s config as a plain dict: the sweep's shared fields, `datasets[name]` as the
+    target and every other dataset as an auxiliary task (all its domains)."""
+    cfg = _plain(config)
+    datasets = cfg["datasets"]
+    if name not in datasets:
+        raise ValueError(f"config.sweep.targets has {name!r}, which is not a key of "
+                         f"config.datasets ({sorted(datasets)})")
+    d = {k: copy.deepcopy(v) for k, v in cfg.items() if k not in ("sweep", "datasets")}
+    d["target"] = copy.deepcopy(dict(datasets[name]))
+    d["aux"] = {other: dict(copy.deepcopy(dict(e)), test_envs=())
+                for other, e in datasets.items() if other != name}
+    return d
+
+
+def target_config(config, name: str) -> ml_collections.ConfigDict:
+    """Target `name`'s config (what one `python -m rat_jax.main` of configs/<T>.py would run)."""
+    return ml_collections.ConfigDict(target_dict(config, name))
+
+
+# ---------------------------------------------------------------------------------------------
+# The runs a config implies (no JAX)
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    name: str                         # the dataset's name (DomainDataset.name)
+    env_sizes: tuple                  # images per env (evenly split totals for DomainBed)
+    num_classes: int
+    exact: bool                       # sizes counted from the data, not the DomainBed table
+
+    @property
+    def num_envs(self) -> int:
+        return len(self.env_sizes)
+
+
+def _domainbed_name(name: str) -> str | None:
+    for key, spec in SPECS.items():
+        if str(name).lower() in (key.lower(), spec.dirname.lower()):
+            return key
+    return None
+
+
+def dataset_info(entry: dict, cfg: dict) -> DatasetInfo:
+    """Envs, sizes and classes of a config dataset entry: DomainBed datasets from SPECS and the
+    DomainBed figures (no data needed); any other dataset is loaded (the embedded ones are
+    built on first use)."""
+    name = str(entry["name"])
+    db = _domainbed_name(name)
+    if db is not None:
+        n = len(SPECS[db].envs)
+        total = DOMAINBED_IMAGES[db]
+        return DatasetInfo(db, tuple([total / n] * n), DOMAINBED_CLASSES[db], False)
+    from rat_jax.data import load_dataset
+    root = entry.get("root") or (cfg.get("data_root") if not name.startswith("tfds:") else "")
+    ds = load_dataset(name, root or None, cache_dir=cfg.get("cache_dir") or None)
+    return DatasetInfo(ds.name, tuple(len(s) for s in ds.samples), ds.num_classes, True)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedRun:
+    """One members run (one group of members trained together)."""
+    stage: str                        # one of STAGES
+    dataset: str                      # the dataset it trains on
+    name: str                         # its store name: lp/..., aux/..., target/...
+    path: pathlib.Path                # its folder
+    members: int
+    steps: int
+    checkpoint_freq: int
+    images_per_step: int              # per member: batch_size x training envs
+    eval_images: float                # per member and evaluation point
+    classifier_only: bool
+    num_classes: int
+
+    @property
+    def evaluations(self) -> int:
+        return len(set(range(0, self.steps, self.checkpoint_freq)) | {self.steps - 1})
+
+    @property
+    def member_steps(self) -> int:
+        return self.members * self.steps
+
+    @property
+    def train_images(self) -> int:
+        return self.member_steps * self.images_per_step
+
+    @property
+    def all_eval_images(self) -> float:
+        return self.members * self.evaluations * self.eval_images
+
+    def cost(self) -> float:
+        """Work in full-training-image units (forward-only images weigh FORWARD_COST)."""
+        train = self.train_images * (FORWARD_COST if self.classifier_only else 1.0)
+        return train + FORWARD_COST * self.all_eval_images
+
+
+def _eval_images(info: DatasetInfo, test_envs: Sequence[int], d: dict) -> float:
+    """Images scored per member at one evaluation point (loop.evaluate over eval_sets)."""
+    hold, cap = float(d["holdout_fraction"]), int(d.get("max_eval_images", 0))
+    capped = lambda n: min(n, cap) if cap > 0 else n
+    total = 0.0
+    for env, size in enumerate(info.env_sizes):
+        is_test = env in set(test_envs)
+        if d.get("eval_all_splits", True):
+            total += capped(size * (1 - hold)) + capped(size * hold)
+        elif not is_test:
+            total += capped(size * hold)
+    return total
+
+
+def _target_runs(d: dict, info: Callable[[dict], DatasetInfo], own: pathlib.Path,
+                 shared: pathlib.Path) -> list[PlannedRun]:
+    """The runs of one target config `d` (a plain dict), as Pipeline.run trains them."""
+    bs = int(d["batch_size"])
+    aux = d.get("aux") or {}
+    n_runs, n_hparams = int(d["n_aux_hparams"]), int(d["n_hparams"])
+    aux_root = pathlib.Path(d["aux_pool_dir"]).absolute() if d.get("aux_pool_dir") else None
+    probe = int(d["lp_probe_steps"])
+    runs = []
+    for a in sorted(aux):
+        e, i = aux[a], info(aux[a])
+        steps, cf = int(e["steps"]), int(e["checkpoint_freq"])
+        runs.append(PlannedRun("linear probes", a, f"lp/{a}_notest", shared / "lp" / f"{a}_notest",
+                               1, probe if probe > 0 else steps, cf, bs * i.num_envs,
+                               _eval_images(i, [], d), True, i.num_classes))
+        runs.append(PlannedRun("auxiliary pools", a, f"aux/{a}_notest",
+                               (aux_root or shared / "aux") / f"{a}_notest", n_runs, steps, cf,
+                               bs * i.num_envs, _eval_images(i, [], d), False, i.num_classes))
+    t = d["target"]
+    ti = info(t)
+    steps, cf = int(t["steps"]), int(t["checkpoint_freq"])
+    names = sorted(aux)
+    aux_init = sum(aux_init_assignment(h, names, n_runs) != "imagenet"
+                   for h in range(n_hparams)) if names else 0
+    members = n_hparams + aux_init + (n_hparams if d.get("run_fusing", True) and names else 0)
+    for k in list(t["test_envs"]) or range(ti.num_envs):
+        per_step, ev = bs * (ti.num_envs - 1), _eval_images(ti, [k], d)
+        name = f"{ti.name}_test{k}"
+        runs.append(PlannedRun("linear probes", ti.name, f"lp/{name}", own / "lp" / name, 1,
+                               probe if probe > 0 else steps, cf, per_step, ev, True,
+                               ti.num_classes))
+        for trial in d["trials"]:
+            run = f"{name}_trial{trial}"
+            runs.append(PlannedRun("target runs", ti.name, f"target/{run}", own / "target" / run,
+                                   members, steps, cf, per_step, ev, False, ti.num_classes))
+    return runs
+
+
+def planned_runs(config, root: str | os.PathLike,
+                 info: Callable[[dict, dict], DatasetInfo] = dataset_info) -> list[PlannedRun]:
+    """Every members run `config` (ConfigDict or config.json's dict) implies under `root`, each
+    shared run (auxiliary probes and pools) once, in the order the sweep trains them."""
+    root = pathlib.Path(root).absolute()
+    cache: dict = {}
+
+    def cached(cfg):
+        def get(entry):
+            key = (entry["name"], entry.get("root", ""))
+            if key not in cache:
+                cache[key] = info(entry, cfg)
+            return cache[key]
+        return get
+    if not is_sweep(config):
+        d = _plain(config)
+        return _target_runs(d, cached(d), root, root)
+    runs, seen = [], set()
+    for name in target_names(config):
+        d = target_dict(config, name)
+        for r in _target_runs(d, cached(d), root / TARGETS_DIR / name, root):
+            if r.path not in seen:
+                seen.add(r.path)
+                runs.append(r)
+    return runs
+
+
+def target_dirs(config, root: str | os.PathLike) -> dict:
+    """{target: the folder of its per-env table} (the root itself for a plain config)."""
+    root = pathlib.Path(root).absolute()
+    if not is_sweep(config):
+        return {target_names(config)[0]: root}
+    return {t: root / TARGETS_DIR / t for t in target_names(config)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a sweep
+# ---------------------------------------------------------------------------------------------
+class Sweep:
+    """Every target of a sweep config, one `Pipeline` each, sharing the root's foundation,
+    auxiliary probes and pools. `run()` returns {target: rows}; `trained_runs` lists the
+    (run name, members) this process trained."""
+
+    def __init__(self, config, workdir: str | os.PathLike):
+        from rat_jax import pipeline
+        self.c = config
+        self.root = pathlib.Path(workdir).absolute()
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.targets = target_names(config)
+        if not self.targets:
+            raise ValueError("config.sweep.targets is empty: name the datasets to run as targets")
+        self.trained_runs: list[tuple[str, int]] = []
+        pipeline.record_config(config, self.root)
+
+    def target_dir(self, name: str) -> pathlib.Path:
+        return self.root / TARGETS_DIR / name
+
+    def run(self) -> dict:
+        from rat_jax import distributed
+        from rat_jax.pipeline import Pipeline
+        results: dict = {t: None for t in self.targets}
+        main = distributed.is_main_process()
+        for n, name in enumerate(self.targets):
+            pipe = Pipeline(target_config(self.c, name), self.target_dir(name),
+                            shared_root=self.root)
+            results[name] = pipe.run()
+            # the runs this process trained for the target (one WorkdirStore per target)
+            trained = [(r if pipe.store.is_shared(r) else f"{TARGETS_DIR}/{name}/{r}", m)
+                       for r, m in pipe.store.trained_runs]
+            self.trained_runs += trained
+            if main:
+                with open(self.root / TRAINED_LOG, "a") as f:  # what each invocation trained
+                    f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                        "argv": sys.argv, "target": name,
+                                        "trained": trained}) + "\n")
+                md = report.write_combined(self.root, results, self.notes(results))
+                log.info("sweep: %s done (%d/%d)", name, n + 1, len(self.targets))
+        if main:
+            print(f"\n# The whole table: {len(self.targets)} targets ({self.root})\n", flush=True)
+            print(md, flush=True)
+        return results
+
+    def notes(self, results: dict) -> str:
+        c = self.c
+        pending = [t for t, rows in results.items() if rows is None]
+        members = sum(m for _, m in self.trained_runs)
+        text = (f"Sweep of {len(self.targets)} targets ({', '.join(self.targets)}); each uses "
+                f"the other datasets of config.datasets ({', '.join(sorted(c.datasets))}) as "
+                f"auxiliary tasks x {c.n_aux_hparams} runs, trained once at the sweep's root "
+                f"and shared. Arch {c.arch}, {c.image_size}px, batch {c.batch_size}/domain, "
+                f"{c.n_hparams} members per (test env, trial), trials {list(c.trials)}. "
+                f"Per-env tables: {TARGETS_DIR}/<target>/results.md. Member runs trained by this "
+                f"invocation: {members} in {len(self.trained_runs)} runs.")
+        if pending:
+            text += f" Pending (— in the table): {', '.join(pending)}."
+        return text
+
+
+def run_sweep(config, workdir: str | os.PathLike) -> dict:
+    """Every target of a sweep config in `workdir` (resumable); {target: rows}."""
+    return Sweep(config, workdir).run()
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan: sizes, an estimated time, and the memory check (needs JAX)
+# ---------------------------------------------------------------------------------------------
+def plan_table(runs: Sequence[PlannedRun], rate: float | None) -> tuple[str, dict]:
+    """Markdown: per stage and dataset, member runs (groups), member-steps, training and
+    evaluation images and, with `rate` (training images/s of the whole machine), the estimated
+    time; then the totals. Also returns the numbers as a dict."""
+    keyed: dict = {}
+    for r in runs:
+        keyed.setdefault((r.stage, r.dataset), []).append(r)
+    order = sorted(keyed, key=lambda k: (STAGES.index(k[0]),
+                                         [r.dataset for r in runs].index(k[1])))
+    head = ["stage", "dataset", "groups", "member runs", "member-steps", "train images",
+            "eval images", "estimated time"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out = {"stages": []}
+
+    def row(stage, dataset, rs):
+        n = {"stage": stage, "dataset": dataset, "groups": len(rs),
+             "member_runs": sum(r.members for r in rs),
+             "member_steps": sum(r.member_steps for r in rs),
+             "train_images": sum(r.train_images for r in rs),
+             "eval_images": int(round(sum(r.all_eval_images for r in rs))),
+             "seconds": sum(r.cost() for r in rs) / rate if rate else None}
+        lines.append("| " + " | ".join([stage, dataset, f"{n['groups']:,}",
+                                        f"{n['member_runs']:,}", f"{n['member_steps']:,}",
+                                        f"{n['train_images']:,}", f"{n['eval_images']:,}",
+                                        duration(n["seconds"])]) + " |")
+        return n
+    for key in order:
+        out["stages"].append(row(*key, keyed[key]))
+    for stage in STAGES:
+        rs = [r for r in runs if r.stage == stage]
+        if rs:
+            out.setdefault("stage_totals", []).append(row(f"**{stage}**", "all", rs))
+    out["total"] = row("**total**", "all", list(runs))
+    return "\n".join(lines), out
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
+def _abstract_model(settings, num_classes: int):
+    import jax
+    import numpy as np
+    model = settings.model(num_classes)
+    shapes = jax.eval_shape(model.init, jax.random.key(0),
+                            jax.ShapeDtypeStruct((1, settings.image_size, settings.image_size, 3),
+                                                 np.float32))
+    return model, shapes
+
+
+def measure_rate(settings, num_classes: int, images_per_step: int) -> dict:
+    """Training images/s of the member step of `settings` (arch, image size, dtype, strategy,
+    remat) for ONE member on ONE device, timed over a few steps after a compiled warm-up. On CPU
+    the timed step holds at most CPU_TIMING_PIXELS pixels (4 images at 224 px), and the rate per
+    image is extrapolated to the full batch."""
+    import jax
+    import numpy as np
+    from rat_jax import trees
+    from rat_jax.engine import MemberEngine, init_state, make_hparams
+    from rat_jax.stages import DATA_PARALLEL
+    model, shapes = _abstract_model(settings, num_classes)
+    zeros = lambda t: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), t)
+    params, batch_stats = zeros(shapes["params"]), zeros(shapes["batch_stats"])
+    device = jax.devices()[0]
+    s = settings.image_size
+    b = images_per_step
+    if device.platform == "cpu" and b * s * s > CPU_TIMING_PIXELS:
+        b = max(1, CPU_TIMING_PIXELS // (s * s))
+    engine = MemberEngine(model, batch_stats, 1, batch_size=b, devices=[device],
+                          strategy=None if settings.strategy == "auto" else settings.strategy,
+                          remat=settings.remat, cpu_ynn=settings.cpu_ynn,
+                          data_parallel=DATA_PARALLEL[str(settings.data_parallel).lower()])
+    live = engine.start(init_state(trees.stack([params]))["members"],
+                        make_hparams(1, lr=1e-5, seed=0))
+    rng = np.random.default_rng(0)
+    batch = {"images": rng.standard_normal((1, b, s, s, 3), np.float32),
+             "labels": rng.integers(0, num_classes, (1, b)).astype(np.int32)}
+    t0 = time.perf_counter()
+    jax.block_until_ready(live.step(batch))   # compiles
+    compile_s = time.perf_counter() - t0
+    times = []
+    for _ in range(2 if device.platform == "cpu" else 5):
+        t0 = time.perf_counter()
+        jax.block_until_ready(live.step(batch))
+        times.append(time.perf_counter() - t0)
+    step = float(np.median(times))
+    return {"device": str(device.device_kind), "platform": device.platform,
+            "timed_images": b, "step_s": step, "compile_s": compile_s,
+            "images_per_s": b / step, "member_steps_per_s": b / step / images_per_step}
+
+
+def memory_check(settings, runs: Sequence[PlannedRun]) -> dict:
+    """XLA's memory analysis of the compiled train step of the worst case of `runs` (the most
+    members per device, with the largest per-member batch and class count of any run), laid
+    on the devices as training lays it, against the device's memory (jax's bytes_limit; on CPU
+    the machine's RAM, shared by the emulated devices). Returns the numbers and `fits`."""
+    import jax
+    import numpy as np
+    from rat_jax.engine import MemberEngine, make_hparams
+    from rat_jax.engine import step as step_lib
+    from rat_jax.engine.mesh import MEMBER_AXIS, plan_mesh
+    from rat_jax.stages import DATA_PARALLEL
+    dp = DATA_PARALLEL[str(settings.data_parallel).lower()]
+    devices = jax.devices()
+    trained = [r for r in runs if not r.classifier_only] or list(runs)
+    batch = max(r.images_per_step for r in trained)
+    classes = max(r.num_classes for r in trained)
+
+    def local(m):
+        mesh = plan_mesh(m, batch, devices, None, dp)
+        return m // mesh.shape[MEMBER_AXIS], mesh
+    worst = max(trained, key=lambda r: (local(r.members)[0], r.members))
+    m = worst.members
+    per_device, mesh = local(m)
+    model, shapes = _abstract_model(settings, classes)
+    batch_stats = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes["batch_stats"])
+    engine = MemberEngine(model, batch_stats, m, batch_size=batch, devices=devices,
+                          strategy=None if settings.strategy == "auto" else settings.strategy,
+                          remat=settings.remat, data_parallel=dp, cpu_ynn=settings.cpu_ynn)
+    stacked = jax.tree.map(lambda s: jax.ShapeDtypeStruct((m,) + s.shape, s.dtype),
+                           shapes["params"])
+    members = jax.eval_shape(jax.vmap(step_lib.init_member), stacked)
+    members = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
+                                                          sharding=engine.member_sharding),
+                           members)
+    s = settings.image_size
+    fake = lambda shape, dtype: np.broadcast_to(np.zeros((), dtype), shape)  # no memory
+    mem = engine.train_memory({"members": members}, make_hparams(m),
+                              {"images": fake((m, batch, s, s, 3), np.float32),
+                               "labels": fake((m, batch), np.int32)})
+    param_bytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                      for x in jax.tree.leaves(shapes["params"]))
+    need = (mem["argument_size_in_bytes"] + mem["output_size_in_bytes"]
+            + mem["temp_size_in_bytes"] - mem.get("alias_size_in_bytes", 0)
+            + per_device * param_bytes)          # + the best-so-far params the loop keeps
+    used = int(np.prod(list(mesh.shape.values())))
+    platform = devices[0].platform
+    limit, source = None, ""
+    if platform == "cpu":
+        try:
+            limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            source = f"the machine's RAM, shared by the {used} emulated CPU device(s) in use"
+        except (ValueError, OSError, AttributeError):
+            pass
+        total = need * used
+    else:
+        try:
+            limit = int((devices[0].memory_stats() or {}).get("bytes_limit")) or None
+            source = f"{devices[0].device_kind} memory (jax bytes_limit)"
+        except Exception:  # a backend that reports no memory
+            limit = None
+        total = need
+    return {"run": worst.name, "members": m, "members_per_device": per_device,
+            "devices_used": used, "images_per_step": batch, "bytes_per_device": int(need),
+            "bytes_needed": int(total), "limit_bytes": limit, "limit_source": source,
+            "fits": limit is None or total <= limit}
+
+
+def plan(config, workdir: str | os.PathLike, rate: float = 0.0, devices: int = 0) -> dict:
+    """Print the plan of `config` (a sweep or a single target) in `workdir` without training:
+    per stage and dataset, member runs, member-steps, images, and an estimated time from the
+    measured member-step rate on the current devices (`rate` > 0: training images/s per device
+    instead of measuring; `devices` > 0: the device count to estimate for). Raises SystemExit
+    naming what to change when the worst run's members cannot fit the devices' memory."""
+    import jax
+    from rat_jax.stages import TrainSettings
+    root = pathlib.Path(workdir).absolute()
+    runs = planned_runs(config, root)
+    first = target_config(config, target_names(config)[0]) if is_sweep(config) else config
+    settings = TrainSettings.from_config(first)
+    trained = [r for r in runs if not r.classifier_only]
+    typical = max({r.images_per_step for r in trained},
+                  key=lambda b: sum(r.members for r in trained if r.images_per_step == b))
+    platform = jax.devices()[0].platform
+    n_dev = devices or len(jax.devices())
+    if rate > 0:
+        measured = {"images_per_s": rate, "member_steps_per_s": rate / typical,
+                    "given": True}
+    else:
+        measured = measure_rate(settings, max(r.num_classes for r in runs), typical)
+    # members spread over devices: the machine's rate is the device's times the devices, except
+    # emulated CPU devices, which share the same cores
+    scale = 1 if (platform == "cpu" and not devices and rate <= 0) else n_dev
+    machine = measured["images_per_s"] * scale
+    md, numbers = plan_table(runs, machine)
+    targets = target_names(config)
+    print(f"# Plan: {len(targets)} target(s) ({', '.join(targets)}) in {root}\n")
+    print(f"arch {settings.arch}, {settings.image_size}px, batch {first.batch_size}/domain, "
+          f"{settings.compute_dtype}; {len(runs)} members runs. A group is one members run "
+          "(members trained together); a member run is one network (a DomainBed run).\n")
+    print(md + "\n")
+    if measured.get("given"):
+        how = f"given: {rate:,.1f} training images/s per device (--plan_rate)"
+    else:
+        how = (f"measured: {measured['images_per_s']:.2f} training images/s = "
+               f"{measured['member_steps_per_s']:.4f} member-steps/s of {typical} images, one "
+               f"member on one {measured['platform']} device ({measured['device']}), the median "
+               f"of timed steps of {measured['timed_images']} images after a "
+               f"{measured['compile_s']:.0f}-s compile")
+    print(f"Estimated time: an ESTIMATE, not a measurement of the sweep. Rate {how}; x {scale} "
+          f"device(s) -> {machine:,.1f} images/s for the machine. Evaluation and linear-probe "
+          f"images (forward only) are weighted {FORWARD_COST:.2f} of a training image; "
+          "selection, soups, data loading and compilation are not counted. Image counts of "
+          "DomainBed datasets come from their usual totals (docs/protocol.md §3.1) split evenly "
+          "over envs.")
+    numbers["rate"] = dict(measured, machine_images_per_s=machine, devices=scale)
+    if config.get("aux_checkpoints", ()):
+        print("config.aux_checkpoints: brought auxiliary checkpoints are not in the plan.")
+    mem = memory_check(settings, runs)
+    numbers["memory"] = mem
+    gib = lambda b: f"{b / 2**30:.2f} GiB"
+    limit = gib(mem["limit_bytes"]) if mem["limit_bytes"] else "not reported"
+    print(f"Memory (XLA memory analysis of the compiled member step, not run): the worst case, "
+          f"the most members per device ({mem['members']} members as in {mem['run']}, "
+          f"{mem['members_per_device']} per device on {mem['devices_used']} device(s)) with the "
+          f"largest member batch of any run ({mem['images_per_step']} images) and the most "
+          f"classes: "
+          f"{gib(mem['bytes_per_device'])} per device (arguments + outputs + temporaries - "
+          f"aliased + best-so-far params), {gib(mem['bytes_needed'])} in all; available "
+          f"{limit} ({mem['limit_source'] or 'no limit reported'}).", flush=True)
+    if not mem["fits"]:
+        raise SystemExit(
+            f"rat_jax plan: {mem['members']} members ({mem['run']}; "
+            f"{mem['members_per_device']} per device) do not fit: {gib(mem['bytes_needed'])} "
+            f"needed, {limit} available ({mem['limit_source']}). Change: fewer members per "
+            "device (more devices, or fewer members: --config.n_hparams, "
+            "--config.run_fusing=False), --config.engine.remat=True, "
+            "--config.engine.compute_dtype=bfloat16, or a smaller --config.batch_size / "
+            "--config.image_size.")
+    return numbers

@@ -1,0 +1,201 @@
+"""The whole table from one command: `python -m rat_jax.main --config=configs/paper.py:smoke`
+(three embedded targets, each with the two others as auxiliary tasks), its --plan, rat_jax.status,
+a rerun and a kill -9 mid-sweep."""
+import json
+import math
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from rat_jax import report, sweep
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG = f"{REPO}/configs/paper.py:smoke"
+TARGETS = ["digits", "textures", "glyphs"]
+ENV = dict(os.environ, PYTHONPATH=str(REPO))
+
+
+def _cmd(workdir, *extra):
+    return [sys.executable, "-m", "rat_jax.main", f"--config={CONFIG}", f"--workdir={workdir}",
+            *extra]
+
+
+def _run(workdir, *extra):
+    res = subprocess.run(_cmd(workdir, *extra), capture_output=True, text=True, env=ENV,
+                         timeout=900, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+def _status(workdir):
+    """rat_jax.status --json in a process that must not import JAX."""
+    code = ("import sys, runpy; sys.argv = ['status'] + sys.argv[1:]; "
+            "from rat_jax import status; rc = status.main(sys.argv[1:]); "
+            "assert 'jax' not in sys.modules, 'rat_jax.status imported jax'")
+    res = subprocess.run([sys.executable, "-c", code, "--workdir", str(workdir), "--config",
+                          CONFIG, "--json"], capture_output=True, text=True, env=ENV,
+                         timeout=120, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout)
+
+
+def _tables(stdout):
+    return [l for l in stdout.splitlines() if l.startswith("|")]
+
+
+def _trained(workdir):
+    """Every (run, members) trained by any invocation, from trained_runs.jsonl."""
+    lines = (workdir / "trained_runs.jsonl").read_text().splitlines()
+    return [tuple(r) for line in lines for r in json.loads(line)["trained"]]
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """One uninterrupted smoke sweep: (workdir, stdout)."""
+    workdir = tmp_path_factory.mktemp("sweep")
+    return workdir, _run(workdir)
+
+
+def test_sweep_table_and_each_shared_run_trained_once(swept):
+    workdir, out = swept
+    data = json.loads((workdir / "results.json").read_text())
+    assert data["datasets"] == TARGETS and data["pending"] == []
+    expected = {(m, s) for m, s, _ in report.ROW_ORDER}
+    for t in TARGETS:  # every target's own table, per env, in its folder
+        rows = report.read_rows(workdir / "targets" / t / "results.json")
+        assert {(r["method"], r["selection"]) for r in rows} == expected
+        assert all(math.isfinite(r["accuracy"]) and 0 <= r["accuracy"] <= 1 for r in rows)
+        assert (workdir / "targets" / t / "results.md").read_text().startswith("| Algorithm")
+    cells = {(c["method"], c["selection"], c["dataset"]): c for c in data["cells"]}
+    assert set(cells) == {(m, s, t) for m, s in expected for t in TARGETS}
+    assert all(math.isfinite(c["mean"]) for c in cells.values())
+    # the combined table: one column per target + Avg, every row filled
+    md = (workdir / "results.md").read_text()
+    head, rows = md.splitlines()[0], [l for l in md.splitlines()[2:] if l.startswith("|")]
+    assert head == "| Algorithm | Selection | digits | textures | glyphs | Avg | Test protocol |"
+    assert len(rows) == len(expected) and not any("—" in r for r in rows)
+    # a dataset's value is its target's Avg
+    digits_rows = report.read_rows(workdir / "targets" / "digits" / "results.json")
+    erm = [100 * r["accuracy"] for r in digits_rows if r["selection"] == "ID val"
+           and r["method"].startswith("ERM")]
+    assert math.isclose(cells[("ERM (vanilla fine-tuning)", "ID val", "digits")]["mean"],
+                        sum(erm) / len(erm))
+    assert "# The whole table: 3 targets" in out
+    # each auxiliary pool and auxiliary linear probe trained exactly once, at the sweep's root
+    trained = _trained(workdir)
+    names = [n for n, _ in trained]
+    for t in TARGETS:
+        assert names.count(f"aux/{t}_notest") == 1 and names.count(f"lp/{t}_notest") == 1
+        assert (workdir / "aux" / f"{t}_notest" / "manifest.json").exists()
+        assert not (workdir / "targets" / t / "aux").exists()
+        assert not any((workdir / "targets" / t / "lp").glob("*_notest"))
+    assert len(names) == len(set(names)) == 15
+    assert not list(workdir.rglob("checkpoints"))
+
+
+def test_plan_counts_match_what_the_sweep_trained(swept, tmp_path):
+    workdir, _ = swept
+    out = _run(tmp_path, "--plan")
+    assert not (tmp_path / "targets").exists() and not list(tmp_path.iterdir())  # nothing trained
+    assert "ESTIMATE" in out and "member-steps/s" in out and "Memory (XLA memory analysis" in out
+    planned = {}
+    for line in out.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 8 and cells[0] in sweep.STAGES:
+            planned[(cells[0], cells[1])] = int(cells[3].replace(",", ""))
+    trained = {}
+    stage = lambda n: ("auxiliary pools" if "aux/" in n else "linear probes" if "lp/" in n
+                       else "target runs")
+    for name, members in _trained(workdir):
+        dataset = next(t for t in TARGETS if t in name.rsplit("/", 1)[-1])
+        key = (stage(name), dataset)
+        trained[key] = trained.get(key, 0) + members
+    assert planned == trained
+    total = re.search(r"\| \*\*total\*\* \| all \| (\d+) \| ([\d,]+) \|", out)
+    assert int(total.group(1)) == 15 and int(total.group(2).replace(",", "")) == 60
+
+
+def test_rerun_trains_nothing_and_prints_the_same_tables(swept):
+    workdir, out1 = swept
+    before = len((workdir / "trained_runs.jsonl").read_text().splitlines())
+    out2 = _run(workdir)
+    lines = (workdir / "trained_runs.jsonl").read_text().splitlines()[before:]
+    assert len(lines) == 3 and all(json.loads(l)["trained"] == [] for l in lines)
+    assert "Member runs trained by this invocation: 0 in 0 runs." in out2
+    assert _tables(out2) == _tables(out1)
+    st = _status(workdir)
+    assert {r["state"] for r in st["runs"]} == {"done"} and st["member_steps_left"] == 0
+    assert set(st["tables"].values()) == {"done"} and st["rate"]["member_steps_per_s"] > 0
+
+
+def test_killed_sweep_resumes_to_the_same_table(swept, tmp_path):
+    ref_dir, ref_out = swept
+    st = _status(tmp_path)  # before anything ran: every run pending
+    assert {r["state"] for r in st["runs"]} == {"pending"} and len(st["runs"]) == 15
+    assert st["member_steps_left"] == 234 and set(st["tables"].values()) == {"pending"}
+    proc = subprocess.Popen(_cmd(tmp_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=ENV, cwd=REPO)
+    first = tmp_path / "targets" / "digits" / "results.json"
+    deadline = time.time() + 600
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.exists(), "the first target did not finish"
+    st = _status(tmp_path)
+    states = {r["name"] if "notest" in r["name"] else r["path"]: r["state"] for r in st["runs"]}
+    assert st["tables"]["digits"] == "done" and st["tables"]["glyphs"] == "pending"
+    for name in ("lp/glyphs_notest", "aux/glyphs_notest", "lp/textures_notest",
+                 "aux/textures_notest"):
+        assert states[name] == "done"
+    digits = [r for r in st["runs"] if "/targets/digits/" in r["path"]]
+    assert digits and all(r["state"] == "done" for r in digits)
+    glyph_runs = [r for r in st["runs"] if "/targets/glyphs/" in r["path"]]
+    assert all(r["state"] in ("pending", "partial") for r in glyph_runs)
+    assert 0 < st["member_steps_left"] < 234 and st["seconds_left"] is not None
+    partial = json.loads((tmp_path / "results.json").read_text())
+    assert "glyphs" in partial["pending"] and "digits" not in partial["pending"]
+
+    out = _run(tmp_path)  # the same command resumes; finished work is loaded
+    assert _tables(out)[-12:] == _tables(ref_out)[-12:]  # the combined table
+    got = json.loads((tmp_path / "results.json").read_text())["cells"]
+    assert got == json.loads((ref_dir / "results.json").read_text())["cells"]
+    names = [n for n, _ in _trained(tmp_path)]
+    assert len(names) == len(set(names)) == 15  # nothing finished was trained twice
+    st = _status(tmp_path)
+    assert {r["state"] for r in st["runs"]} == {"done"}
+    assert set(st["tables"].values()) == {"done"}
+
+
+def test_status_text_lists_stages_and_the_partial_table(tmp_path):
+    from rat_jax import status
+    text = status.format_status(status.status(tmp_path, CONFIG))
+    assert "| auxiliary pools | glyphs | aux/glyphs_notest | pending |" in text
+    assert "| digits | textures | glyphs | Avg |" in text and "—" in text
+
+
+def test_full_paper_config_runs_are_counted_from_specs_without_data(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("paper", REPO / "configs" / "paper.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    assert tuple(c.sweep.targets) == ("PACS", "VLCS", "OfficeHome", "TerraIncognita",
+                                      "DomainNet")
+    t = sweep.target_config(c, "PACS")
+    assert t.target.name == "PACS" and sorted(t.aux) == ["DomainNet", "OfficeHome",
+                                                          "TerraIncognita", "VLCS"]
+    assert t.trials == (0, 1, 2) and t.n_hparams == 20 and t.arch == "resnet50"
+    runs = sweep.planned_runs(c, tmp_path)
+    shared = [r for r in runs if r.stage == "auxiliary pools"]
+    assert len(shared) == 5 and {r.members for r in shared} == {4}
+    targets = [r for r in runs if r.stage == "target runs"]
+    # 20 no-aux + 16 aux-init + 20 fusing members per (test env, trial); 22 test envs x 3 trials
+    assert {r.members for r in targets} == {56} and len(targets) == 3 * (4 * 4 + 6)
+    assert len([r for r in runs if r.stage == "linear probes"]) == 5 + 22
