@@ -164,7 +164,7 @@ class MemberEngine:
         self.eval_sharding = NamedSharding(self.mesh, self.eval_spec)
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_stats = jax.tree.map(lambda x: _put(x, self.replicated), batch_stats)
-        self._train_jit = self._build_train()
+        self._train_jits: dict = {}  # output size of the device-side augmentation -> jit
         self._compiled_train: dict = {}
         self.compiler_options: dict | None = None  # the XLA options of the last compiled train step
         self._eval = self._build_eval()
@@ -195,19 +195,26 @@ class MemberEngine:
         return images, labels
 
     # -- compiled functions ------------------------------------------------------------------
-    def _build_train(self):
+    def _train_jit(self, size: int | None):
+        """The jitted train step for device-side augmentation to `size` (None: ready images);
+        one jit per size, `size` closed over."""
+        if size not in self._train_jits:
+            self._train_jits[size] = self._build_train(size)
+        return self._train_jits[size]
+
+    def _build_train(self, size: int | None):
         model, strategy, data_size = self.model, self.strategy, self.data_size
         classifier_only, remat = self.classifier_only, self.remat
 
-        def train(members, hparams, images, labels, aug, batch_stats, size):
+        def train(members, hparams, images, labels, aug, batch_stats):
             mapped = jax.shard_map(
-                functools.partial(local, size=size), mesh=self.mesh,
+                local, mesh=self.mesh,
                 in_specs=(P(MEMBER_AXIS), P(MEMBER_AXIS), self.batch_spec, self.batch_spec,
                           self.batch_spec, P()),
                 out_specs=(P(MEMBER_AXIS), P(MEMBER_AXIS)))
             return mapped(members, hparams, images, labels, aug, batch_stats)
 
-        def local(members, hparams, images, labels, aug, batch_stats, size):
+        def local(members, hparams, images, labels, aug, batch_stats):
             def one(member, hp, x, y, a):
                 # uint8 images are normalized, crop windows augmented, here on device
                 x = augment.model_input(x, a, size)
@@ -222,7 +229,7 @@ class MemberEngine:
                                            classifier_only=classifier_only, remat=remat, **kwargs)
             return run_local(strategy, one, members, hparams, images, labels, aug)
 
-        return jax.jit(train, donate_argnums=(0,), static_argnames=("size",))
+        return jax.jit(train, donate_argnums=(0,))
 
     def _build_eval(self):
         model, strategy, data_size = self.model, self.strategy, self.data_size
@@ -257,8 +264,8 @@ class MemberEngine:
                tuple((np.shape(x), str(x.dtype)) for x in jax.tree.leaves((members, images))))
         compiled = self._compiled_train.get(key)
         if compiled is None:
-            lowered = self._train_jit.lower(members, hparams, images, labels, aug, batch_stats,
-                                            size=size)
+            lowered = self._train_jit(size).lower(members, hparams, images, labels, aug,
+                                                  batch_stats)
             n = jax.tree.leaves(members)[0].shape[0]
             options = runtime.cpu_compiler_options(lowered, n, self.mesh.devices.flat[0].platform,
                                                    self.cpu_ynn)
@@ -470,8 +477,8 @@ class MemberEngine:
             members, hparams = jax.tree.map(one, members), jax.tree.map(one, hparams)
             images, labels, aug = one(images), one(labels), jax.tree.map(one, aug)
             resident = full - full // self.local_members  # the other local members' state
-        compiled = self._train_jit.lower(members, hparams, images, labels, aug,
-                                         self.batch_stats, size=size).compile()
+        compiled = self._train_jit(size).lower(members, hparams, images, labels, aug,
+                                               self.batch_stats).compile()
         mem = compiled.memory_analysis()
         out = {k: int(getattr(mem, k)) for k in (
             "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
