@@ -81,8 +81,10 @@ def test_predict_logits_matches_apply_and_compiles_once(net):
     fn = E._get_fn(model)
     before = fn._cache_size()
     got = E.predict_logits(model, v, x, batch_size=32)          # 32 + 32 + 6 (padded)
+    after = fn._cache_size()
+    assert after - before <= 1        # one shape, at most one compile (another test may have)
     got2 = E.predict_logits(create_model("resnet_tiny", 5), v, x[:50], batch_size=32)
-    assert fn._cache_size() - before == 1                       # one shape, one compile
+    assert fn._cache_size() == after                            # same shape: no new compile
     assert E._get_fn(create_model("resnet_tiny", 5)) is fn      # equal modules share it
     assert got.shape == (70, 5) and got.dtype == np.float32
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
