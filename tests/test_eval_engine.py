@@ -17,24 +17,15 @@ import sys
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import model_helpers  # noqa: E402  (no JAX at import: this file also runs as a script)
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZE, CLASSES = 16, 5
 
 
 def random_variables(seed, arch="resnet_tiny", num_classes=CLASSES):
-    """Random variables of the model's shapes drawn with numpy (no JAX init to compile)."""
-    from flax.traverse_util import unflatten_dict
-    from rat_jax.convert.converter import expected_shapes
-    rng = np.random.default_rng(seed)
-    flat = {}
-    for path, shape in expected_shapes(arch, num_classes).items():
-        scale = np.sqrt(2.0 / np.prod(shape[:-1])) if len(shape) > 1 else 0.1
-        v = rng.normal(0.0, scale, shape)
-        if path[-1] == "var":
-            v = 0.5 + np.abs(v)
-        flat[path] = v.astype(np.float32)
-    tree = unflatten_dict(flat)
-    return {"params": tree["params"], "batch_stats": tree["batch_stats"]}
+    return model_helpers.random_variables(seed, arch, num_classes)
 
 
 def make_folder(root: pathlib.Path, sizes=((7, 6), (5, 8))) -> pathlib.Path:

@@ -61,17 +61,12 @@ def resolve_worker_type(worker_type: str, workers: int, dataset, images_per_step
     worker); and the step has at least AUTO_MIN_IMAGES_PER_WORKER[mode] images per worker
     (mode: "host" = PIL transform, "device" = crop windows only). Else threads.
 
-    Measured (bench/loader.py --worker_types thread process, PACS, 224 px, 96 images a step,
-    prefetch 0, on 2 cores shared with other jobs at load 1-2.5): device mode, 60 steps: one
-    worker 21.5k (thread) vs 20.0k (process) img/s, two workers 21.9k vs 17.4k; host mode, 20
-    steps: one worker 515 vs 541, two workers 518 vs 519 img/s. (With the default 4 steps
-    device-mode processes look 2x slower -- 10-13k img/s -- from first touches of each
-    worker's own cache mapping, which a long run pays once.) Processes won nothing beyond noise
-    on this machine (its second core was busy, so neither type scaled) and cost ~0.3-1 ms a
-    step in steady state: hence threads below AUTO_MIN_CORES. The core threshold and the per-worker image
-    counts (a worker's share must dwarf that cost: 16 PIL images ~30 ms, 256 windows ~10 ms)
-    are that cost scaled, not a measurement on a larger host: there the GIL-held Python per
-    sample (Generator construction, draws, slicing) keeps threads from scaling (issue 18).
+    Why: processes cost a fixed coordination overhead per step (shared memory, futures) and
+    pay off only when threads stop scaling, i.e. when the GIL-held Python of each sample
+    (Generator construction, draws, slicing) is spread over several cores and a worker's share
+    of a step dwarfs that overhead. On 2 cores they win nothing (docs/benchmarks.md, the
+    training-feed section); the thresholds are that overhead scaled, not a measurement on a
+    larger host.
     """
     if worker_type != "auto":
         return worker_type
