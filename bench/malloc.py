@@ -1,16 +1,17 @@
-"""One jitted member train step under glibc's default malloc and under rat_jax's malloc settings,
-side by side (rat_jax.runtime: MALLOC_TUNABLES, apply_mallopt).
+"""The CPU member step a config runs, under each glibc malloc profile and emulated-device count,
+side by side: speed and peak memory in one run (rat_jax.runtime: MALLOC_PROFILES).
 
-    python bench/malloc.py [--json] [--models resnet_tiny,efficientnet_lite0,resnet18]
-                           [--image 64] [--batch 96] [--steps 6]
+    python bench/malloc.py [--json] [--models efficientnet_lite0] [--image 64] [--batch 48]
+                           [--members 8] [--devices 8,2] [--profiles tuned,huge,system]
+                           [--steps 6]
 
-Each (model, mode) runs in its own process, because glibc reads GLIBC_TUNABLES only at start:
-  system   glibc's defaults (RAT_JAX_MALLOC=system, no GLIBC_TUNABLES)
-  mallopt  what a process started without the tunables gets from runtime.setup() (apply_mallopt)
-  tuned    GLIBC_TUNABLES=runtime.malloc_tunables(): what rat_jax's entry points run with
-Per row: median and best ms per step over --steps timed steps (after two warm-up steps, one device),
-minor page faults, kernel and user CPU seconds per step, peak RSS, and `speedup` = the system
-row's median time over this row's.
+Defaults: the step of `configs/pacs.py:cpu` (EfficientNet-Lite0, 64 px, 16 images x 3 domains,
+8 members) and of `configs/demo.py` with `--image 32 --batch 24`.
+Each (model, devices, profile) runs in its own process, because glibc reads GLIBC_TUNABLES only
+at process start. Per row: median and best seconds per step of all M members (after two warm-up
+steps), member-steps/s, minor page faults and kernel CPU seconds per step, the process's peak RSS,
+and `speed` = this row's member-steps/s over the first row's (the first profile on the first
+device count: today's default when the defaults are listed first).
 """
 from __future__ import annotations
 
@@ -24,100 +25,101 @@ import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-MODES = ("system", "mallopt", "tuned")
 
 
-def child(arch: str, size: int, batch: int, steps: int, mode: str) -> dict:
+def child(a) -> dict:
     import resource
 
-    from rat_jax import runtime
-    if mode == "mallopt":
-        runtime.apply_mallopt()
     import jax
-    import jax.numpy as jnp
     import numpy as np
-    jax.config.update("jax_num_cpu_devices", 1)
-    from rat_jax import trees
+    jax.config.update("jax_num_cpu_devices", a.devices)
+    from rat_jax import runtime, trees
+    runtime.enable_compilation_cache()  # compiled programs do not depend on the malloc profile
     from rat_jax.engine import members as members_lib
-    from rat_jax.engine import step as step_lib
     from rat_jax.models import create_model
 
-    model = create_model(arch, 7)
-    v = jax.jit(model.init)(jax.random.key(0), np.zeros((1, size, size, 3), np.float32))
-    member = jax.tree.map(jnp.array, step_lib.init_member(jax.tree.map(np.asarray, v["params"])))
-    hp = trees.take(members_lib.make_hparams(1, lr=5e-5, weight_decay=1e-4, dropout=0.1,
-                                             seed=[0]), 0)
+    model = create_model(a.models, 7)
+    v = jax.jit(model.init)(jax.random.key(0), np.zeros((1, a.image, a.image, 3), np.float32))
+    params = jax.tree.map(np.asarray, v["params"])
+    m = a.members
+    hp = members_lib.make_hparams(m, lr=5e-5, weight_decay=1e-4, dropout=0.1, seed=list(range(m)))
     rng = np.random.RandomState(0)
-    x = jnp.asarray(rng.randn(batch, size, size, 3).astype(np.float32))
-    y = jnp.asarray(rng.randint(0, 7, (batch,)).astype(np.int32))
-    step = jax.jit(lambda b, m, h, xx, yy: step_lib.train_step(model, b, m, h, xx, yy),
-                   donate_argnums=(1,))
+    batch = {"images": rng.randn(m, a.batch, a.image, a.image, 3).astype(np.float32),
+             "labels": rng.randint(0, 7, (m, a.batch)).astype(np.int32)}
+    engine = members_lib.MemberEngine(model, v["batch_stats"], m, batch_size=a.batch,
+                                      devices=jax.devices()[:a.devices])
+    live = engine.start(members_lib.init_state(trees.stack([params] * m))["members"], hp)
     for _ in range(2):
-        member, out = step(v["batch_stats"], member, hp, x, y)
-        jax.block_until_ready(out)
+        jax.block_until_ready(live.step(batch))
     r0, times = resource.getrusage(resource.RUSAGE_SELF), []
-    for _ in range(steps):
+    for _ in range(a.steps):
         t0 = time.perf_counter()
-        member, out = step(v["batch_stats"], member, hp, x, y)
-        jax.block_until_ready(out)
+        jax.block_until_ready(live.step(batch))
         times.append(time.perf_counter() - t0)
     r1 = resource.getrusage(resource.RUSAGE_SELF)
-    return {"model": arch, "image": size, "batch": batch, "mode": mode,
-            "ms_per_step": round(1e3 * float(np.median(times)), 1),
-            "best_ms": round(1e3 * min(times), 1),
-            "page_faults_per_step": round((r1.ru_minflt - r0.ru_minflt) / steps),
-            "sys_s_per_step": round((r1.ru_stime - r0.ru_stime) / steps, 3),
-            "user_s_per_step": round((r1.ru_utime - r0.ru_utime) / steps, 3),
-            "peak_rss_mb": r1.ru_maxrss // 1024,
-            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
+    step = float(np.median(times))
+    return {"model": a.models, "image": a.image, "batch": a.batch, "members": m,
+            "devices": a.devices, "strategy": engine.strategy, "s_per_step": round(step, 3),
+            "best_s": round(min(times), 3), "member_steps_per_s": round(m / step, 3),
+            "page_faults_per_step": round((r1.ru_minflt - r0.ru_minflt) / a.steps),
+            "sys_s_per_step": round((r1.ru_stime - r0.ru_stime) / a.steps, 3),
+            "peak_rss_mb": r1.ru_maxrss // 1024}
 
 
-def child_env(mode: str) -> dict:
+def child_env(profile: str) -> dict:
+    """The environment a process started by rat_jax's entry points has under `profile`."""
     from rat_jax import runtime
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RAT_JAX_MALLOC")}
-    if mode == "system":
-        env["RAT_JAX_MALLOC"] = "system"
-    elif mode == "tuned":
-        env["GLIBC_TUNABLES"] = runtime.malloc_tunables(env) or ""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("GLIBC_TUNABLES", "RAT_JAX_MALLOC", runtime._REEXEC_MARK)}
+    env["RAT_JAX_MALLOC"] = profile
+    tunables = runtime.malloc_tunables(env)
+    if tunables:
+        env["GLIBC_TUNABLES"] = tunables
     return env
 
 
 def main(argv=None):
+    from rat_jax import runtime
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", action="store_true", help="one JSON object per row")
-    p.add_argument("--models", default="resnet_tiny,efficientnet_lite0,resnet18")
-    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--models", default="efficientnet_lite0")
     p.add_argument("--image", type=int, default=64)
-    p.add_argument("--batch", type=int, default=96)
+    p.add_argument("--batch", type=int, default=48, help="images per member step")
+    p.add_argument("--members", type=int, default=8)
+    p.add_argument("--devices", default="8,2", help="emulated CPU device counts")
+    p.add_argument("--profiles", default=",".join(runtime.MALLOC_PROFILES))
     p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
-        arch, mode = a.child.split(":")
-        print(json.dumps(child(arch, a.image, a.batch, a.steps, mode)), flush=True)
+        a.devices = int(a.devices)
+        print(json.dumps(child(a)), flush=True)
         return
-    for mode in a.modes.split(","):
-        if mode not in MODES:
-            p.error(f"--modes: {mode!r} is not one of {MODES}")
+    profiles = a.profiles.split(",")
+    for prof in profiles:
+        if prof not in runtime.MALLOC_PROFILES:
+            p.error(f"--profiles: {prof!r} is not one of {tuple(runtime.MALLOC_PROFILES)}")
+    base = None
     for arch in a.models.split(","):
-        base = None
-        for mode in a.modes.split(","):
-            cmd = [sys.executable, __file__, "--child", f"{arch}:{mode}", "--image", str(a.image),
-                   "--batch", str(a.batch), "--steps", str(a.steps)]
-            out = subprocess.run(cmd, env=child_env(mode), capture_output=True, text=True)
-            if out.returncode:
-                sys.exit(f"{arch} / {mode} failed:\n{out.stderr[-3000:]}")
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            base = base or row["ms_per_step"]
-            row["speedup"] = round(base / row["ms_per_step"], 2)
-            if a.json:
-                print(json.dumps(row), flush=True)
-            else:
-                print(f"{arch:<19} {mode:<8} {row['ms_per_step']:8.1f} ms/step (best "
-                      f"{row['best_ms']:.1f})  x{row['speedup']:.2f}  "
-                      f"{row['page_faults_per_step']:>7} faults/step  sys {row['sys_s_per_step']}"
-                      f" s  user {row['user_s_per_step']} s  peak {row['peak_rss_mb']} MB",
-                      flush=True)
+        for devices in a.devices.split(","):
+            for prof in profiles:
+                cmd = [sys.executable, __file__, "--child", "--models", arch, "--image",
+                       str(a.image), "--batch", str(a.batch), "--members", str(a.members),
+                       "--devices", devices, "--steps", str(a.steps)]
+                out = subprocess.run(cmd, env=child_env(prof), capture_output=True, text=True)
+                if out.returncode:
+                    sys.exit(f"{arch} / {devices} devices / {prof} failed:\n{out.stderr[-3000:]}")
+                row = dict(json.loads(out.stdout.strip().splitlines()[-1]), profile=prof)
+                base = base or row["member_steps_per_s"]
+                row["speed"] = round(row["member_steps_per_s"] / base, 3)
+                if a.json:
+                    print(json.dumps(row), flush=True)
+                else:
+                    print(f"{arch} {a.image}px b{a.batch} M={a.members} devices={devices:<2} "
+                          f"{prof:<7} {row['member_steps_per_s']:7.3f} member-steps/s "
+                          f"(x{row['speed']:.2f})  {row['s_per_step']:.2f} s/step  "
+                          f"{row['page_faults_per_step']:>8} faults/step  sys "
+                          f"{row['sys_s_per_step']} s  peak {row['peak_rss_mb']} MB", flush=True)
 
 
 if __name__ == "__main__":

@@ -203,12 +203,10 @@ def cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.n_hparams = 3                   # + 2 aux-init + 3 fusing: one 8-member run per test env
     c.trials = (0,)                   # one trial (CPU-sized): no † rows, no ±
     c.lp_probe_steps = 50
-    c.lr_scale = 10.0                 # short runs: 10x the reference lrs (stated in the table)
     c.validation_augment = False
     c.eval_all_splits = False
     c.max_eval_images = 400
     c.target.steps, c.target.checkpoint_freq = 100, 50
     c.aux = embedded_aux(steps=40, checkpoint_freq=20)
     c.save_every = 50
-    c.engine.cpu_devices = 8          # small member steps: one member per emulated device is faster
     return c

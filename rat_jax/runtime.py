@@ -3,7 +3,7 @@
 Importing this module imports no JAX (entry points call it before JAX starts); functions that need
 JAX import it themselves. What lives here:
   - emulated CPU devices (default_cpu_devices),
-  - glibc malloc settings for XLA:CPU (MALLOC_TUNABLES, reexec_with_malloc_tunables, apply_mallopt),
+  - glibc malloc profiles for XLA:CPU (MALLOC_PROFILES, reexec_with_malloc_tunables, apply_mallopt),
   - XLA:CPU's YNNPACK dot fusions, process-wide (configure_cpu_xla_flags) and per compiled member
     step (cpu_compiler_options, compile_with_options),
   - the compilation cache, library logs, and `setup(config)` that applies all of it.
@@ -87,24 +87,35 @@ def cpu_backend_possible(env: Mapping[str, str] | None = None) -> bool:
     return accelerator_present(env) is None
 
 
-# glibc malloc settings for XLA:CPU. XLA allocates every step's temporaries afresh and frees them
-# at its end; with glibc's defaults large blocks go back to the OS and each step page-faults its
-# temporaries in again (bench/malloc.py). These tunables keep freed memory in the process (at the
-# cost of keeping the peak heap until exit). glibc reads GLIBC_TUNABLES only at process start, so
-# the entry points re-execute themselves with it (reexec_with_malloc_tunables); a process that
-# cannot (a notebook) gets the mallopt part (apply_mallopt, no huge pages).
-# RAT_JAX_MALLOC=system leaves glibc's defaults alone.
-MALLOC_TUNABLES = (("glibc.malloc.hugetlb", "1"), ("glibc.malloc.mmap_max", "0"),
-                   ("glibc.malloc.trim_threshold", str(1 << 40)), ("glibc.malloc.arena_max", "1"))
-MALLOC_MODES = ("tuned", "system")
+# glibc malloc settings for XLA:CPU, by profile ($RAT_JAX_MALLOC). XLA allocates every step's
+# temporaries afresh (one block per device and step, hundreds of MB for a member's backward pass)
+# and frees them at its end. With glibc's defaults ("system") such blocks are mmap-ed and returned
+# at each step, and the next step page-faults them in again, 4 KiB at a time. "huge" (the default)
+# only asks glibc for transparent huge pages: the blocks still go back to the OS, so the process
+# holds what its live steps need, and faulting them in takes 2 MiB at a time. "tuned" also keeps
+# freed memory in one never-trimmed heap: no faults at all, but the process keeps (and fragments)
+# its peak heap until it exits. bench/malloc.py measures the three side by side
+# (docs/benchmarks.md). glibc reads GLIBC_TUNABLES only at process start, so the entry points
+# re-execute themselves with it (reexec_with_malloc_tunables); a process that cannot (a notebook)
+# gets the profile's mallopt part, if any (apply_mallopt).
+MALLOC_PROFILES = {
+    "huge": (("glibc.malloc.hugetlb", "1"),),
+    "tuned": (("glibc.malloc.hugetlb", "1"), ("glibc.malloc.mmap_max", "0"),
+              ("glibc.malloc.trim_threshold", str(1 << 40)), ("glibc.malloc.arena_max", "1")),
+    "system": (),
+}
+MALLOC_DEFAULT = "huge"
+MALLOC_MODES = tuple(MALLOC_PROFILES)
+# mallopt(param, value) equivalents of a profile (glibc's M_ARENA_MAX, M_TRIM_THRESHOLD, M_MMAP_MAX)
+_MALLOPT = {"tuned": ((-8, 1), (-1, 2 ** 31 - 1), (-4, 0))}
 _REEXEC_MARK = "_RAT_JAX_MALLOC_REEXEC"
 
 
 def _malloc_mode(env: Mapping[str, str]) -> str:
-    mode = env.get("RAT_JAX_MALLOC", "tuned") or "tuned"
+    mode = env.get("RAT_JAX_MALLOC", MALLOC_DEFAULT) or MALLOC_DEFAULT
     if mode not in MALLOC_MODES:
-        raise ValueError(f"RAT_JAX_MALLOC={mode!r} is not a malloc mode; use one of {MALLOC_MODES} "
-                         "('system' keeps glibc's defaults)")
+        raise ValueError(f"RAT_JAX_MALLOC={mode!r} is not a malloc profile; use one of "
+                         f"{MALLOC_MODES} ('system' keeps glibc's defaults)")
     return mode
 
 
@@ -113,15 +124,17 @@ def _is_glibc() -> bool:
 
 
 def malloc_tunables(env: Mapping[str, str] | None = None) -> str | None:
-    """The GLIBC_TUNABLES value rat_jax runs with: `env`'s own setting plus the MALLOC_TUNABLES it
-    lacks (a tunable the user set keeps the user's value). None when nothing needs to change:
-    RAT_JAX_MALLOC=system, not glibc, or every tunable already set."""
+    """The GLIBC_TUNABLES value rat_jax runs with: `env`'s own setting plus the tunables of the
+    $RAT_JAX_MALLOC profile (MALLOC_PROFILES) it lacks (a tunable the user set keeps the user's
+    value). None when nothing needs to change: RAT_JAX_MALLOC=system, not glibc, or every tunable
+    already set."""
     env = os.environ if env is None else env
-    if _malloc_mode(env) == "system" or not _is_glibc():
+    mode = _malloc_mode(env)
+    if not MALLOC_PROFILES[mode] or not _is_glibc():
         return None
     current = env.get("GLIBC_TUNABLES", "")
     present = {item.split("=", 1)[0] for item in current.split(":") if item}
-    missing = [f"{k}={v}" for k, v in MALLOC_TUNABLES if k not in present]
+    missing = [f"{k}={v}" for k, v in MALLOC_PROFILES[mode] if k not in present]
     if not missing:
         return None
     return ":".join([current] + missing if current else missing)
@@ -149,19 +162,17 @@ def reexec_with_malloc_tunables(argv: list[str] | None = None) -> None:
 
 
 def apply_mallopt() -> bool:
-    """In-process part of the malloc settings (mallopt: no mmap for large blocks, no trimming,
-    one arena) for a process started without them; huge pages need GLIBC_TUNABLES at start.
-    Returns whether it changed anything."""
-    if malloc_tunables() is None:  # opted out, not glibc, or started with the tunables
+    """In-process part of the $RAT_JAX_MALLOC profile for a process started without its tunables
+    ("tuned": mallopt's no mmap for large blocks, no trimming, one arena; "huge" and "system" have
+    none: huge pages need GLIBC_TUNABLES at start). Returns whether it changed anything."""
+    settings = _MALLOPT.get(_malloc_mode(os.environ), ())
+    if not settings or malloc_tunables() is None:  # none, not glibc, or started with them
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    m_trim_threshold, m_mmap_max, m_arena_max = -1, -4, -8
-    ok = [libc.mallopt(m_arena_max, 1), libc.mallopt(m_trim_threshold, 2 ** 31 - 1),
-          libc.mallopt(m_mmap_max, 0)]
-    return all(r == 1 for r in ok)
+    return all(libc.mallopt(param, value) == 1 for param, value in settings)
 
 
 # XLA:CPU sends dots to YNNPACK library fusions by default. They are faster for small member steps

@@ -60,6 +60,20 @@ DOMAINBED_CLASSES = {"VLCS": 5, "PACS": 7, "OfficeHome": 65, "TerraIncognita": 1
 FORWARD_COST = 1 / 3
 # Pixels of the timed member step on CPU (4 images at 224 px: a ResNet-50 224-px step is slow)
 CPU_TIMING_PIXELS = 4 * 224 * 224
+# Host memory of a training process besides its data and member state: Python, the JAX and XLA
+# runtimes and the compiled programs (peak RSS of configs/demo.py's run before its first step).
+PROCESS_BYTES = int(1.5 * 2**30)
+# What to change when host memory does not fit, by its largest part (host_memory)
+HOST_FIXES = {
+    "process": "a machine with more memory.",
+    "loader": "fewer members per run (--config.n_hparams, --config.run_fusing=False) or a smaller "
+              "--config.batch_size; on an accelerator --config.augment_on=device ships uint8 "
+              "crops (about 4x fewer bytes per image).",
+    "checkpoint_copies": "fewer members per run (--config.n_hparams, --config.run_fusing=False).",
+    "devices": "fewer emulated CPU devices (--config.engine.cpu_devices=1: one member's "
+               "activations at a time), a smaller --config.batch_size / --config.image_size, or "
+               "fewer members.",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,6 +124,7 @@ class DatasetInfo:
     env_sizes: tuple                  # images per env (evenly split totals for DomainBed)
     num_classes: int
     exact: bool                       # sizes counted from the data, not the DomainBed table
+    decoded_bytes: float | None = None  # its images decoded (uint8 RGB), when known
 
     @property
     def num_envs(self) -> int:
@@ -136,7 +151,18 @@ def dataset_info(entry: dict, cfg: dict) -> DatasetInfo:
     from rat_jax.data import load_dataset
     root = entry.get("root") or (cfg.get("data_root") if not name.startswith("tfds:") else "")
     ds = load_dataset(name, root or None, cache_dir=cfg.get("cache_dir") or None)
-    return DatasetInfo(ds.name, tuple(len(s) for s in ds.samples), ds.num_classes, True)
+    return DatasetInfo(ds.name, tuple(len(s) for s in ds.samples), ds.num_classes, True,
+                       decoded_bytes(ds))
+
+
+def decoded_bytes(ds) -> float:
+    """Bytes of `ds`'s images decoded: its arrays, or an estimate from its files' headers."""
+    arrays = getattr(ds, "arrays", None)
+    if arrays is not None:
+        return float(sum(a.nbytes for a in arrays))
+    from rat_jax.data.store import ImageStore
+    store = ImageStore(ds, cache_dir=None)
+    return float(sum(store.estimate_train_bytes(e) for e in range(ds.num_envs)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -500,6 +526,44 @@ def memory_check(settings, runs: Sequence[PlannedRun]) -> dict:
             "fits": limit is None or total <= limit}
 
 
+def host_memory(settings, runs: Sequence[PlannedRun], infos: dict, device: dict) -> dict:
+    """Host memory (bytes) of the worst run of `runs` besides what the devices hold: the process
+    itself (PROCESS_BYTES), the loader's batches in flight (MemberLoader's prefetch plus the one
+    being consumed and the one on the devices), the host copies a checkpoint save makes (params,
+    Adam moments and best params of every member), and the decoded-image cache of the largest
+    dataset as page cache (mapped and reread every evaluation; reclaimable, so reported but not
+    counted against the RAM). On CPU the devices are host memory: `device["bytes_needed"]` (the
+    compiled member step, memory_check) is added. `infos`: {dataset name: DatasetInfo}."""
+    import jax
+    import numpy as np
+    from rat_jax.data.loader import DEFAULT_PREFETCH, device_canvas
+    trained = [r for r in runs if not r.classifier_only] or list(runs)
+    worst = max(trained, key=lambda r: (r.members * r.images_per_step, r.members))
+    s = settings.image_size
+    mode = str(settings.augment_on).lower()
+    on_cpu = device.get("platform", "cpu") == "cpu"
+    if mode == "auto":
+        mode = "host" if on_cpu else "device"
+    image = s * s * 3 * 4 if mode == "host" else device_canvas(s) ** 2 * 3
+    loader = (DEFAULT_PREFETCH + 2) * worst.members * worst.images_per_step * image
+    _, shapes = _abstract_model(settings, max(r.num_classes for r in runs))
+    param_bytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
+                      for x in jax.tree.leaves(shapes["params"]))
+    checkpoint = 4 * worst.members * param_bytes
+    cached = [i.decoded_bytes for i in infos.values() if i.decoded_bytes]
+    page_cache = max(cached) if cached else None
+    parts = {"process": PROCESS_BYTES, "loader": loader, "checkpoint_copies": checkpoint,
+             "devices": device["bytes_needed"] if on_cpu else 0}
+    total = int(sum(parts.values()))
+    try:
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        limit = None
+    return {"run": worst.name, "augment_on": mode, "parts": {k: int(v) for k, v in parts.items()},
+            "page_cache_bytes": page_cache, "bytes_needed": total, "limit_bytes": limit,
+            "fits": limit is None or total <= limit}
+
+
 def plan(config, workdir: str | os.PathLike, rate: float = 0.0, devices: int = 0) -> dict:
     """Print the plan of `config` (a sweep or a single target) in `workdir` without training:
     per stage and dataset, member runs, member-steps, images, and an estimated time from the
@@ -509,7 +573,13 @@ def plan(config, workdir: str | os.PathLike, rate: float = 0.0, devices: int = 0
     import jax
     from rat_jax.stages import TrainSettings
     root = pathlib.Path(workdir).absolute()
-    runs = planned_runs(config, root)
+    infos: dict = {}
+
+    def info(entry, cfg):
+        i = dataset_info(entry, cfg)
+        infos[i.name] = i
+        return i
+    runs = planned_runs(config, root, info)
     first = target_config(config, target_names(config)[0]) if is_sweep(config) else config
     settings = TrainSettings.from_config(first)
     trained = [r for r in runs if not r.classifier_only]
@@ -562,6 +632,14 @@ def plan(config, workdir: str | os.PathLike, rate: float = 0.0, devices: int = 0
           f"{gib(mem['bytes_per_device'])} per device (arguments + outputs + temporaries - "
           f"aliased + best-so-far params), {gib(mem['bytes_needed'])} in all; available "
           f"{limit} ({mem['limit_source'] or 'no limit reported'}).", flush=True)
+    host = host_memory(settings, runs, infos, dict(mem, platform=platform))
+    numbers["host_memory"] = host
+    parts = ", ".join(f"{k.replace('_', ' ')} {gib(v)}" for k, v in host["parts"].items())
+    cache = (f"{gib(host['page_cache_bytes'])} (decoded images of the largest dataset)"
+             if host["page_cache_bytes"] else "not known without reading the dataset")
+    print(f"Host memory of the worst run ({host['run']}): {gib(host['bytes_needed'])} ({parts}); "
+          f"RAM {gib(host['limit_bytes']) if host['limit_bytes'] else 'not reported'}. Page "
+          f"cache, reclaimable and not counted: {cache}.", flush=True)
     if not mem["fits"]:
         raise SystemExit(
             f"rat_jax plan: {mem['members']} members ({mem['run']}; "
@@ -571,4 +649,10 @@ def plan(config, workdir: str | os.PathLike, rate: float = 0.0, devices: int = 0
             "--config.run_fusing=False), --config.engine.remat=True, "
             "--config.engine.compute_dtype=bfloat16, or a smaller --config.batch_size / "
             "--config.image_size.")
+    if not host["fits"]:
+        biggest = max(host["parts"], key=host["parts"].get)
+        raise SystemExit(
+            f"rat_jax plan: {host['run']} needs {gib(host['bytes_needed'])} of host memory "
+            f"({parts}), the machine has {gib(host['limit_bytes'])}. Change: "
+            + HOST_FIXES[biggest])
     return numbers

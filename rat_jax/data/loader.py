@@ -25,6 +25,7 @@ from rat_jax.data.store import DEFAULT_CACHE, ImageStore, default_workers
 STATE_VERSION = 1
 AUGMENT_MODES = ("host", "device")
 WORKER_TYPES = ("auto", "thread", "process")
+DEFAULT_PREFETCH = 2  # steps computed ahead of the one being consumed
 
 
 def device_canvas(size: int) -> int:
@@ -119,7 +120,8 @@ class MemberLoader:
                  image_size: int = 224, augment: bool = True, holdout_fraction: float = 0.2,
                  store: Optional[ImageStore] = None, cache_dir=DEFAULT_CACHE,
                  cache_side: Optional[int] = None, workers: Optional[int] = None,
-                 prefetch: int = 2, output: str = "float32", augment_on: str = "host",
+                 prefetch: int = DEFAULT_PREFETCH, output: str = "float32",
+                 augment_on: str = "host",
                  canvas: Optional[int] = None, worker_type: str = "auto"):
         if worker_type not in WORKER_TYPES:
             raise ValueError(f"worker_type={worker_type!r}: use one of {WORKER_TYPES}")
