@@ -50,7 +50,7 @@ EOF
 cat "$SESSION"
 git log -1 --format='commit %h %s' 2>/dev/null | tee -a "$SESSION"
 
-ARGS=(--out "$OUT" --work "$WORK/check" --budget $(( BUDGET - 25 - ($(date +%s) - START) )))
+ARGS=(--out "$OUT" --work "$WORK/check" --cache-dir "$WORK/xla_cache" --budget $(( BUDGET - 25 - ($(date +%s) - START) )))
 [[ -d "$CARRY/data/PACS" ]] && ARGS+=(--data "$CARRY/data/PACS")
 if [[ -n "${DEVICE_SESSION_TINY:-}" ]]; then
   export JAX_PLATFORMS=cpu
