@@ -6,8 +6,8 @@ Each strategy is kept because a benchmark or the accelerator check gives it a us
           (bench/members.py measures it against a Python loop over a jitted one-member step).
   "map"   accelerator default: `lax.map`, one member at a time, plain convolutions, least memory
           (launch/device_check.py measures it).
-  "vmap"  all local members at once (convolutions become grouped convolutions): the comparison
-          row of launch/device_check.py.
+  "vmap"  all local members at once (convolutions become grouped convolutions): timed by
+          `launch/device_check.py --strategies map,loop,vmap`.
 docs/benchmarks.md holds the current measurements.
 """
 from __future__ import annotations
