@@ -1,8 +1,8 @@
 """Shared config pieces: the reference base config, dataset entries, the `:smoke` / `:cpu` variants.
 
 Every experiment config (`configs/NAME.py`) exposes `get_config(arg=None)`, where `arg` is the
-variant after the colon in `--config=configs/NAME.py:VARIANT`. configs/ is not a package: a config
-loads this file from its own folder (see `configs/pacs.py`), so it works from any directory.
+variant after the colon in `--config=configs/NAME.py:VARIANT` and imports this module as
+`from configs import common` (configs/__init__.py).
 The DomainBed datasets' env counts, N_STEPS and CHECKPOINT_FREQ come from `rat_jax.data.SPECS`
 (docs/protocol.md §3.1). Section numbers (§) below refer to docs/protocol.md.
 """

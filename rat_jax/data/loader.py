@@ -10,7 +10,6 @@ computed by any number of workers in any order.
 import collections
 import concurrent.futures
 import concurrent.futures.process
-import os
 import warnings
 from typing import Iterator, Optional, Sequence, Union
 
@@ -21,6 +20,7 @@ from PIL import Image
 from rat_jax.data import transforms as T
 from rat_jax.data import workers as W
 from rat_jax.data.store import DEFAULT_CACHE, ImageStore, default_workers
+from rat_jax.runtime import usable_cores
 
 STATE_VERSION = 1
 AUGMENT_MODES = ("host", "device")
@@ -70,10 +70,7 @@ def resolve_worker_type(worker_type: str, workers: int, dataset, images_per_step
     """
     if worker_type != "auto":
         return worker_type
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     if (workers >= 2 and cores >= AUTO_MIN_CORES and getattr(dataset, "arrays", None) is None
             and images_per_step >= AUTO_MIN_IMAGES_PER_WORKER[mode] * workers):
         return "process"
