@@ -2,6 +2,6 @@
 variant after the colon of `--config=configs/NAME.py:VARIANT`); `common` holds the shared pieces.
 
 A package, as flax's and big_vision's configs are: a config imports `from configs import common`,
-so the repository root must be on the import path, which `python -m rat_jax.main` from the
-repository root gives (pytest.ini sets it for the tests).
+so the repository root must be on the import path. `python -m rat_jax.main` run from the
+repository root puts it there, pytest.ini does for the tests; from elsewhere, set PYTHONPATH.
 """

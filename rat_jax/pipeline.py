@@ -13,6 +13,8 @@ import os
 import pathlib
 import sys
 
+from flax.traverse_util import flatten_dict
+
 from rat_jax import aux_checkpoints, distributed, report, selection, stages
 from rat_jax.data import DomainDataset, load_dataset
 from rat_jax.export import SoupWriter
