@@ -104,10 +104,12 @@ def write(workdir: str | os.PathLike, rows: Sequence[dict], notes: str = "") -> 
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
-    """The rows of a results.json: the current {"plus_minus", "rows"} object, or the plain list
-    of rows that earlier versions wrote (their tables' ± was numpy's std, not a standard error)."""
+    """The rows of a results.json ({"plus_minus": ..., "rows": [...]}, as `write` makes it)."""
     data = json.loads(pathlib.Path(path).read_text())
-    return list(data["rows"] if isinstance(data, dict) else data)
+    if not isinstance(data, dict) or "rows" not in data:
+        raise ValueError(f"{path} is not a rat_jax results.json (no 'rows'); rerun the selection "
+                         "(python -m rat_jax.main with the same config and workdir) to rewrite it")
+    return list(data["rows"])
 
 
 

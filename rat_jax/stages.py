@@ -108,9 +108,8 @@ class TrainSettings:
         not: a rerun with them changed loads the finished runs)."""
         fp = [self.arch, self.image_size, self.batch_size, self.holdout_fraction,
               bool(self.validation_augment), self.max_eval_images, self.lr_scale]
-        # a capped training cache changes the crops of larger images (0, the originals, is
-        # left out so that the fingerprints of runs made before the field existed still hold)
-        return fp + [int(self.train_cache_side)] if self.train_cache_side else fp
+        # a capped training cache changes the crops of larger images
+        return fp + [int(self.train_cache_side)]
 
     def augment_mode(self) -> str:
         """Where training augmentation runs: "device" on accelerators and "host" on CPU for

@@ -47,7 +47,8 @@ def _as_list(x, n, what):
 
 
 # worker_type="auto" (see resolve_worker_type): processes need this many usable cores, and per
-# worker this many images per step (host mode: PIL, ~2 ms an image; device mode: ~40 us).
+# worker this many images per step (host mode: PIL transforms; device mode: crop windows only,
+# far cheaper per image; per-image costs in docs/benchmarks.md).
 AUTO_MIN_CORES = 4
 AUTO_MIN_IMAGES_PER_WORKER = {"host": 16, "device": 256}
 
@@ -64,9 +65,8 @@ def resolve_worker_type(worker_type: str, workers: int, dataset, images_per_step
     Why: processes cost a fixed coordination overhead per step (shared memory, futures) and
     pay off only when threads stop scaling, i.e. when the GIL-held Python of each sample
     (Generator construction, draws, slicing) is spread over several cores and a worker's share
-    of a step dwarfs that overhead. On 2 cores they win nothing (docs/benchmarks.md, the
-    training-feed section); the thresholds are that overhead scaled, not a measurement on a
-    larger host.
+    of a step dwarfs that overhead. The thresholds are that overhead scaled to the per-image
+    cost of each mode (docs/benchmarks.md, the training-feed section).
     """
     if worker_type != "auto":
         return worker_type
