@@ -99,6 +99,44 @@ def test_sweep_table_and_each_shared_run_trained_once(swept):
     assert not list(workdir.rglob("checkpoints"))
 
 
+def test_records_folder_reads_with_domainbeds_selection_and_its_erm_cells_are_ours(swept,
+                                                                                    tmp_path):
+    """`python -m rat_jax.records` on the sweep -> DIR/<run>/results.jsonl; DomainBed's reader
+    (tests/domainbed_reader.py: load_records, IIDAccuracySelectionMethod, collect_results'
+    tables) prints every target's table, and its cells equal rat_jax's ERM, Inter-training
+    (Ratatouille label: aux-init and foundation-init members) and Fusing rows."""
+    import domainbed_reader as db
+    workdir, _ = swept
+    out = tmp_path / "records"
+    res = subprocess.run([sys.executable, "-m", "rat_jax.records", "--workdir", str(workdir),
+                          "--out", str(out)], capture_output=True, text=True, env=ENV,
+                         timeout=120, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "warning" not in res.stdout
+    folders = list(out.iterdir())
+    assert all((f / "results.jsonl").is_symlink() for f in folders if f.name.endswith("_ERM"))
+    assert not list(out.rglob("*.safetensors")) and not list(out.rglob("state"))
+    text, grouped = db.results_tables(db.load_records(out), db.IIDAccuracySelectionMethod)
+    print(text)
+    for t in TARGETS:
+        assert f"Dataset: {t}, model selection method: training-domain validation" in text
+    rows = [l.split(" | ") for l in text.splitlines() if l.startswith(("ERM", "Ratatouille",
+                                                                        "Fusing"))]
+    assert len(rows) == 3 * 3 and all("+/-" in r[1] for r in rows)  # env 0, the smoke test env
+    dbacc = {(g["trial_seed"], g["dataset"], g["algorithm"], g["test_env"]): g["sweep_acc"]
+             for g in grouped}
+    label = {"ERM (vanilla fine-tuning)": "ERM", "Inter-training": "Ratatouille",
+             "Fusing": "Fusing"}
+    checked = 0
+    for t in TARGETS:
+        for r in report.read_rows(workdir / "targets" / t / "results.json"):
+            if r["selection"] == "ID val":
+                key = (r["trial"], t, label[r["method"]], r["test_env"])
+                assert dbacc[key] == pytest.approx(r["accuracy"], abs=1e-6), (key, r)
+                checked += 1
+    assert checked == len(dbacc) == 3 * 3 * 2   # targets x labels x trials (test env 0)
+
+
 def test_plan_counts_match_what_the_sweep_trained(swept, tmp_path):
     workdir, _ = swept
     out = _run(tmp_path, "--plan")
