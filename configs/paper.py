@@ -19,16 +19,9 @@ results.json at the root. Variant `:smoke`: the same sweep on the embedded datas
 textures, glyphs, each a target with the two others as auxiliary tasks), the tiny random
 network of `common.smoke`, seconds to a minute or two on a CPU.
 """
-import importlib.util
-import pathlib
-
 import ml_collections
 
-# configs/ is not a package: load common.py by its path, next to this file, whatever the cwd.
-_path = pathlib.Path(__file__).parent / "common.py"
-_spec = importlib.util.spec_from_file_location("common", _path)
-common = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(common)
+from configs import common
 
 # The paper's column order (its table, docs/protocol.md §6.1).
 TARGETS = ("PACS", "VLCS", "OfficeHome", "TerraIncognita", "DomainNet")

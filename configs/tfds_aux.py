@@ -20,23 +20,9 @@ empty root it would stand in as the TFDS data directory). Another catalog datase
 and a `label` feature: `--config.aux.fashion_mnist.name=tfds:NAME:SPLIT`. `:smoke` runs the
 demo's smoke step (tiny random network, a few steps) with the same TFDS auxiliary task.
 """
-import importlib.util
-import pathlib
-
 import ml_collections
 
-
-def _load(name):
-    # configs/ is not a package: load a sibling config by its path, whatever the cwd.
-    path = pathlib.Path(__file__).parent / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-demo = _load("demo")
-common = demo.common
+from configs import common, demo
 
 TFDS_AUX = "fashion_mnist"            # the config.aux key (workdir folder aux/fashion_mnist_notest)
 TFDS_SPEC = "tfds:fashion_mnist:train"  # one split = one domain, trained on all of it

@@ -34,10 +34,11 @@ import json
 import logging
 import os
 import pathlib
-import struct
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+import safetensors
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from rat_jax import stages
 from rat_jax.convert.reader import (CheckpointFormatError, canonicalize_state_dict,
@@ -127,32 +128,9 @@ class _Bad(Exception):
     """One bad file: the message names the problem and the fix (the caller adds the file)."""
 
 
-def _flat(tree: Mapping, prefix=()) -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flat(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
-def _unflat(flat: Mapping[tuple, Any]) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        d = out
-        for k in path[:-1]:
-            d = d.setdefault(k, {})
-        d[path[-1]] = v
-    return out
-
-
 def _safetensors_metadata(path: str) -> dict:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n).decode("utf-8"))
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    return dict(meta) if isinstance(meta, dict) else {}
+    with safetensors.safe_open(path, framework="numpy") as f:
+        return dict(f.metadata() or {})
 
 
 def _file_provenance(obj: Any, meta: Mapping[str, str]) -> dict:
@@ -208,15 +186,15 @@ def _read_orbax(path: str, arch: str) -> tuple[dict, dict, str]:
         raise _Bad(f"the Orbax checkpoint has no featurizer (top-level keys {sorted(tree)}); "
                    "expected {'params': {'featurizer': ...}, 'batch_stats': ...}")
     converted = {("params", "featurizer") + k: ("/".join(k), np.asarray(v))
-                 for k, v in _flat(featurizer).items()}
+                 for k, v in flatten_dict(featurizer).items()}
     stats = tree.get("batch_stats")
     if isinstance(stats, Mapping):
         converted.update({("batch_stats",) + k: ("/".join(k), np.asarray(v))
-                          for k, v in _flat(stats).items()})
+                          for k, v in flatten_dict(stats).items()})
     if isinstance(params.get("classifier"), Mapping):
         converted.update({("params", "classifier") + k: ("classifier/" + "/".join(k),
                                                          np.asarray(v))
-                          for k, v in _flat(params["classifier"]).items()})
+                          for k, v in flatten_dict(params["classifier"]).items()})
     prov = {k: str(meta[k]) for k in ("identity", "dataset", "foundation") if meta.get(k)}
     return converted, prov, "orbax"
 
@@ -225,9 +203,9 @@ def _check(converted: dict, arch: str, foundation_featurizer, foundation_batch_s
     """The featurizer params of `converted`, checked against the foundation's tree; and whether
     the file's BN statistics equal the foundation's (None: the file has none)."""
     want = {("params", "featurizer") + k: np.shape(v)
-            for k, v in _flat(foundation_featurizer).items()}
+            for k, v in flatten_dict(foundation_featurizer).items()}
     want_stats = ({("batch_stats",) + k: np.shape(v)
-                   for k, v in _flat(foundation_batch_stats).items()}
+                   for k, v in flatten_dict(foundation_batch_stats).items()}
                   if foundation_batch_stats is not None else None)
     got = {p: v for p, v in converted.items() if p[:2] != ("params", "classifier")}
     missing = [p for p in want if p not in got]
@@ -257,7 +235,7 @@ def _check(converted: dict, arch: str, foundation_featurizer, foundation_batch_s
         hint = f"; its tensors match arch {guess!r}" if guess else ""
         raise _Bad("; ".join(msg) + f". Fix: use fine-tunings of this run's foundation "
                    f"(config.arch={arch!r}, the same foundation weights){hint}.")
-    featurizer = _unflat({p[2:]: np.ascontiguousarray(got[p][1], np.float32)
+    featurizer = unflatten_dict({p[2:]: np.ascontiguousarray(got[p][1], np.float32)
                           for p in want})
     bad = [got[p][0] for p in want if not np.isfinite(got[p][1]).all()]
     if bad:
@@ -267,7 +245,7 @@ def _check(converted: dict, arch: str, foundation_featurizer, foundation_batch_s
     if want_stats and any(p in got for p in want_stats):
         stats_match = all(p in got and np.array_equal(got[p][1], np.asarray(v))
                           for p, v in ((("batch_stats",) + k, v) for k, v
-                                       in _flat(foundation_batch_stats).items()))
+                                       in flatten_dict(foundation_batch_stats).items()))
     return featurizer, stats_match
 
 
@@ -297,7 +275,7 @@ def _read_one(entry: dict, arch: str, foundation_featurizer, foundation_batch_st
         raise _Bad(f"unknown or unsupported format: {text}. Fix: pass a torch.save state_dict "
                    "(.pth/.pt), a DomainBed/Model Ratatouille .pkl, a .safetensors file or an "
                    "Orbax dir.") from None
-    except (OSError, ValueError, struct.error) as err:
+    except (OSError, ValueError) as err:
         raise _Bad(f"unreadable file ({type(err).__name__}: {err}). Fix: copy it again or "
                    "re-save it.") from None
     featurizer, stats_match = _check(converted, arch, foundation_featurizer,

@@ -105,7 +105,7 @@ def eval_split(dataset, *, trial_seed: int = 0, envs: Sequence[int | str] | None
                workers: int | None = None) -> EvalSplit:
     """`load_split`'s rows (same order) as an EvalSplit, nothing decoded. `max_images` > 0: a
     fixed subset of that many rows (numpy RandomState(0), kept in order), as the selection stage
-    has always drawn it."""
+    draws it."""
     if not isinstance(dataset, DomainDataset):
         dataset = load_dataset(dataset)
     if split not in ("in", "out", "all"):

@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import struct
 from typing import Any, Mapping
 
 import numpy as np
+import safetensors.numpy
 
 __all__ = ["torch_layout", "flax_path_to_torch_key", "to_torch_state_dict", "export_torch",
            "write_safetensors", "export_flax", "load_flax_export", "EXPORT_FORMAT"]
@@ -101,47 +101,12 @@ def to_torch_state_dict(variables: Mapping[str, Any], arch: str) -> dict[str, np
 
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
                       metadata: Mapping[str, str] | None = None) -> pathlib.Path:
-    """Write a .safetensors file (the `safetensors` package when installed, else the format by
-    hand: 8-byte little-endian header length, JSON header, raw little-endian data)."""
+    """Write a .safetensors file with the `safetensors` package (atomically: temp file, rename)."""
     path = pathlib.Path(path)
-    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    try:
-        from safetensors.numpy import save_file
-    except ImportError:
-        save_file = None
-    if save_file is not None:
-        save_file(tensors, str(path), metadata=dict(metadata) if metadata else None)
-        return path
-    return _write_safetensors_plain(path, tensors, metadata)
-
-
-_ST_DTYPES = {"float32": "F32", "float64": "F64", "float16": "F16", "int64": "I64",
-              "int32": "I32", "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
-
-
-def _write_safetensors_plain(path: pathlib.Path, tensors: Mapping[str, np.ndarray],
-                             metadata: Mapping[str, str] | None = None) -> pathlib.Path:
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    offset, blobs = 0, []
-    for k in sorted(tensors):
-        v = tensors[k]
-        if v.dtype.name not in _ST_DTYPES:
-            raise ValueError(f"write_safetensors: dtype {v.dtype} of {k!r} is not supported")
-        data = v.astype(v.dtype.newbyteorder("<"), copy=False).tobytes()
-        header[k] = {"dtype": _ST_DTYPES[v.dtype.name], "shape": list(v.shape),
-                     "data_offsets": [offset, offset + len(data)]}
-        blobs.append(data)
-        offset += len(data)
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for b in blobs:
-            f.write(b)
+    safetensors.numpy.save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp),
+                                metadata={str(k): str(v) for k, v in metadata.items()}
+                                if metadata else None)
     os.replace(tmp, path)
     return path
 

@@ -13,6 +13,8 @@ import os
 import pathlib
 import sys
 
+from flax.traverse_util import flatten_dict
+
 from rat_jax import aux_checkpoints, distributed, report, selection, stages
 from rat_jax.data import DomainDataset, load_dataset
 from rat_jax.export import SoupWriter
@@ -21,23 +23,13 @@ from rat_jax.files import write_json_atomic
 log = logging.getLogger("rat_jax")
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def record_config(config, workdir: pathlib.Path) -> None:
     """Write `config` and the command line to `workdir/config.json` (process 0); when the workdir
     holds another config, log the fields that differ."""
     path = workdir / "config.json"
-    new = _flatten(json.loads(config.to_json_best_effort()))
+    new = flatten_dict(json.loads(config.to_json_best_effort()), sep=".")
     if path.exists():
-        old = _flatten(json.loads(path.read_text()).get("config", {}))
+        old = flatten_dict(json.loads(path.read_text()).get("config", {}), sep=".")
         changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if changed:
             log.warning("%s was last run with another config; fields that differ: %s",

@@ -4,6 +4,7 @@ written as results.md and results.json in the workdir."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 from collections import defaultdict
@@ -12,6 +13,19 @@ from typing import Sequence
 import numpy as np
 
 from rat_jax.files import write_text_atomic
+
+def duration(seconds: float | None) -> str:
+    """A duration for people: '42 s', '17 min', '3.5 h', '2.1 days'; '—' when unknown."""
+    if seconds is None or not math.isfinite(seconds):
+        return "—"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
 
 # (method, selection) in the order of the MR README table, with the test protocol of each row.
 ROW_ORDER = [
@@ -90,10 +104,12 @@ def write(workdir: str | os.PathLike, rows: Sequence[dict], notes: str = "") -> 
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
-    """The rows of a results.json: the current {"plus_minus", "rows"} object, or the plain list
-    of rows that earlier versions wrote (their tables' ± was numpy's std, not a standard error)."""
+    """The rows of a results.json ({"plus_minus": ..., "rows": [...]}, as `write` makes it)."""
     data = json.loads(pathlib.Path(path).read_text())
-    return list(data["rows"] if isinstance(data, dict) else data)
+    if not isinstance(data, dict) or "rows" not in data:
+        raise ValueError(f"{path} is not a rat_jax results.json (no 'rows'); rerun the selection "
+                         "(python -m rat_jax.main with the same config and workdir) to rewrite it")
+    return list(data["rows"])
 
 
 

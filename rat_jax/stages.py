@@ -27,7 +27,7 @@ from rat_jax.data import DomainDataset, MemberLoader, iterate_eval
 from rat_jax.data.protocol import (aux_init_assignment, default_hparams, random_hparams,
                                    run_seed)
 from rat_jax.engine import TrainResult, id_val_names, make_hparams, train_members
-from rat_jax.engine.progress import NO_WRITER, Console, writer_backend
+from rat_jax.engine.progress import NO_WRITER, Console, have_tensorboard
 from rat_jax.files import fingerprint, write_json_atomic
 from rat_jax.foundation import load_foundation
 from rat_jax.models import create_model
@@ -80,7 +80,7 @@ class TrainSettings:
         if str(self.data_parallel).lower() not in DATA_PARALLEL:
             raise ValueError(f"data_parallel={self.data_parallel!r}: use 'auto', 'on' or 'off' "
                              "(config.engine.data_parallel)")
-        if self.tensorboard and writer_backend() is None:
+        if self.tensorboard and not have_tensorboard():
             raise ImportError(NO_WRITER)
 
     @classmethod
@@ -108,9 +108,8 @@ class TrainSettings:
         not: a rerun with them changed loads the finished runs)."""
         fp = [self.arch, self.image_size, self.batch_size, self.holdout_fraction,
               bool(self.validation_augment), self.max_eval_images, self.lr_scale]
-        # a capped training cache changes the crops of larger images (0, the originals, is
-        # left out so that the fingerprints of runs made before the field existed still hold)
-        return fp + [int(self.train_cache_side)] if self.train_cache_side else fp
+        # a capped training cache changes the crops of larger images
+        return fp + [int(self.train_cache_side)]
 
     def augment_mode(self) -> str:
         """Where training augmentation runs: "device" on accelerators and "host" on CPU for

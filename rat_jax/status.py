@@ -10,28 +10,29 @@ when a run starts); before the first run, pass the config file with --config (no
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import pathlib
 import sys
+
+from absl import flags
+from ml_collections import config_flags
 
 from rat_jax import report, sweep
 
 
 def load_config(workdir: pathlib.Path, config_file: str | None = None) -> dict:
     """The config of `workdir` as a plain dict: its config.json, else `config_file`
-    ("path.py[:variant]", loaded as ml_collections' config flags load it)."""
+    ("path.py[:variant]", loaded by ml_collections' config_flags as rat_jax.main loads it)."""
     recorded = workdir / "config.json"
     if recorded.exists():
         return json.loads(recorded.read_text())["config"]
     if not config_file:
         raise SystemExit(f"rat_jax.status: {recorded} does not exist (no run has started in "
                          f"{workdir}); pass --config=configs/NAME.py[:VARIANT]")
-    path, _, variant = config_file.partition(":")
-    spec = importlib.util.spec_from_file_location("rat_jax_status_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant or None).to_dict()
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=flag_values)
+    flag_values(["rat_jax.status", f"--config={config_file}"])
+    return flag_values.config.to_dict()
 
 
 def _last_record(path: pathlib.Path) -> dict | None:
@@ -120,7 +121,7 @@ def format_status(st: dict) -> str:
     if st["rate"]:
         lines.append(f"Time left at the last measured rate ({st['rate']['member_steps_per_s']:.3g}"
                      f" member-steps/s, {st['rate']['run']} at step {st['rate']['step']}): about "
-                     f"{sweep.duration(st['seconds_left'])} (training steps only; evaluation, "
+                     f"{report.duration(st['seconds_left'])} (training steps only; evaluation, "
                      "selection and compilation not counted; other runs' rates differ).")
     else:
         lines.append("Time left: no rate measured yet (no member record in the workdir).")

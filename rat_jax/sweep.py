@@ -384,7 +384,7 @@ def plan_table(runs: Sequence[PlannedRun], rate: float | None) -> tuple[str, dic
         lines.append("| " + " | ".join([stage, dataset, f"{n['groups']:,}",
                                         f"{n['member_runs']:,}", f"{n['member_steps']:,}",
                                         f"{n['train_images']:,}", f"{n['eval_images']:,}",
-                                        duration(n["seconds"])]) + " |")
+                                        report.duration(n["seconds"])]) + " |")
         return n
     for key in order:
         out["stages"].append(row(*key, keyed[key]))
@@ -394,18 +394,6 @@ def plan_table(runs: Sequence[PlannedRun], rate: float | None) -> tuple[str, dic
             out.setdefault("stage_totals", []).append(row(f"**{stage}**", "all", rs))
     out["total"] = row("**total**", "all", list(runs))
     return "\n".join(lines), out
-
-
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 2 * 3600:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 3 * 86400:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
 
 
 def _abstract_model(settings, num_classes: int):

@@ -171,7 +171,7 @@ def test_bad_files_each_give_one_clear_error(setup):
     lines = str(err.value).splitlines()
     assert lines[0] == "config.aux_checkpoints: 4 bad auxiliary checkpoint(s):"
     msg = {line.strip().split(": ", 1)[0]: line for line in lines[1:]}
-    assert "unreadable file: truncated file" in msg[str(truncated)]
+    assert "unreadable file: truncated or corrupt safetensors file" in msg[str(truncated)]
     assert "Fix: copy the file again" in msg[str(truncated)]
     assert "unknown or unsupported format" in msg[str(unknown)]
     wrong = msg[str(other_arch)]

@@ -58,6 +58,8 @@ def test_every_config_and_variant_loads(name, variant, tmp_path, monkeypatch):
 
 
 def test_config_flags_load_a_config_by_relative_path_from_another_directory(tmp_path):
+    """configs/ is a package: from another directory it loads with the repository root on
+    PYTHONPATH (from the root, `python -m` puts it there)."""
     script = tmp_path / "show.py"
     script.write_text(
         "from absl import flags\n"
@@ -66,8 +68,9 @@ def test_config_flags_load_a_config_by_relative_path_from_another_directory(tmp_
         "flags.FLAGS(['show', '--config=' + __import__('sys').argv[1]])\n"
         "print(flags.FLAGS.config.target.name, flags.FLAGS.config.arch)\n")
     relative = os.path.relpath(CONFIGS / "demo.py", tmp_path)  # as `--config=configs/demo.py:smoke`
+    env = dict(os.environ, PYTHONPATH=str(CONFIGS.parent))
     out = subprocess.run([sys.executable, str(script), f"{relative}:smoke"], cwd=tmp_path,
-                         capture_output=True, text=True, check=True).stdout
+                         capture_output=True, text=True, check=True, env=env).stdout
     assert out.split() == ["digits", "resnet_tiny"]
 
 

@@ -118,18 +118,18 @@ def test_auto_format_without_torch_writes_safetensors(tmp_path, monkeypatch):
         X.export_torch(tmp_path / "soup.pth", v, "resnet_tiny")
 
 
-def test_plain_safetensors_writer_reads_back(tmp_path):
+def test_write_safetensors_round_trips_with_metadata(tmp_path):
     tensors = {"a.weight": np.arange(12, dtype=np.float32).reshape(3, 4),
                "a.num_batches_tracked": np.zeros((), np.int64), "b": np.array([1, 2], np.int32)}
-    path = X._write_safetensors_plain(tmp_path / "t.safetensors", tensors, {"format": "pt"})
-    back = read_torch_file(path, raw=True)           # rat_jax's own reader (no safetensors lib)
-    from safetensors.numpy import load_file
-    lib = load_file(str(path))
-    for k, v in tensors.items():
-        np.testing.assert_array_equal(lib[k], v)
-        assert lib[k].dtype == v.dtype
+    path = X.write_safetensors(tmp_path / "t.safetensors", tensors, {"format": "pt", "run": 3})
+    back = read_torch_file(path, raw=True)
     for k, v in tensors.items():
         np.testing.assert_array_equal(back[k], v)
+        assert back[k].dtype == v.dtype
+    import safetensors
+    with safetensors.safe_open(str(path), framework="numpy") as f:
+        assert f.metadata() == {"format": "pt", "run": "3"}
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_export_flax_round_trip(tmp_path):

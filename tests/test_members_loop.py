@@ -154,7 +154,7 @@ def test_progress_plain_lines_tty_and_quiet():
         p.update(step, images=96, losses=np.array([0.5, 1.25, np.nan]))
     lines = out.getvalue().splitlines()
     assert len(lines) == 2  # every 10 s of the 20 s
-    assert lines[-1].startswith("[target] 40/100  2.00 steps/s  192.0 img/s  ETA 00:30")
+    assert lines[-1].startswith("[target] 40/100  2.00 steps/s  192.0 img/s  ETA 30 s")
     assert "loss 0.5000..1.2500" in lines[-1] and "(1 non-finite)" in lines[-1]
 
     class Tty(io.StringIO):

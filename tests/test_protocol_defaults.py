@@ -51,15 +51,16 @@ def test_plus_minus_is_domainbed_standard_error():
     assert md.splitlines()[-1] == report.PLUS_MINUS
 
 
-def test_results_json_says_what_plus_minus_is_and_old_lists_still_read(tmp_path):
+def test_results_json_says_what_plus_minus_is_and_other_files_are_refused(tmp_path):
     rows = [report.make_row("Fusing", "ID val", "digits", 0, t, 0.5, 1) for t in (0, 1)]
     md = report.write(tmp_path / "new", rows, notes="notes")
     saved = json.loads((tmp_path / "new" / "results.json").read_text())
     assert saved == {"plus_minus": report.PLUS_MINUS, "rows": rows}
     assert report.PLUS_MINUS in md.splitlines() and md.rstrip().endswith("notes")
-    (tmp_path / "old.json").write_text(json.dumps(rows))   # what earlier versions wrote
-    assert report.read_rows(tmp_path / "old.json") == rows == report.read_rows(
-        tmp_path / "new" / "results.json")
+    assert report.read_rows(tmp_path / "new" / "results.json") == rows
+    (tmp_path / "list.json").write_text(json.dumps(rows))
+    with pytest.raises(ValueError, match=r"list\.json is not a rat_jax results\.json.*rerun"):
+        report.read_rows(tmp_path / "list.json")
 
 
 def test_aux_run_order_is_names_sorted_then_hparams_index():

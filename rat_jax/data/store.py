@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from rat_jax.data import transforms as T
+from rat_jax.runtime import usable_cores
 
 CACHE_ENV_VAR = "RAT_JAX_CACHE"
 # `cache_dir=DEFAULT_CACHE`: use the default cache dir (default_cache_dir()); a sentinel, because
@@ -42,8 +43,8 @@ def default_cache_dir() -> str:
 
 
 def default_workers() -> int:
-    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                      else os.cpu_count() or 1))
+    """Decode threads: one per usable core, at most 8."""
+    return max(1, min(8, usable_cores()))
 
 
 def cap_shorter_side(img: Image.Image, side: Optional[int]) -> Image.Image:

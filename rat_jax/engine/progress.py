@@ -7,25 +7,17 @@ compilation does not inflate the ETA; the compile time is reported once (`compil
 `Console`: permanent lines (`message`: evaluation summaries, skip/resume notices) and
 rate-limited status lines (`status`: evaluation and selection progress). `quiet=True` prints
 nothing. Callers pass `quiet=True` on every process but the main one.
-`ScalarWriter`: TensorBoard event files through tensorboardX, clu or tf.summary.
+`ScalarWriter`: TensorBoard event files through tensorboardX.
 """
 from __future__ import annotations
 
-import math
 import sys
 import time
 from typing import Mapping, TextIO
 
 import numpy as np
 
-
-def _fmt_duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    seconds = int(round(seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+from rat_jax.report import duration
 
 
 class Console:
@@ -109,7 +101,7 @@ class Progress(Console):
         rate = done / elapsed
         eta = (self.total - step) / rate if rate > 0 else float("inf")
         text = (f"[{self.stage}] {step}/{self.total}  {rate:.2f} steps/s  "
-                f"{self.images / elapsed:.1f} img/s  ETA {_fmt_duration(eta)}")
+                f"{self.images / elapsed:.1f} img/s  ETA {duration(eta)}")
         if losses is not None:
             finite = np.asarray(losses, np.float64)
             finite = finite[np.isfinite(finite)]
@@ -143,56 +135,31 @@ class Progress(Console):
 # ----------------------------------------------------------------------------------------------
 # TensorBoard scalars
 # ----------------------------------------------------------------------------------------------
-NO_WRITER = ("tensorboard=True needs a TensorBoard writer and none is installed: "
-             "pip install tensorboardX (or pip install 'rat_jax[tensorboard]')")
+NO_WRITER = ("tensorboard=True needs tensorboardX: pip install tensorboardX "
+             "(or pip install 'rat_jax[tensorboard]')")
+
+
+def have_tensorboard() -> bool:
+    """Whether tensorboardX (the `tensorboard` extra) is importable."""
+    import importlib.util
+    return importlib.util.find_spec("tensorboardX") is not None
 
 
 class ScalarWriter:
-    """Scalars to TensorBoard event files in `logdir` with the first writer importable:
-    tensorboardX, clu.metric_writers, tf.summary."""
+    """Scalars to TensorBoard event files in `logdir` through tensorboardX."""
 
     def __init__(self, logdir: str):
-        self.logdir = str(logdir)
-        kind = writer_backend()
-        if kind is None:
+        if not have_tensorboard():
             raise ImportError(NO_WRITER)
-        self.kind = kind
-        if kind == "tensorboardX":
-            from tensorboardX import SummaryWriter
-            self._w = SummaryWriter(self.logdir)
-        elif kind == "clu":
-            from clu import metric_writers
-            self._w = metric_writers.SummaryWriter(self.logdir)
-        else:
-            import tensorflow as tf
-            self._w = tf.summary.create_file_writer(self.logdir)
+        from tensorboardX import SummaryWriter
+        self.logdir = str(logdir)
+        self._w = SummaryWriter(self.logdir)
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
-        values = {k: float(v) for k, v in values.items() if v is not None}
-        if self.kind == "tensorboardX":
-            for tag, v in values.items():
-                self._w.add_scalar(tag, v, step)
-        elif self.kind == "clu":
-            self._w.write_scalars(step, values)
-        else:
-            import tensorflow as tf
-            with self._w.as_default():
-                for tag, v in values.items():
-                    tf.summary.scalar(tag, v, step=step)
+        for tag, v in values.items():
+            if v is not None:
+                self._w.add_scalar(tag, float(v), step)
         self._w.flush()
 
     def close(self) -> None:
         self._w.close()
-
-
-def writer_backend() -> str | None:
-    """The TensorBoard writer ScalarWriter would use, or None when none is importable."""
-    import importlib.util
-    for kind, module in (("tensorboardX", "tensorboardX"), ("clu", "clu.metric_writers"),
-                         ("tf", "tensorflow")):
-        try:
-            if importlib.util.find_spec(module) is not None:
-                return kind
-        except (ImportError, ValueError):  # find_spec of a submodule imports its parent
-            continue
-    return None

@@ -19,7 +19,7 @@ from rat_jax.engine import optim
 def normalize_on_device(images_uint8: jax.Array) -> jax.Array:
     """uint8 [..., 3] -> float32 ImageNet-normalized, the evaluation path's normalization (the
     math of transforms.normalize; up to 1 ulp from it where XLA contracts the ops, which
-    augment.normalize avoids). Selection and predict_logits have always used it."""
+    augment.normalize avoids); selection and predict_logits use it."""
     x = images_uint8.astype(jnp.float32) * jnp.float32(1 / 255)
     return (x - jnp.asarray(IMAGENET_MEAN)) * jnp.asarray(1 / IMAGENET_STD)
 
