@@ -538,8 +538,8 @@ def host_memory(settings, runs: Sequence[PlannedRun], infos: dict, device: dict)
     param_bytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
                       for x in jax.tree.leaves(shapes["params"]))
     checkpoint = 4 * worst.members * param_bytes
-    cached = [i.decoded_bytes for i in infos.values() if i.decoded_bytes]
-    page_cache = max(cached) if cached else None
+    known = {n: i.decoded_bytes for n, i in infos.items() if i.decoded_bytes is not None}
+    page_cache = max(known.values()) if known and len(known) == len(infos) else None
     parts = {"process": PROCESS_BYTES, "loader": loader, "checkpoint_copies": checkpoint,
              "devices": device["bytes_needed"] if on_cpu else 0}
     total = int(sum(parts.values()))
@@ -550,6 +550,19 @@ def host_memory(settings, runs: Sequence[PlannedRun], infos: dict, device: dict)
     return {"run": worst.name, "augment_on": mode, "parts": {k: int(v) for k, v in parts.items()},
             "page_cache_bytes": page_cache, "bytes_needed": total, "limit_bytes": limit,
             "fits": limit is None or total <= limit}
+
+
+def check_host_memory(host: dict) -> None:
+    """SystemExit naming the run, its parts and what to change when host_memory's `host` does
+    not fit the machine's RAM (the change for its largest part, HOST_FIXES)."""
+    if host["fits"]:
+        return
+    gib = lambda b: f"{b / 2**30:.2f} GiB"
+    parts = ", ".join(f"{k.replace('_', ' ')} {gib(v)}" for k, v in host["parts"].items())
+    biggest = max(host["parts"], key=host["parts"].get)
+    raise SystemExit(f"rat_jax plan: {host['run']} needs {gib(host['bytes_needed'])} of host "
+                     f"memory ({parts}), the machine has {gib(host['limit_bytes'])}. Change: "
+                     + HOST_FIXES[biggest])
 
 
 def plan(config, workdir: str | os.PathLike, rate: float = 0.0, devices: int = 0) -> dict:
@@ -624,7 +637,8 @@ def plan(config, workdir: str | os.PathLike, rate: float = 0.0, devices: int = 0
     numbers["host_memory"] = host
     parts = ", ".join(f"{k.replace('_', ' ')} {gib(v)}" for k, v in host["parts"].items())
     cache = (f"{gib(host['page_cache_bytes'])} (decoded images of the largest dataset)"
-             if host["page_cache_bytes"] else "not known without reading the dataset")
+             if host["page_cache_bytes"] is not None
+             else "not known (DomainBed datasets are planned from their usual sizes, unread)")
     print(f"Host memory of the worst run ({host['run']}): {gib(host['bytes_needed'])} ({parts}); "
           f"RAM {gib(host['limit_bytes']) if host['limit_bytes'] else 'not reported'}. Page "
           f"cache, reclaimable and not counted: {cache}.", flush=True)
@@ -637,10 +651,5 @@ def plan(config, workdir: str | os.PathLike, rate: float = 0.0, devices: int = 0
             "--config.run_fusing=False), --config.engine.remat=True, "
             "--config.engine.compute_dtype=bfloat16, or a smaller --config.batch_size / "
             "--config.image_size.")
-    if not host["fits"]:
-        biggest = max(host["parts"], key=host["parts"].get)
-        raise SystemExit(
-            f"rat_jax plan: {host['run']} needs {gib(host['bytes_needed'])} of host memory "
-            f"({parts}), the machine has {gib(host['limit_bytes'])}. Change: "
-            + HOST_FIXES[biggest])
+    check_host_memory(host)
     return numbers

@@ -160,6 +160,7 @@ def test_plan_counts_match_what_the_sweep_trained(swept, tmp_path):
     out = _run(tmp_path, "--plan")
     assert not (tmp_path / "targets").exists() and not list(tmp_path.iterdir())  # nothing trained
     assert "ESTIMATE" in out and "member-steps/s" in out and "Memory (XLA memory analysis" in out
+    assert "Host memory of the worst run (target/digits_test0_trial" in out
     planned = {}
     for line in out.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -255,3 +256,32 @@ def test_full_paper_config_runs_are_counted_from_specs_without_data(tmp_path):
     # 20 no-aux + 16 aux-init + 20 fusing members per (test env, trial); 22 test envs x 3 trials
     assert {r.members for r in targets} == {56} and len(targets) == 3 * (4 * 4 + 6)
     assert len([r for r in runs if r.stage == "linear probes"]) == 5 + 22
+
+
+def test_host_memory_counts_the_worst_run_and_refuses_what_the_ram_cannot_hold(monkeypatch):
+    from rat_jax.stages import TrainSettings
+    info = sweep.DatasetInfo("d", (100, 100, 100), 5, True, decoded_bytes=3e6)
+    run = lambda name, members, per_step, lp=False: sweep.PlannedRun(
+        "target runs", "d", name, pathlib.Path(name), members, 10, 5, per_step, 40.0, lp, 5)
+    runs = [run("lp/a", 1, 64, lp=True), run("target/small", 8, 16), run("target/big", 4, 64)]
+    settings = TrainSettings(arch="resnet_tiny", image_size=16, augment_on="host")
+    device = {"platform": "cpu", "bytes_needed": 10 * 2**20}
+    host = sweep.host_memory(settings, runs, {"d": info}, device)
+    # the worst run holds the most images in flight (4 x 64 > 8 x 16); float32 host batches
+    assert host["run"] == "target/big" and host["augment_on"] == "host"
+    assert host["parts"]["loader"] == 4 * 4 * 64 * 16 * 16 * 3 * 4
+    assert host["parts"]["devices"] == device["bytes_needed"]  # CPU devices are host memory
+    assert host["page_cache_bytes"] == 3e6 and host["fits"]
+    assert host["bytes_needed"] == sum(host["parts"].values())
+    # on an accelerator the devices' memory is not the host's, and crops ship as uint8
+    gpu = sweep.host_memory(settings.replace(augment_on="auto"), runs, {"d": info},
+                            {"platform": "gpu", "bytes_needed": 10 * 2**20})
+    assert gpu["parts"]["devices"] == 0 and gpu["augment_on"] == "device"
+    assert gpu["parts"]["loader"] < host["parts"]["loader"]
+    # a machine too small: refused, naming the run and the change for its largest part
+    monkeypatch.setattr(sweep.os, "sysconf", lambda name: 4096 if name == "SC_PAGE_SIZE" else 1000)
+    small = sweep.host_memory(settings, runs, {"d": info}, device)
+    assert not small["fits"]
+    with pytest.raises(SystemExit, match=r"target/big needs .* of host memory .*Change: a machine"):
+        sweep.check_host_memory(small)
+    sweep.check_host_memory(host)  # fits: no error
