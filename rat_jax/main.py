@@ -9,6 +9,7 @@ images) with an estimated time and a memory check, and trains nothing.
 from __future__ import annotations
 
 import logging
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -46,4 +47,5 @@ def main(argv):
 if __name__ == "__main__":
     from rat_jax import runtime
     runtime.reexec_with_malloc_tunables()  # glibc settings for XLA:CPU's per-step temporaries
+    runtime.config_flag_on_path(sys.argv)  # `from configs import common` from any directory
     app.run(main)

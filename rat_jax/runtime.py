@@ -46,6 +46,26 @@ def default_cpu_devices() -> int:
 DEFAULT_CPU_DEVICES = default_cpu_devices()
 
 
+def config_package_on_path(config_file: str) -> None:
+    """Put the folder holding a config package (configs/ with its __init__.py) on sys.path, so
+    that a config file given by any path (`--config=/src/rat_jax/configs/pacs.py:cpu`) can do
+    `from configs import common` whatever the working directory."""
+    folder = os.path.dirname(os.path.abspath(config_file.split(":", 1)[0]))
+    if os.path.exists(os.path.join(folder, "__init__.py")):
+        root = os.path.dirname(folder)
+        if root not in sys.path:
+            sys.path.insert(0, root)
+
+
+def config_flag_on_path(argv: list[str]) -> None:
+    """config_package_on_path for the `--config=FILE` / `--config FILE` of a command line."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            config_package_on_path(arg.split("=", 1)[1])
+        elif arg == "--config" and i + 1 < len(argv):
+            config_package_on_path(argv[i + 1])
+
+
 def _module_installed(name: str) -> bool:
     try:
         return importlib.util.find_spec(name) is not None

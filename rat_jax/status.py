@@ -30,6 +30,8 @@ def load_config(workdir: pathlib.Path, config_file: str | None = None) -> dict:
         raise SystemExit(f"rat_jax.status: {recorded} does not exist (no run has started in "
                          f"{workdir}); pass --config=configs/NAME.py[:VARIANT]")
     flag_values = flags.FlagValues()
+    from rat_jax import runtime
+    runtime.config_package_on_path(config_file)  # `from configs import common` from anywhere
     config_flags.DEFINE_config_file("config", flag_values=flag_values)
     flag_values(["rat_jax.status", f"--config={config_file}"])
     return flag_values.config.to_dict()

@@ -58,20 +58,24 @@ def test_every_config_and_variant_loads(name, variant, tmp_path, monkeypatch):
 
 
 def test_config_flags_load_a_config_by_relative_path_from_another_directory(tmp_path):
-    """configs/ is a package: from another directory it loads with the repository root on
-    PYTHONPATH (from the root, `python -m` puts it there)."""
+    """configs/ is a package: from another directory, with nothing on PYTHONPATH, the entry
+    points put the folder holding it on the import path (runtime.config_flag_on_path)."""
     script = tmp_path / "show.py"
     script.write_text(
+        "import sys\n"
         "from absl import flags\n"
         "from ml_collections import config_flags\n"
+        "from rat_jax import runtime\n"
+        "runtime.config_flag_on_path(sys.argv)\n"
         "config_flags.DEFINE_config_file('config', None, '', lock_config=True)\n"
-        "flags.FLAGS(['show', '--config=' + __import__('sys').argv[1]])\n"
+        "flags.FLAGS(sys.argv)\n"
         "print(flags.FLAGS.config.target.name, flags.FLAGS.config.arch)\n")
     relative = os.path.relpath(CONFIGS / "demo.py", tmp_path)  # as `--config=configs/demo.py:smoke`
-    env = dict(os.environ, PYTHONPATH=str(CONFIGS.parent))
-    out = subprocess.run([sys.executable, str(script), f"{relative}:smoke"], cwd=tmp_path,
-                         capture_output=True, text=True, check=True, env=env).stdout
-    assert out.split() == ["digits", "resnet_tiny"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for args in ([f"--config={relative}:smoke"], ["--config", f"{CONFIGS / 'demo.py'}:smoke"]):
+        out = subprocess.run([sys.executable, str(script), *args], cwd=tmp_path,
+                             capture_output=True, text=True, check=True, env=env).stdout
+        assert out.split() == ["digits", "resnet_tiny"]
 
 
 @pytest.mark.parametrize("name", sorted(DOMAINBED))
