@@ -15,7 +15,7 @@ import sys
 
 from flax.traverse_util import flatten_dict
 
-from rat_jax import aux_checkpoints, distributed, report, selection, stages
+from rat_jax import aux_checkpoints, distributed, report, runtime, selection, stages
 from rat_jax.data import DomainDataset, load_dataset
 from rat_jax.export import SoupWriter
 from rat_jax.files import write_json_atomic
@@ -108,6 +108,7 @@ class Pipeline:
                                store=self.store) if tasks else {}
         pool = self.pool = aux_checkpoints.merge_pools(pool, brought)
         n_runs = aux_checkpoints.pool_runs(pool, c.n_aux_hparams)
+        runtime.release_memory()
         rows = []
         for k in test_envs:
             lp_steps = c.lp_probe_steps if c.lp_probe_steps > 0 else c.target.steps
@@ -129,6 +130,8 @@ class Pipeline:
                 plots_dir=self.workdir / "plots" if c.make_plots else None,
                 save_soup=SoupWriter(self.workdir / "models", arch=c.arch, dataset=target,
                                      foundation_hash=fhash, image_size=c.image_size))
+            del by_trial, w_lp  # this test env's members: free before the next one trains
+            runtime.release_memory()
         notes = selection.notes(c, target, self.trained_members, rows, aux_names=sorted(pool),
                                 n_runs=n_runs)
         if brought:

@@ -195,6 +195,19 @@ def apply_mallopt() -> bool:
     return all(libc.mallopt(param, value) == 1 for param, value in settings)
 
 
+def release_memory() -> None:
+    """Between stages: collect Python's reference cycles (finished runs' engines, loaders and
+    params) and hand glibc's free pages back to the OS (malloc_trim, every arena), so that the
+    next stage starts from what is live instead of the previous stages' peak."""
+    import gc
+    gc.collect()
+    if _is_glibc():
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+
+
 # XLA:CPU sends dots to YNNPACK library fusions by default. They are faster for small member steps
 # and slower for large ones (bench/engine_step.py --cpu-ynn on|off; docs/benchmarks.md), so the
 # member engine decides per compiled step from XLA's cost analysis ("auto"): fusions off above
