@@ -138,7 +138,8 @@ def diagnostic_figures(stacked: Any, scores: Sequence[float], batch_stats: Any, 
     heat-map) and their numbers for members `stacked` with ID-val `scores`, tested on the full
     test env `test_env` of `ds` (greedy selection on the train envs' out splits). `inits`: each
     member's init source ('foundation', 'aux:textures/run0', ...). Returns the numbers, with
-    the PNG paths under 'figures'."""
+    the PNG paths under 'figures'.
+    Shape: flat keywords, the notebook form of figures.env_figures."""
     from rat_jax import figures as figures_lib
     s = _settings(settings, overrides)
     m = len(scores)
