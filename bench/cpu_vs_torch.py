@@ -56,8 +56,8 @@ def main(argv=None):
         targs = argparse.Namespace(image=size)
         torch_one = member_bench.torch_step(arch, 7, a.batch, targs)
         for m in (int(x) for x in a.members.split(",")):
-            engine = members_lib.MemberEngine(model, v["batch_stats"], m, batch_size=a.batch,
-                                              cpu_ynn=a.cpu_ynn)
+            engine = members_lib.MemberEngine(model, v["batch_stats"], m, members_lib.EngineConfig(
+                batch_size=a.batch, cpu_ynn=a.cpu_ynn))
             # the live members train_members steps (MemberEngine.start)
             live = engine.start(members_lib.init_state(trees.stack([params] * m))["members"],
                                 members_lib.make_hparams(m, lr=5e-5, seed=list(range(m))))

@@ -53,9 +53,9 @@ def main(argv=None):
     v = jax.jit(model.init)(jax.random.key(0), np.zeros((1, a.size, a.size, 3), np.float32))
     params = jax.tree.map(np.asarray, v["params"])
     m = a.members
-    eng = members_lib.MemberEngine(model, v["batch_stats"], m, batch_size=a.batch,
-                                   strategy=a.strategy, data_parallel=a.data_parallel or None,
-                                   cpu_ynn=a.cpu_ynn)
+    eng = members_lib.MemberEngine(model, v["batch_stats"], m, members_lib.EngineConfig(
+        batch_size=a.batch, strategy=a.strategy, data_parallel=a.data_parallel or None,
+        cpu_ynn=a.cpu_ynn))
     # the live members train_members steps (MemberEngine.start)
     live = eng.start(members_lib.init_state(trees.stack([params] * m))["members"],
                      members_lib.make_hparams(m, lr=5e-5, seed=list(range(m))))

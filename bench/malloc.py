@@ -46,8 +46,8 @@ def child(a) -> dict:
     rng = np.random.RandomState(0)
     batch = {"images": rng.randn(m, a.batch, a.image, a.image, 3).astype(np.float32),
              "labels": rng.randint(0, 7, (m, a.batch)).astype(np.int32)}
-    engine = members_lib.MemberEngine(model, v["batch_stats"], m, batch_size=a.batch,
-                                      devices=jax.devices()[:a.devices])
+    engine = members_lib.MemberEngine(model, v["batch_stats"], m, members_lib.EngineConfig(
+        batch_size=a.batch, devices=jax.devices()[:a.devices]))
     live = engine.start(members_lib.init_state(trees.stack([params] * m))["members"], hp)
     for _ in range(2):
         jax.block_until_ready(live.step(batch))

@@ -150,9 +150,9 @@ def bench_model(arch, args, emit):
             # the default row: the devices rat_jax's runtime.setup() emulates by default
             devices = (jax.devices()[:runtime.DEFAULT_CPU_DEVICES] if ndev == "default"
                        else jax.devices()[:ndev])
-            eng = members_lib.MemberEngine(model, bs, m, batch_size=n, devices=devices,
-                                           strategy=strategy, data_parallel=split or None,
-                                           cpu_ynn=args.cpu_ynn)
+            eng = members_lib.MemberEngine(model, bs, m, members_lib.EngineConfig(
+                batch_size=n, devices=devices, strategy=strategy, data_parallel=split or None,
+                cpu_ynn=args.cpu_ynn))
             mesh = dict(eng.mesh.shape)
             local = m // mesh["model"]
             effective = eng.strategy if local > 1 else "1/dev"  # one local member: no strategy

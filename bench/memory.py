@@ -53,9 +53,8 @@ def main(argv=None):
         remat = False if remat_name == "none" else remat_name
         per_m = {}
         for m in counts:
-            engine = members_lib.MemberEngine(model, batch_stats, m, batch_size=a.batch,
-                                              devices=jax.devices()[:1], strategy=a.strategy,
-                                              remat=remat)
+            engine = members_lib.MemberEngine(model, batch_stats, m, members_lib.EngineConfig(
+                batch_size=a.batch, devices=jax.devices()[:1], strategy=a.strategy, remat=remat))
             state = members_lib.init_state(trees.stack([params] * m))
             hp = members_lib.make_hparams(m)
             batch = {"images": np.zeros((m, a.batch, a.image, a.image, 3), np.float32),

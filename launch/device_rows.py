@@ -86,7 +86,7 @@ class Engines:
                                  dtype=shape.dtype)
             self._engines[shape] = members_lib.MemberEngine(
                 model, self.variables(shape)["batch_stats"], shape.members,
-                devices=jax.devices()[:1], strategy=shape.strategy)
+                members_lib.EngineConfig(devices=jax.devices()[:1], strategy=shape.strategy))
         return self._engines[shape]
 
     def live(self, shape: Shape, lr=1e-4, seeds=None):

@@ -37,7 +37,7 @@ from rat_jax.models import create_model
 from rat_jax.pipeline import train_and_evaluate
 from rat_jax.selection import select_and_evaluate
 from rat_jax.soups import ensemble_logits, fuse, fusing_coefficients, greedy_soup
-from rat_jax.stages import (AuxTask, TrainSettings, aux_pool, member_hparams, new_head,
+from rat_jax.stages import (AuxTask, GroupRun, TrainSettings, aux_pool, member_hparams, new_head,
                             target_members, train_group)
 from rat_jax.stages import linear_probe as _linear_probe
 from rat_jax.trees import average, concatenate, select, stack, take
@@ -67,12 +67,12 @@ def train(ds, inits: Sequence[Any], hparams: Sequence[dict], *, test_envs: Seque
     Returns the engine's TrainResult: `.best_params` (stacked, best ID-val checkpoint per member),
     `.final_params`, `.best_score`, `.nonfinite`, `.records`. `workdir`: per-member records and
     resume checkpoints (a rerun with the same arguments resumes).
+    Shape: flat keywords, the notebook form of stages.train_group(..., GroupRun, settings).
     """
-    return train_group(ds, list(inits), list(hparams), test_envs=test_envs, trial=trial_seed,
-                       batch_stats=batch_stats, steps=steps,
-                       checkpoint_freq=checkpoint_freq or max(1, steps // 4),
-                       settings=_settings(settings, overrides), workdir=workdir,
-                       classifier_only=classifier_only)
+    run = GroupRun(list(test_envs), trial_seed, steps, checkpoint_freq or max(1, steps // 4),
+                   classifier_only=classifier_only)
+    return train_group(ds, list(inits), list(hparams), batch_stats, run,
+                       _settings(settings, overrides), workdir=workdir)
 
 
 def linear_probe(ds, featurizer: Any, batch_stats: Any, *, test_envs: Sequence[int], steps: int,
@@ -138,7 +138,8 @@ def diagnostic_figures(stacked: Any, scores: Sequence[float], batch_stats: Any, 
     heat-map) and their numbers for members `stacked` with ID-val `scores`, tested on the full
     test env `test_env` of `ds` (greedy selection on the train envs' out splits). `inits`: each
     member's init source ('foundation', 'aux:textures/run0', ...). Returns the numbers, with
-    the PNG paths under 'figures'."""
+    the PNG paths under 'figures'.
+    Shape: flat keywords, the notebook form of figures.env_figures."""
     from rat_jax import figures as figures_lib
     s = _settings(settings, overrides)
     m = len(scores)

@@ -144,13 +144,13 @@ class StackEvaluator:
         self._engines: dict = {}
 
     def engine(self, num_members: int):
-        from rat_jax.engine.members import MemberEngine, plan_eval_mesh
+        from rat_jax.engine.members import EngineConfig, MemberEngine, plan_eval_mesh
         mesh = plan_eval_mesh(num_members, self.devices, self.data_parallel)
         key = (mesh.devices.shape, tuple(d.id for d in mesh.devices.flat))
         if key not in self._engines:
             self._engines[key] = MemberEngine(self.model, self.batch_stats,
-                                              mesh.devices.shape[0], mesh=mesh,
-                                              strategy=self.strategy)
+                                              mesh.devices.shape[0],
+                                              EngineConfig(strategy=self.strategy), mesh=mesh)
         return self._engines[key]
 
     def logits(self, stacked: Any, images) -> np.ndarray:

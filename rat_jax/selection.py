@@ -20,7 +20,7 @@ from rat_jax import diagnostics, distributed, figures, report, soups, trees
 from rat_jax.engine.progress import Console
 from rat_jax.data import ImageStore
 from rat_jax.evaluation import StackEvaluator, accuracy, eval_split
-from rat_jax.stages import DATA_PARALLEL, ratatouille_foundation_members
+from rat_jax.stages import ratatouille_foundation_members
 
 
 def withaux_members(groups: dict, aux_names, n_runs: int):
@@ -53,8 +53,7 @@ class _Evaluator:
         self.store = ImageStore(dataset, **settings.cache_kw())
         self.engine = StackEvaluator(
             self.model, batch_stats, settings.eval_batch_size,
-            strategy=None if settings.strategy == "auto" else settings.strategy,
-            data_parallel=DATA_PARALLEL[str(settings.data_parallel).lower()])
+            strategy=settings.engine_strategy, data_parallel=settings.data_parallel_flag)
         self._members: dict = {}  # (split name, member key) -> logits [N, C]
 
     def split(self, envs, split, trial):

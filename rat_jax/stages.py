@@ -11,7 +11,6 @@ fingerprinted results and resume from Orbax checkpoints.
 """
 from __future__ import annotations
 
-import contextvars
 import dataclasses
 import json
 import logging
@@ -26,7 +25,8 @@ from rat_jax import checkpoint, distributed, soups, trees
 from rat_jax.data import DomainDataset, MemberLoader, iterate_eval
 from rat_jax.data.protocol import (aux_init_assignment, default_hparams, random_hparams,
                                    run_seed)
-from rat_jax.engine import TrainResult, id_val_names, make_hparams, train_members
+from rat_jax.engine import (EngineConfig, LoopConfig, RunOutput, TrainResult, id_val_names,
+                            make_hparams, train_members)
 from rat_jax.engine.progress import NO_WRITER, Console, have_tensorboard
 from rat_jax.files import fingerprint, write_json_atomic
 from rat_jax.foundation import load_foundation
@@ -37,7 +37,7 @@ FOUNDATION = "foundation"
 log = logging.getLogger("rat_jax")
 DATA_PARALLEL = {"auto": None, "on": True, "off": False, "true": True, "false": False}
 
-__all__ = ["FOUNDATION", "GroupResult", "MemoryStore", "TrainSettings", "WorkdirStore",
+__all__ = ["FOUNDATION", "GroupResult", "GroupRun", "MemoryStore", "TrainSettings", "WorkdirStore",
            "aux_pool", "eval_sets", "linear_probe", "load_foundation", "member_hparams", "new_head",
            "target_members", "train_group"]
 
@@ -123,6 +123,24 @@ class TrainSettings:
         return {"cache_dir": self.cache_dir} if self.cache_dir else {}
 
     @property
+    def data_parallel_flag(self) -> bool | None:
+        """`data_parallel` as the engine reads it: True, False or None (by backend)."""
+        return DATA_PARALLEL[str(self.data_parallel).lower()]
+
+    @property
+    def engine_strategy(self) -> str | None:
+        """`strategy` as the engine reads it: None (by backend) for "auto"."""
+        return None if self.strategy == "auto" else self.strategy
+
+    def engine_config(self, batch_size: int | None = None,
+                      classifier_only: bool = False) -> EngineConfig:
+        """The member engine's settings of a members run with `batch_size` images per member
+        per step."""
+        return EngineConfig(batch_size=batch_size, strategy=self.engine_strategy,
+                            classifier_only=classifier_only, remat=self.remat,
+                            data_parallel=self.data_parallel_flag, cpu_ynn=self.cpu_ynn)
+
+    @property
     def train_side(self) -> int | None:
         """The cached side of training crops (None: the original images)."""
         return int(self.train_cache_side) or None
@@ -191,11 +209,13 @@ class MemoryStore:
         self.trained_members = 0
 
     def run(self, name: str, fp: str, info: Sequence[dict],
-            train: Callable[[pathlib.Path | None], GroupResult],
+            train: Callable[[pathlib.Path | None, pathlib.Path | None], GroupResult],
             keep: Sequence[str] = PARAMS) -> GroupResult:
-        """Train (or load) run `name`; `keep`: the params later stages read ("best", "final")."""
+        """Train (or load) run `name`: `train(directory, tensorboard)` trains it with its
+        records and checkpoints in `directory` and its TensorBoard event files in `tensorboard`
+        (None, None here: in memory); `keep`: the params later stages read ("best", "final")."""
         del name, fp, info, keep
-        result = train(None)
+        result = train(None, None)
         self.trained_members += len(result.best_score)
         return result
 
@@ -216,11 +236,8 @@ class WorkdirStore(MemoryStore):
     for target runs and linear probes, the final for auxiliary runs) and its resume checkpoints
     are deleted; `keep_checkpoints` keeps both params and the checkpoints. A finished run whose inputs changed is retrained, and
     that is logged. A run loaded because it is done is announced on the console (main process,
-    unless `quiet`). While a run trains, `WorkdirStore.tensorboard_run` holds the folder of its
-    TensorBoard event files, `root/tensorboard/<name>` (train_group reads it)."""
-
-    tensorboard_run: contextvars.ContextVar = contextvars.ContextVar("rat_jax_tensorboard_run",
-                                                                     default=None)
+    unless `quiet`). A run's TensorBoard event files go to `root/tensorboard/<name>` (the
+    `tensorboard` folder given to its `train`)."""
 
     def __init__(self, root: str | pathlib.Path, aux_root: str | pathlib.Path | None = None,
                  keep_checkpoints: bool = False, quiet: bool = False,
@@ -267,11 +284,7 @@ class WorkdirStore(MemoryStore):
             log.warning("%s: its inputs changed since it was trained (config, data or an earlier "
                         "stage); training it again", name)
             shutil.rmtree(directory / "checkpoints", ignore_errors=True)
-        token = self.tensorboard_run.set(self.root / "tensorboard" / name)
-        try:
-            result = train(directory)
-        finally:
-            self.tensorboard_run.reset(token)
+        result = train(directory, self.root / "tensorboard" / name)
         self.trained_members += len(result.best_score)
         self.trained_runs.append((name, len(result.best_score)))
         result.save(directory, PARAMS if self.keep_checkpoints else keep)
@@ -353,58 +366,79 @@ def eval_sets(dataset: DomainDataset, test_envs: Sequence[int], trial: int,
     return sets
 
 
-def train_group(dataset: DomainDataset, inits: Sequence[Any], hparams: Sequence[dict], *,
-                test_envs: Sequence[int], trial: int, batch_stats: Any, steps: int,
-                checkpoint_freq: int, settings: TrainSettings, workdir=None,
-                classifier_only: bool = False, stage: str = "train") -> TrainResult:
-    """Train len(inits) members together on `dataset` minus `test_envs` and return the engine's
-    TrainResult. `hparams[i]`: member i's lr, weight_decay, resnet_dropout, seed (data stream and
-    dropout), optional lp_steps (-1: whole net from update 0) and any other keys, which go into
-    its records. `workdir`: records and resume checkpoints (None: in memory). With
-    `settings.tensorboard`, per-member scalars go to `<workdir root>/tensorboard/<run name>/`
-    under a WorkdirStore, else `workdir/tensorboard/` (none without a workdir)."""
+@dataclasses.dataclass(frozen=True)
+class GroupRun:
+    """What one members run trains: the envs left out (`test_envs`), the split seed (`trial`),
+    `steps` updates with an evaluation every `checkpoint_freq`; `classifier_only` for a linear
+    probe; `stage`: its name on the console."""
+    test_envs: Sequence[int]
+    trial: int
+    steps: int
+    checkpoint_freq: int
+    classifier_only: bool = False
+    stage: str = "train"
+
+
+def train_group(dataset: DomainDataset, inits: Sequence[Any], hparams: Sequence[dict],
+                batch_stats: Any, run: GroupRun, settings: TrainSettings, *, workdir=None,
+                tensorboard=None) -> TrainResult:
+    """Train len(inits) members together on `dataset` minus `run.test_envs` and return the
+    engine's TrainResult. `hparams[i]`: member i's lr, weight_decay, resnet_dropout, seed (data
+    stream and dropout), optional lp_steps (-1: whole net from update 0) and any other keys,
+    which go into its records. `workdir`: records and resume checkpoints (None: in memory).
+    With `settings.tensorboard`, per-member scalars go to `tensorboard` (default
+    `workdir/tensorboard/`; none without either)."""
     if len(inits) != len(hparams):
         raise ValueError(f"{len(inits)} initial param trees but {len(hparams)} hparams")
-    train_envs = [i for i in range(dataset.num_envs) if i not in set(test_envs)]
+    train_envs = [i for i in range(dataset.num_envs) if i not in set(run.test_envs)]
     if not train_envs:
-        raise ValueError(f"test_envs={list(test_envs)} leaves no training env of {dataset.name}")
+        raise ValueError(f"test_envs={list(run.test_envs)} leaves no training env of "
+                         f"{dataset.name}")
     seeds = [int(h["seed"]) for h in hparams]
     engine_hp = make_hparams(
         len(hparams), lr=[h["lr"] for h in hparams],
         weight_decay=[h["weight_decay"] for h in hparams],
         dropout=[h["resnet_dropout"] for h in hparams],
         lp_steps=[h.get("lp_steps", -1) for h in hparams], seed=seeds)
-    loader = MemberLoader(dataset, train_envs, seeds, trial_seeds=trial,
+    loader = MemberLoader(dataset, train_envs, seeds, trial_seeds=run.trial,
                           batch_size=settings.batch_size, image_size=settings.image_size,
                           augment=True, holdout_fraction=settings.holdout_fraction,
                           augment_on=settings.augment_mode(), cache_side=settings.train_side,
                           **settings.cache_kw())
-    sets = eval_sets(dataset, test_envs, trial, settings)
-    val_names = [n for n in id_val_names(dataset.num_envs, test_envs) if n in sets]
+    sets = eval_sets(dataset, run.test_envs, run.trial, settings)
     per_step = settings.batch_size * len(train_envs)
     n_train = sum(len(dataset.samples[e]) for e in train_envs) * (1 - settings.holdout_fraction)
-    member_info = [{"hparams": {k: v for k, v in h.items() if k not in ("init", "group")},
-                    "init": h.get("init"), "group": h.get("group"),
-                    "args": _domainbed_args(dataset, test_envs, trial, i, h, settings,
-                                            classifier_only)}
-                   for i, h in enumerate(hparams)]
-    board = None
-    if settings.tensorboard:
-        board = WorkdirStore.tensorboard_run.get() or (
-            pathlib.Path(workdir) / "tensorboard" if workdir is not None else None)
-        if board is None:
-            log.warning("%s: tensorboard=True but no workdir: no event files written", stage)
+    loop = LoopConfig(run.steps, run.checkpoint_freq, eval_sets=sets,
+                      val_names=[n for n in id_val_names(dataset.num_envs, run.test_envs)
+                                 if n in sets],
+                      save_every=settings.save_every, steps_per_epoch=n_train / per_step)
+    output = RunOutput(workdir=workdir, member_info=_member_info(dataset, hparams, run, settings),
+                       stage=run.stage, quiet=settings.quiet,
+                       tensorboard_dir=_tensorboard_dir(settings, run, workdir, tensorboard))
     with loader:
-        return train_members(
-            settings.model(dataset.num_classes), list(inits), batch_stats, engine_hp, loader,
-            num_steps=steps, checkpoint_freq=checkpoint_freq, batch_size=per_step,
-            strategy=None if settings.strategy == "auto" else settings.strategy,
-            classifier_only=classifier_only, remat=settings.remat,
-            data_parallel=DATA_PARALLEL[str(settings.data_parallel).lower()],
-            cpu_ynn=settings.cpu_ynn, eval_sets=sets, val_names=val_names, workdir=workdir,
-            save_every=settings.save_every, steps_per_epoch=n_train / per_step,
-            member_info=member_info, stage=stage, quiet=settings.quiet,
-            tensorboard_dir=board)
+        return train_members(settings.model(dataset.num_classes), list(inits), batch_stats,
+                             engine_hp, loader, loop, output,
+                             settings.engine_config(per_step, run.classifier_only))
+
+
+def _member_info(dataset, hparams: Sequence[dict], run: GroupRun,
+                 settings: TrainSettings) -> list[dict]:
+    """What each member's records carry beside the loop's fields."""
+    return [{"hparams": {k: v for k, v in h.items() if k not in ("init", "group")},
+             "init": h.get("init"), "group": h.get("group"),
+             "args": _domainbed_args(dataset, run.test_envs, run.trial, i, h, settings,
+                                     run.classifier_only)}
+            for i, h in enumerate(hparams)]
+
+
+def _tensorboard_dir(settings: TrainSettings, run: GroupRun, workdir, tensorboard):
+    if not settings.tensorboard:
+        return None
+    board = tensorboard or (pathlib.Path(workdir) / "tensorboard" if workdir is not None
+                            else None)
+    if board is None:
+        log.warning("%s: tensorboard=True but no workdir: no event files written", run.stage)
+    return board
 
 
 # DomainBed's `args.algorithm` per members group: the no-aux members are its ERM runs, so its
@@ -423,10 +457,11 @@ def _domainbed_args(dataset, test_envs, trial: int, index: int, hp: dict,
 
 
 def _run_group(store, name: str, fp: str, dataset, inits, hps, keep: Sequence[str],
-               **kw) -> GroupResult:
-    def train(directory):
-        return GroupResult.from_train(train_group(dataset, inits, hps, workdir=directory, **kw),
-                                      hps)
+               batch_stats, run: GroupRun, settings: TrainSettings) -> GroupResult:
+    def train(directory, tensorboard):
+        return GroupResult.from_train(train_group(dataset, inits, hps, batch_stats, run,
+                                                  settings, workdir=directory,
+                                                  tensorboard=tensorboard), hps)
     return store.run(name, fp, hps, train, keep=keep)
 
 
@@ -446,11 +481,11 @@ def linear_probe(dataset: DomainDataset, featurizer: Any, batch_stats: Any, *,
     name = name or f"{dataset.name}_test{'_'.join(map(str, test_envs)) or 'none'}"
     fp = fingerprint("lp", dataset.identity, list(test_envs), steps, foundation_hash,
                      settings.fingerprint())
+    run = GroupRun(test_envs, 0, steps, checkpoint_freq or max(1, steps // 4),
+                   classifier_only=True, stage=f"LP {name}")
     res = _run_group(store or MemoryStore(), f"lp/{name}", fp, dataset,
-                     [{"featurizer": featurizer, "classifier": head}], [hp], keep=("best",),
-                     test_envs=test_envs, trial=0, batch_stats=batch_stats, steps=steps,
-                     checkpoint_freq=checkpoint_freq or max(1, steps // 4), settings=settings,
-                     classifier_only=True, stage=f"LP {name}")
+                     [{"featurizer": featurizer, "classifier": head}], [hp], ("best",),
+                     batch_stats, run, settings)
     return trees.take(res.best_params, 0)
 
 
@@ -502,11 +537,9 @@ def aux_pool(tasks: Mapping[str, AuxTask], featurizer: Any, batch_stats: Any, *,
             hps.append(dict(hp, lp_steps=-1, init=f"lp:{name}"))
         fp = fingerprint("aux", ds.identity, hps, task.steps, foundation_hash,
                          settings.fingerprint())
-        res = _run_group(store, f"aux/{name}_notest", fp, ds, [lp] * n_runs, hps,
-                         keep=("final",), test_envs=[],
-                         trial=0, batch_stats=batch_stats, steps=task.steps,
-                         checkpoint_freq=task.checkpoint_freq, settings=settings,
-                         stage=f"aux {name}")
+        run = GroupRun([], 0, task.steps, task.checkpoint_freq, stage=f"aux {name}")
+        res = _run_group(store, f"aux/{name}_notest", fp, ds, [lp] * n_runs, hps, ("final",),
+                         batch_stats, run, settings)
         manifest = [{"dataset": name, "identity": ds.identity, "run": r, "hparams": hps[r],
                      "foundation": foundation_hash, "nonfinite": bool(res.nonfinite[r])}
                     for r in range(n_runs)]
@@ -574,9 +607,9 @@ def target_members(target: DomainDataset, test_env: int, trial: int, w_lp: dict,
     fp = fingerprint("target", target.identity, test_env, trial, hps, foundation_hash, pool_fp,
                      settings.fingerprint())
     run = f"{target.name}_test{test_env}_trial{trial}"
-    res = _run_group(store or MemoryStore(), f"target/{run}", fp, target, inits, hps,
-                     keep=("best",), test_envs=[test_env], trial=trial, batch_stats=batch_stats, steps=steps,
-                     checkpoint_freq=checkpoint_freq, settings=settings,
-                     stage=f"target env{test_env} trial{trial}")
+    group_run = GroupRun([test_env], trial, steps, checkpoint_freq,
+                         stage=f"target env{test_env} trial{trial}")
+    res = _run_group(store or MemoryStore(), f"target/{run}", fp, target, inits, hps, ("best",),
+                     batch_stats, group_run, settings)
     return {tag: res.subset([i for i, t in enumerate(tags) if t == tag])
             for tag in dict.fromkeys(tags)}

@@ -415,7 +415,6 @@ def measure_rate(settings, num_classes: int, images_per_step: int) -> dict:
     import numpy as np
     from rat_jax import trees
     from rat_jax.engine import MemberEngine, init_state, make_hparams
-    from rat_jax.stages import DATA_PARALLEL
     model, shapes = _abstract_model(settings, num_classes)
     zeros = lambda t: jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), t)
     params, batch_stats = zeros(shapes["params"]), zeros(shapes["batch_stats"])
@@ -424,10 +423,8 @@ def measure_rate(settings, num_classes: int, images_per_step: int) -> dict:
     b = images_per_step
     if device.platform == "cpu" and b * s * s > CPU_TIMING_PIXELS:
         b = max(1, CPU_TIMING_PIXELS // (s * s))
-    engine = MemberEngine(model, batch_stats, 1, batch_size=b, devices=[device],
-                          strategy=None if settings.strategy == "auto" else settings.strategy,
-                          remat=settings.remat, cpu_ynn=settings.cpu_ynn,
-                          data_parallel=DATA_PARALLEL[str(settings.data_parallel).lower()])
+    engine = MemberEngine(model, batch_stats, 1,
+                          settings.engine_config(b).replace(devices=[device]))
     live = engine.start(init_state(trees.stack([params]))["members"],
                         make_hparams(1, lr=1e-5, seed=0))
     rng = np.random.default_rng(0)
@@ -457,8 +454,7 @@ def memory_check(settings, runs: Sequence[PlannedRun]) -> dict:
     from rat_jax.engine import MemberEngine, make_hparams
     from rat_jax.engine import step as step_lib
     from rat_jax.engine.mesh import MEMBER_AXIS, plan_mesh
-    from rat_jax.stages import DATA_PARALLEL
-    dp = DATA_PARALLEL[str(settings.data_parallel).lower()]
+    dp = settings.data_parallel_flag
     devices = jax.devices()
     trained = [r for r in runs if not r.classifier_only] or list(runs)
     batch = max(r.images_per_step for r in trained)
@@ -472,9 +468,8 @@ def memory_check(settings, runs: Sequence[PlannedRun]) -> dict:
     per_device, mesh = local(m)
     model, shapes = _abstract_model(settings, classes)
     batch_stats = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes["batch_stats"])
-    engine = MemberEngine(model, batch_stats, m, batch_size=batch, devices=devices,
-                          strategy=None if settings.strategy == "auto" else settings.strategy,
-                          remat=settings.remat, data_parallel=dp, cpu_ynn=settings.cpu_ynn)
+    engine = MemberEngine(model, batch_stats, m,
+                          settings.engine_config(batch).replace(devices=devices))
     stacked = jax.tree.map(lambda s: jax.ShapeDtypeStruct((m,) + s.shape, s.dtype),
                            shapes["params"])
     members = jax.eval_shape(jax.vmap(step_lib.init_member), stacked)

@@ -113,7 +113,7 @@ def reference_step(model, classifier_only=False):
     key = (id(model), classifier_only)
     if key not in _REF_STEPS:
         _REF_STEPS[key] = (model, jax.jit(lambda bs, member, hp, x, y: step_lib.train_step(
-            model, bs, member, hp, x, y, classifier_only=classifier_only)))
+            model, bs, member, hp, x, y, step_lib.StepOptions(classifier_only=classifier_only))))
     return _REF_STEPS[key][1]
 
 
@@ -152,8 +152,8 @@ def engine_for(model, batch_stats, m: int, ndev: int, strategy: str | None = Non
     key = (id(model), id(batch_stats), m, ndev, strategy, batch_size, tuple(sorted(kwargs.items())))
     if key not in _ENGINES:
         _ENGINES[key] = members_lib.MemberEngine(
-            model, batch_stats, m, batch_size=batch_size, devices=jax.devices()[:ndev],
-            strategy=strategy, **kwargs)
+            model, batch_stats, m, members_lib.EngineConfig(
+                batch_size=batch_size, devices=jax.devices()[:ndev], strategy=strategy, **kwargs))
     return _ENGINES[key]
 
 

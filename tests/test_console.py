@@ -15,7 +15,8 @@ import pytest
 import rat_jax as rj
 from rat_jax import selection, stages
 from rat_jax.engine import loop as loop_lib
-from rat_jax.engine import make_hparams, train_members
+from rat_jax.engine import (EngineConfig, LoopConfig, RunOutput, make_hparams,
+                            train_members)
 from rat_jax.engine.progress import Progress, have_tensorboard
 
 from members_helpers import ListLoader, StandInNet, member_inits, synthetic_batches
@@ -49,9 +50,9 @@ def run(tmp_path_factory):
     init = {"featurizer": featurizer, "classifier": rj.new_head(c.arch, ds.num_classes)}
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        res = stages.train_group(ds, [init] * 3, hp, test_envs=[0], trial=0,
-                                 batch_stats=batch_stats, steps=4, checkpoint_freq=2,
-                                 settings=settings, workdir=tmp / "run", stage="tiny")
+        res = stages.train_group(ds, [init] * 3, hp, batch_stats,
+                                 stages.GroupRun([0], 0, 4, 2, stage="tiny"), settings,
+                                 workdir=tmp / "run")
     return dict(res=res, out=err.getvalue(), hp=hp, ds=ds, settings=settings,
                 batch_stats=batch_stats, workdir=tmp / "run")
 
@@ -104,9 +105,9 @@ def test_resume_notice_and_quiet(tmp_path, capsys):
     hp = make_hparams(2, lr=[1e-2, 2e-2], dropout=[0.0, 0.1], seed=[1, 2])
     ev = {"env0_out": [{"images": np.zeros((4, 16, 16, 3), np.float32),
                         "labels": np.arange(4) % 5}]}
-    kw = dict(num_steps=6, checkpoint_freq=2, batch_size=8, devices=jax.devices()[:2],
-              eval_sets=ev, val_names=["env0_out"], workdir=tmp_path, save_every=2,
-              stage="rs")
+    loop = LoopConfig(6, 2, eval_sets=ev, val_names=["env0_out"], save_every=2)
+    out = RunOutput(workdir=tmp_path, stage="rs")
+    engine = EngineConfig(batch_size=8, devices=jax.devices()[:2])
 
     class Killed(ListLoader):           # the run dies before step 4 (checkpoint of step 3 kept)
         def __next__(self):
@@ -114,9 +115,10 @@ def test_resume_notice_and_quiet(tmp_path, capsys):
                 raise KeyboardInterrupt
             return super().__next__()
     with pytest.raises(KeyboardInterrupt):
-        train_members(model, params, bs, hp, Killed(batches), quiet=True, **kw)
+        train_members(model, params, bs, hp, Killed(batches), loop, out.replace(quiet=True),
+                      engine)
     assert capsys.readouterr().err == ""   # quiet: nothing at all
-    train_members(model, params, bs, hp, ListLoader(batches), **kw)
+    train_members(model, params, bs, hp, ListLoader(batches), loop, out, engine)
     err = capsys.readouterr().err
     assert "[rs] resuming from the checkpoint of step 3: 4/6 updates done" in err
     assert re.search(r"\[rs\] step 4  2 members  train loss [\d.]+  ID-val mean", err)
@@ -132,12 +134,11 @@ def test_skip_notice_and_tensorboard_folder_of_a_stored_run(tmp_path, capsys):
     store = stages.WorkdirStore(tmp_path)
     seen = []
 
-    def train(directory):
-        seen.append(stages.WorkdirStore.tensorboard_run.get())
+    def train(directory, tensorboard):
+        seen.append(tensorboard)
         return _group()
     store.run("target/x_test0_trial0", "fp1", [{}] * 2, train)
     assert seen == [tmp_path / "tensorboard" / "target" / "x_test0_trial0"]
-    assert stages.WorkdirStore.tensorboard_run.get() is None
     capsys.readouterr()
     store.run("target/x_test0_trial0", "fp1", [{}] * 2, train)
     assert len(seen) == 1

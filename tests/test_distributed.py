@@ -135,8 +135,8 @@ def _train(args, distributed):
     devices = jax.devices() if args.layout == "members" else _interleaved(jax.devices())
     # data_parallel explicitly: one CPU process does not split batches by default, and the
     # single-process reference must run the same mesh as the two processes
-    engine = members_lib.MemberEngine(model, batch_stats, m, batch_size=N, devices=devices,
-                                      data_parallel=True)
+    engine = members_lib.MemberEngine(model, batch_stats, m, members_lib.EngineConfig(
+        batch_size=N, devices=devices, data_parallel=True))
     assert engine.mesh.devices.size == jax.device_count() == 8
 
     state = engine.place(members_lib.init_state(params))
@@ -219,8 +219,8 @@ def _loop(args, distributed):
     source = OwnShard()
     result = loop_lib.train_members(
         model, [v["params"] for v in variables], variables[0]["batch_stats"], hparams, source,
-        num_steps=4, checkpoint_freq=2, batch_size=N, eval_sets=eval_sets,
-        val_names=["env0_out", "env1_out"], workdir=args.workdir, quiet=True)
+        loop_lib.LoopConfig(4, 2, eval_sets=eval_sets, val_names=["env0_out", "env1_out"]),
+        loop_lib.RunOutput(workdir=args.workdir, quiet=True), EngineConfig(batch_size=N))
     if jax.process_count() > 1:  # each process was told to load only its half of the members
         assert source.local is not None and len(source.local) == M // 2, source.local
     # every property is a to_host() of member-sharded arrays: a collective, so on every process
@@ -248,6 +248,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from rat_jax import distributed  # noqa: E402
 from rat_jax.engine import loop as loop_lib  # noqa: E402
+from rat_jax.engine.members import EngineConfig  # noqa: E402
 from rat_jax.engine import mesh as mesh_lib  # noqa: E402
 
 

@@ -130,8 +130,8 @@ def test_unknown_strategies_are_refused(setup):
     assert strategies.STRATEGIES == ("loop", "map", "vmap")
     for name in ("unroll", "chunk:2", "pmap"):
         with pytest.raises(ValueError, match="unknown member strategy"):
-            members_lib.MemberEngine(s["model"], s["bs"], 2, devices=jax.devices()[:1],
-                                     strategy=name)
+            members_lib.MemberEngine(s["model"], s["bs"], 2, members_lib.EngineConfig(
+                devices=jax.devices()[:1], strategy=name))
     assert strategies.default_strategy("cpu") == "loop"
     assert strategies.default_strategy("gpu") == strategies.default_strategy("tpu") == "map"
 

@@ -38,14 +38,16 @@ def _engine(s):
     return engine_for(s["model"], s["bs"], M, 1, "map")
 
 
-def _run(s, workdir=None, loader=None, num_steps=6, engine=None, **kw):
+def _run(s, workdir=None, loader=None, num_steps=6, engine=None, save_every=None):
     eng = engine or _engine(s)
     state = members_lib.init_state(trees.stack(s["params"]))
-    return loop_lib.run_loop(
-        eng, state, s["hp"], loader or ListLoader(s["batches"]), num_steps=num_steps,
-        checkpoint_freq=2, eval_sets=s["eval_sets"], val_names=loop_lib.id_val_names(3, [2]),
-        workdir=workdir, steps_per_epoch=4.0, quiet=True, member_info=[{"args": {"i": 0}},
-                                                                        {"args": {"i": 1}}], **kw)
+    loop = loop_lib.LoopConfig(num_steps, 2, eval_sets=s["eval_sets"],
+                               val_names=loop_lib.id_val_names(3, [2]), save_every=save_every,
+                               steps_per_epoch=4.0)
+    output = loop_lib.RunOutput(workdir=workdir, quiet=True,
+                                member_info=[{"args": {"i": 0}}, {"args": {"i": 1}}])
+    return loop_lib.run_loop(eng, state, s["hp"], loader or ListLoader(s["batches"]), loop,
+                             output)
 
 
 def _direct_acc(s, params, name):
@@ -134,8 +136,8 @@ def test_resume_refuses_other_settings(setup, tmp_path):
     other = {**s["hp"], "lr": s["hp"]["lr"] * 2}
     with pytest.raises(ValueError, match="other member settings"):
         loop_lib.run_loop(_engine(s), members_lib.init_state(trees.stack(s["params"])),
-                          other, ListLoader(s["batches"]), num_steps=2, checkpoint_freq=2,
-                          workdir=tmp_path, quiet=True)
+                          other, ListLoader(s["batches"]), loop_lib.LoopConfig(2, 2),
+                          loop_lib.RunOutput(workdir=tmp_path, quiet=True))
 
 
 class _Clock:

@@ -17,7 +17,8 @@ SCRIPT = r'''
 import sys, time
 import jax
 import numpy as np
-from rat_jax.engine import make_hparams, train_members
+from rat_jax.engine import (EngineConfig, LoopConfig, RunOutput, make_hparams,
+                            train_members)
 from members_helpers import ListLoader, StandInNet, member_inits, synthetic_batches
 from rat_jax.data import MemberLoader, load_folder
 
@@ -60,10 +61,10 @@ def run(workdir, sleep=0.0, mode="synthetic"):
     ev = {"env0_out": [{"images": rng.randn(6, 16, 16, 3).astype(np.float32),
                         "labels": rng.randint(0, 5, 6)}]}
     hp = make_hparams(2, lr=[1e-2, 2e-2], dropout=[0.5, 0.1], lp_steps=[-1, 3], seed=[1, 2])
-    res = train_members(model, params, bs, hp, batches, num_steps=12,
-                        checkpoint_freq=4, batch_size=8, devices=jax.devices()[:2],
-                        eval_sets=ev, val_names=["env0_out"], workdir=workdir, save_every=3,
-                        quiet=True)
+    res = train_members(model, params, bs, hp, batches,
+                        LoopConfig(12, 4, eval_sets=ev, val_names=["env0_out"], save_every=3),
+                        RunOutput(workdir=workdir, quiet=True),
+                        EngineConfig(batch_size=8, devices=jax.devices()[:2]))
     flat = {f"final/{i}": x for i, x in enumerate(jax.tree.leaves(res.final_params))}
     flat.update({f"best/{i}": x for i, x in enumerate(jax.tree.leaves(res.best_params))})
     flat["best_step"] = res.best_step

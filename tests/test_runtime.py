@@ -95,8 +95,8 @@ def _tiny_engine(**kwargs):
     from rat_jax.engine import members as members_lib
     model = tiny_model()
     params, bs = member_inits(model, 1)
-    eng = members_lib.MemberEngine(model, bs, 1, batch_size=4, devices=jax.devices()[:1],
-                                   **kwargs)
+    eng = members_lib.MemberEngine(model, bs, 1, members_lib.EngineConfig(
+        batch_size=4, devices=jax.devices()[:1], **kwargs))
     state = members_lib.init_state(trees.stack(params))
     return eng, state, members_lib.make_hparams(1, lr=1e-3)
 

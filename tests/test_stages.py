@@ -91,7 +91,7 @@ def test_workdir_store_loads_done_runs_prunes_checkpoints_and_retrains_changed_o
     calls = []
 
     def train(value):
-        def fn(directory):
+        def fn(directory, tensorboard):
             calls.append(directory)
             (directory / "checkpoints" / "7").mkdir(parents=True)
             return _fake_result(value)

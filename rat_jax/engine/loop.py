@@ -36,7 +36,7 @@ import numpy as np
 import rat_jax.distributed as distributed
 import rat_jax.files as files
 import rat_jax.trees as trees
-from rat_jax.engine.members import MemberEngine, init_state
+from rat_jax.engine.members import EngineConfig, MemberEngine, init_state
 from rat_jax.engine.progress import Progress, ScalarWriter
 from rat_jax.engine.resume import RunCheckpoints, decode_state, encode_state
 
@@ -234,196 +234,254 @@ def eval_lines(step: int, groups, losses, score, nonfinite) -> list[str]:
     return out
 
 
-def run_loop(engine: MemberEngine, state: dict, hparams: dict, train_batches: Iterable, *,
-             num_steps: int, checkpoint_freq: int, eval_sets: Mapping[str, Any] | None = None,
-             val_names: Sequence[str] | None = None, workdir: str | os.PathLike | None = None,
-             save_every: int | None = None, steps_per_epoch: float | None = None,
-             member_info: Sequence[dict] | None = None, member_dirs: Sequence[str] | None = None,
-             stage: str = "train", quiet: bool = False, progress_stream=None,
-             progress_interval: float | None = None, max_to_keep: int = 1,
-             async_checkpoints: bool = False, on_record: Callable[[int, dict], None] | None = None,
-             tensorboard_dir: str | os.PathLike | None = None) -> TrainResult:
-    """Train the engine's members for `num_steps` updates (resuming from `workdir` if it holds a
-    checkpoint of this run), evaluating every `checkpoint_freq` steps. `state` / `hparams` are the
-    stacked state and [M] settings (host or placed). Checkpoints every `save_every` steps (default
-    `checkpoint_freq`) and at the end (`async_checkpoints`: write them in the background).
-    Per-member results.jsonl go to `workdir/<member_dirs[i]>/` (default `member_<i>`);
-    `member_info[i]` is merged into member i's records (its "hparams" replace the default ones;
-    its "group" groups the console's evaluation lines). `tensorboard_dir`: per-member train loss
-    and ID-val accuracy at each evaluation point as TensorBoard scalars (main process).
-    Returns the final stacked state and per-member records.
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """What a members run does: `num_steps` updates, an evaluation every `checkpoint_freq`
+    steps (and at the last) of `eval_sets` ({name: batches}, see the module docstring), whose
+    `val_names` average into the ID-val score; checkpoints every `save_every` steps (default
+    `checkpoint_freq`) and at the end, `max_to_keep` of them (`async_checkpoints`: written in
+    the background). `steps_per_epoch` adds an `epoch` to the records."""
+    num_steps: int
+    checkpoint_freq: int
+    eval_sets: Mapping[str, Any] | None = None
+    val_names: Sequence[str] | None = None
+    save_every: int | None = None
+    steps_per_epoch: float | None = None
+    max_to_keep: int = 1
+    async_checkpoints: bool = False
+
+    def replace(self, **changes) -> "LoopConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOutput:
+    """Where a members run reports. `workdir`: per-member results.jsonl under
+    `workdir/<member_dirs[i]>/` (default `member_<i>`) and the resume checkpoints (None: in
+    memory); `member_info[i]` is merged into member i's records (its "hparams" replace the
+    default ones; its "group" groups the console's evaluation lines); the console shows `stage`
+    (unless `quiet`) on `progress_stream` every `progress_interval` s; `on_record(i, record)`
+    sees every record; `tensorboard_dir`: per-member train loss and ID-val accuracy as
+    TensorBoard scalars (main process)."""
+    workdir: str | os.PathLike | None = None
+    member_info: Sequence[dict] | None = None
+    member_dirs: Sequence[str] | None = None
+    stage: str = "train"
+    quiet: bool = False
+    progress_stream: Any = None
+    progress_interval: float | None = None
+    on_record: Callable[[int, dict], None] | None = None
+    tensorboard_dir: str | os.PathLike | None = None
+
+    def replace(self, **changes) -> "RunOutput":
+        return dataclasses.replace(self, **changes)
+
+
+class _Run:
+    """The bookkeeping of one run_loop call: loss and time sums since the last evaluation,
+    records, console, TensorBoard and checkpoints."""
+
+    def __init__(self, engine: MemberEngine, hparams: dict, loop: LoopConfig, out: RunOutput):
+        m = self.m = engine.num_members
+        self.engine, self.hparams, self.loop, self.out = engine, hparams, loop, out
+        self.eval_sets = dict(loop.eval_sets or {})
+        self.val_names = list(loop.val_names or [])
+        missing = [n for n in self.val_names if n not in self.eval_sets]
+        if missing:
+            raise ValueError(f"val_names {missing} are not among eval_sets "
+                             f"{sorted(self.eval_sets)}")
+        self.save_every = loop.save_every or loop.checkpoint_freq
+        self.workdir = pathlib.Path(out.workdir).absolute() if out.workdir is not None else None
+        self.writer = RecordWriter(m, self.workdir, out.member_dirs)
+        self.hp_meta = _hparams_meta(hparams)
+        self.loss_sum = np.zeros((m,), np.float64)
+        self.time_sum, self.count, self.start = 0.0, 0, 0
+        self.ckpts = (RunCheckpoints(self.workdir / "checkpoints", loop.max_to_keep,
+                                     loop.async_checkpoints)
+                      if self.workdir is not None else None)
+        self.groups = member_groups(m, out.member_info)
+        self.names = list(out.member_dirs or [f"member_{i}" for i in range(m)])
+        self.board = (ScalarWriter(out.tensorboard_dir)
+                      if out.tensorboard_dir is not None and distributed.is_main_process()
+                      else None)
+        self.pending: list = []  # device losses not yet folded into loss_sum (no sync every step)
+        self.last_losses = None
+        self.progress = None
+
+    def restore(self, state: dict, stateful) -> tuple[dict, int | None]:
+        """Resume from the latest checkpoint, if any; returns (state, its step or None)."""
+        latest = self.ckpts.latest_step() if self.ckpts is not None else None
+        if latest is not None:
+            state, meta = self.ckpts.restore(latest, state)
+            if meta["hparams"] != self.hp_meta:
+                raise ValueError(f"{self.workdir} holds a checkpoint of a run with other member "
+                                 f"settings ({meta['hparams']}); use a new workdir or the same "
+                                 "settings")
+            if stateful is not None and meta.get("loader") is not None:
+                stateful.set_state(decode_state(meta["loader"]))
+            self.loss_sum = np.asarray(meta["loss_sum"], np.float64)
+            self.time_sum, self.count, self.start = meta["time_sum"], meta["count"], latest + 1
+        self.writer.load_until(latest if latest is not None else -1)
+        return state, latest
+
+    def open_console(self, latest: int | None) -> Progress:
+        loop, m = self.loop, self.m
+        quiet = self.out.quiet or not distributed.is_main_process()
+        self.progress = Progress(self.out.stage, loop.num_steps, start=self.start, quiet=quiet,
+                                 stream=self.out.progress_stream,
+                                 interval=self.out.progress_interval)
+        if self.start < loop.num_steps:
+            self.progress.message(f"{m} member{'s' if m > 1 else ''}, {loop.num_steps} steps, "
+                                  f"evaluation every {loop.checkpoint_freq}")
+        if latest is not None:
+            self.progress.message(f"resuming from the checkpoint of step {latest}: "
+                                  f"{self.start}/{loop.num_steps} updates done")
+        return self.progress
+
+    def flush_losses(self) -> None:
+        for loss in self.pending:
+            self.last_losses = distributed.to_host(loss).astype(np.float32)
+            self.loss_sum = self.loss_sum + self.last_losses.astype(np.float64)
+        self.pending.clear()
+
+    def evaluate(self, state: dict, live, step: int) -> dict:
+        """Evaluate every set, keep the best params, write the records, console lines and
+        scalars of evaluation point `step`; resets the sums."""
+        m, val_names = self.m, self.val_names
+        progress = self.progress
+        accs = evaluate(self.engine, live.params_for_eval(), self.eval_sets, step=step,
+                        on_set=lambda k, n, name: progress.status(
+                            f"step {step}: evaluating {name} ({k + 1}/{n})"))
+        score = (np.mean([accs[n] for n in val_names], axis=0) if val_names
+                 else np.full((m,), np.nan))
+        # no validation splits: keep the latest evaluated params as "best"
+        select = score if val_names else np.full((m,), float(step))
+        state = self.engine.update_best(state, select, step)
+        nonfinite = distributed.to_host(state["members"]["nonfinite"])
+        for i in range(m):
+            self._record(i, step, accs, score, nonfinite)
+        mean_loss = self.loss_sum / max(self.count, 1)
+        for text in eval_lines(step, self.groups, mean_loss, score if val_names else None,
+                               nonfinite):
+            progress.message(text)
+        if self.board is not None:
+            values = {f"train_loss/{self.names[i]}": _json_float(mean_loss[i]) for i in range(m)}
+            if val_names:
+                values.update({f"id_val_acc/{self.names[i]}": _json_float(score[i])
+                               for i in range(m)})
+            self.board.scalars(step, values)
+        self.loss_sum, self.time_sum, self.count = np.zeros((m,), np.float64), 0.0, 0
+        return state
+
+    def _record(self, i: int, step: int, accs: dict, score, nonfinite) -> None:
+        rec = {"step": step, "loss": _json_float(self.loss_sum[i] / self.count),
+               "step_time": self.time_sum / self.count, "member": i,
+               "score": _json_float(score[i]) if self.val_names else None,
+               "nonfinite": bool(nonfinite[i])}
+        if self.loop.steps_per_epoch:
+            rec["epoch"] = step / self.loop.steps_per_epoch
+        for name, acc in accs.items():
+            rec[f"{name}_acc"] = _json_float(acc[i])
+        info = dict(self.out.member_info[i]) if self.out.member_info else {}
+        rec["hparams"] = info.pop("hparams", None) or default_member_hparams(self.hparams, i)
+        rec.update(info)
+        self.writer.write(i, rec)
+        if self.out.on_record is not None:
+            self.out.on_record(i, rec)
+
+    def save(self, step: int, state: dict, stateful) -> None:
+        meta = {"step": step, "num_steps": self.loop.num_steps, "hparams": self.hp_meta,
+                "loader": encode_state(stateful.get_state()) if stateful is not None else None,
+                "loss_sum": self.loss_sum.tolist(), "time_sum": self.time_sum,
+                "count": self.count}
+        self.ckpts.save(step, state, meta)
+
+    def close(self) -> None:
+        if self.ckpts is not None:
+            self.ckpts.close()
+        if self.board is not None:
+            self.board.close()
+        if self.start < self.loop.num_steps:
+            self.progress.close(self.loop.num_steps, self.last_losses)
+
+
+def run_loop(engine: MemberEngine, state: dict, hparams: dict, train_batches: Iterable,
+             loop: LoopConfig, output: RunOutput | None = None) -> TrainResult:
+    """Train the engine's members for `loop.num_steps` updates (resuming from the output's
+    workdir if it holds a checkpoint of this run), evaluating every `loop.checkpoint_freq`
+    steps (LoopConfig, RunOutput). `state` / `hparams` are the stacked state and [M] settings
+    (host or placed). Returns the final stacked state and per-member records.
     """
-    m = engine.num_members
-    eval_sets = dict(eval_sets or {})
-    val_names = list(val_names or [])
-    missing = [n for n in val_names if n not in eval_sets]
-    if missing:
-        raise ValueError(f"val_names {missing} are not among eval_sets {sorted(eval_sets)}")
-    save_every = save_every or checkpoint_freq
-    workdir = pathlib.Path(workdir).absolute() if workdir is not None else None
-    writer = RecordWriter(m, workdir, member_dirs)
-    hp_meta = _hparams_meta(hparams)
+    run = _Run(engine, hparams, loop, output or RunOutput())
     state = engine.place(state)
     hparams_dev = engine.place(jax.tree.map(np.asarray, hparams))
     iterator = iter(train_batches)
     stateful = iterator if hasattr(iterator, "get_state") else (
         train_batches if hasattr(train_batches, "get_state") else None)
-
-    loss_sum = np.zeros((m,), np.float64)
-    time_sum, count, start = 0.0, 0, 0
-    ckpts = (RunCheckpoints(workdir / "checkpoints", max_to_keep, async_checkpoints)
-             if workdir is not None else None)
-    latest = ckpts.latest_step() if ckpts is not None else None
-    if latest is not None:
-        state, meta = ckpts.restore(latest, state)
-        if meta["hparams"] != hp_meta:
-            raise ValueError(f"{workdir} holds a checkpoint of a run with other member settings "
-                             f"({meta['hparams']}); use a new workdir or the same settings")
-        if stateful is not None and meta.get("loader") is not None:
-            stateful.set_state(decode_state(meta["loader"]))
-        loss_sum = np.asarray(meta["loss_sum"], np.float64)
-        time_sum, count, start = meta["time_sum"], meta["count"], latest + 1
-    writer.load_until(latest if latest is not None else -1)
-
+    state, latest = run.restore(state, stateful)
+    progress = run.open_console(latest)
     per_step_images = None
-    quiet = quiet or not distributed.is_main_process()
-    progress = Progress(stage, num_steps, start=start, quiet=quiet, stream=progress_stream,
-                        interval=progress_interval)
-    groups = member_groups(m, member_info)
-    names = list(member_dirs or [f"member_{i}" for i in range(m)])
-    board = (ScalarWriter(tensorboard_dir)
-             if tensorboard_dir is not None and distributed.is_main_process() else None)
-    if start < num_steps:
-        progress.message(f"{m} member{'s' if m > 1 else ''}, {num_steps} steps, evaluation every "
-                         f"{checkpoint_freq}")
-    if latest is not None:
-        progress.message(f"resuming from the checkpoint of step {latest}: "
-                         f"{start}/{num_steps} updates done")
-    pending: list = []  # device losses not yet folded into loss_sum (no sync every step)
-    last_losses = None
-
-    def flush_losses():
-        nonlocal loss_sum, last_losses
-        for loss in pending:
-            last_losses = distributed.to_host(loss).astype(np.float32)
-            loss_sum = loss_sum + last_losses.astype(np.float64)
-        pending.clear()
-
     # The live members train; their stacked state is asked for only where it is read
     # (evaluation, selection, checkpoints, the result).
     live = engine.start(state["members"], hparams_dev)
     state = {**state, "members": None}
-    for step in range(start, num_steps):
+    for step in range(run.start, loop.num_steps):
         t0 = time.perf_counter()
         batch = next(iterator)
         if per_step_images is None:
             per_step_images = int(np.prod(np.shape(batch["labels"])))
         t_step = time.perf_counter()
         metrics = live.step(batch)
-        if step == start:  # the first update compiles: timed alone, kept out of the ETA
+        if step == run.start:  # the first update compiles: timed alone, kept out of the ETA
             jax.block_until_ready(metrics["loss"])
             progress.compiled(time.perf_counter() - t_step)
-        if pending:  # keep at most one step in flight
-            jax.block_until_ready(pending[-1])
-        pending.append(metrics["loss"])
-        count += 1
-        is_eval = step % checkpoint_freq == 0 or step == num_steps - 1
-        is_save = ckpts is not None and ((step + 1) % save_every == 0 or step == num_steps - 1)
+        if run.pending:  # keep at most one step in flight
+            jax.block_until_ready(run.pending[-1])
+        run.pending.append(metrics["loss"])
+        run.count += 1
+        is_eval = step % loop.checkpoint_freq == 0 or step == loop.num_steps - 1
+        is_save = run.ckpts is not None and ((step + 1) % run.save_every == 0
+                                             or step == loop.num_steps - 1)
         if is_eval or is_save or progress.due():
-            flush_losses()
-        time_sum += time.perf_counter() - t0
-
+            run.flush_losses()
+        run.time_sum += time.perf_counter() - t0
         if is_eval or is_save:
             state = {**state, "members": live.stacked()}
         if is_eval:
-            accs = evaluate(engine, live.params_for_eval(), eval_sets, step=step,
-                            on_set=lambda k, n, name: progress.status(
-                                f"step {step}: evaluating {name} ({k + 1}/{n})"))
-            score = (np.mean([accs[n] for n in val_names], axis=0) if val_names
-                     else np.full((m,), np.nan))
-            # no validation splits: keep the latest evaluated params as "best"
-            select = score if val_names else np.full((m,), float(step))
-            state = engine.update_best(state, select, step)
-            nonfinite = distributed.to_host(state["members"]["nonfinite"])
-            for i in range(m):
-                rec = {"step": step, "loss": _json_float(loss_sum[i] / count),
-                       "step_time": time_sum / count, "member": i,
-                       "score": _json_float(score[i]) if val_names else None,
-                       "nonfinite": bool(nonfinite[i])}
-                if steps_per_epoch:
-                    rec["epoch"] = step / steps_per_epoch
-                for name, acc in accs.items():
-                    rec[f"{name}_acc"] = _json_float(acc[i])
-                info = dict(member_info[i]) if member_info else {}
-                rec["hparams"] = info.pop("hparams", None) or default_member_hparams(hparams, i)
-                rec.update(info)
-                writer.write(i, rec)
-                if on_record is not None:
-                    on_record(i, rec)
-            mean_loss = loss_sum / max(count, 1)
-            for text in eval_lines(step, groups, mean_loss, score if val_names else None,
-                                   nonfinite):
-                progress.message(text)
-            if board is not None:
-                values = {f"train_loss/{names[i]}": _json_float(mean_loss[i]) for i in range(m)}
-                if val_names:
-                    values.update({f"id_val_acc/{names[i]}": _json_float(score[i])
-                                   for i in range(m)})
-                board.scalars(step, values)
-            loss_sum, time_sum, count = np.zeros((m,), np.float64), 0.0, 0
-
+            state = run.evaluate(state, live, step)
         if is_save:
-            meta = {"step": step, "num_steps": num_steps, "hparams": hp_meta,
-                    "loader": encode_state(stateful.get_state()) if stateful is not None else None,
-                    "loss_sum": loss_sum.tolist(), "time_sum": time_sum, "count": count}
-            ckpts.save(step, state, meta)
+            run.save(step, state, stateful)
         state = {**state, "members": None}  # not kept while the live members train on
-        if step == start:  # rate and ETA from here on: compilation and the first evaluation out
+        if step == run.start:  # rate and ETA from here on: compilation and first evaluation out
             progress.restart(step + 1)
         else:
-            progress.update(step + 1, per_step_images or 0, last_losses)
-
-    flush_losses()
+            progress.update(step + 1, per_step_images or 0, run.last_losses)
+    run.flush_losses()
     state = {**state, "members": live.stacked()}
     jax.block_until_ready(state)
-    if ckpts is not None:
-        ckpts.close()
-    if board is not None:
-        board.close()
-    if start < num_steps:
-        progress.close(num_steps, last_losses)
-    return TrainResult(state=state, records=writer.records)
+    run.close()
+    return TrainResult(state=state, records=run.writer.records)
 
 
 def train_members(model, params: Sequence[Any] | Any, batch_stats: Any, hparams: dict,
-                  train_batches: Iterable, *, num_steps: int, checkpoint_freq: int,
-                  batch_size: int | None = None, strategy: str | None = None,
-                  devices: Sequence[jax.Device] | None = None, model_axis: int | None = None,
-                  classifier_only: bool = False, remat: bool | str = False,
-                  data_parallel: bool | None = None, cpu_ynn: str = "auto",
-                  **loop_kwargs) -> TrainResult:
+                  train_batches: Iterable, loop: LoopConfig, output: RunOutput | None = None,
+                  engine: EngineConfig | None = None) -> TrainResult:
     """Train M members together and return stacked best/final params and per-member records.
 
     `params`: a list of M param trees (e.g. each from its own checkpoint) or one stacked tree.
     `batch_stats`: the frozen BN statistics shared by all members. `hparams`: from
-    `members.make_hparams` ([M] lr, weight_decay, dropout, lp_steps, key). `batch_size`: images per
-    member per step (lets the engine split each member's batch over spare devices; `data_parallel`
-    None = by backend, see mesh.default_data_parallel). `strategy`: the local strategy (None = by
-    backend, strategies.default_strategy). `cpu_ynn`: XLA:CPU's YNNPACK dot fusions, "auto" (by
-    step cost), "on" or "off" (runtime.cpu_compiler_options).
-    `classifier_only=True` is the linear-probe stage (featurizer never stepped). Other keyword
-    arguments go to `run_loop` (eval_sets, val_names, workdir, save_every, quiet, ...).
+    `members.make_hparams` ([M] lr, weight_decay, dropout, lp_steps, key). `loop` and `output`:
+    as run_loop's. `engine`: the engine's placement and compilation (members.EngineConfig;
+    `classifier_only=True` is the linear-probe stage, featurizer never stepped).
     """
     stacked = trees.stack(list(params)) if isinstance(params, (list, tuple)) else params
     m = trees.num_members(stacked)
-    engine = MemberEngine(model, batch_stats, m, batch_size=batch_size, devices=devices,
-                          strategy=strategy, classifier_only=classifier_only, remat=remat,
-                          model_axis=model_axis, data_parallel=data_parallel, cpu_ynn=cpu_ynn)
+    config = engine or EngineConfig()
+    engine = MemberEngine(model, batch_stats, m, config)
     state = init_state(stacked)
     if jax.process_count() > 1 and hasattr(train_batches, "load_only"):
         # each process decodes only the members whose batches live on its devices
-        spec_shape = (m, batch_size or engine.data_size)
+        spec_shape = (m, config.batch_size or engine.data_size)
         local = distributed.process_indices(engine.mesh, engine.batch_spec, spec_shape)[0]
         train_batches.load_only(local)
-    return run_loop(engine, state, hparams, train_batches, num_steps=num_steps,
-                    checkpoint_freq=checkpoint_freq, **loop_kwargs)
+    return run_loop(engine, state, hparams, train_batches, loop, output)

@@ -26,21 +26,24 @@ extra pmean/psum of the gradients (tests/test_members.py checks the gradient nor
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
 import rat_jax.distributed as distributed
 import rat_jax.runtime as runtime
 import rat_jax.trees as trees
-from rat_jax.data import augment
+from rat_jax.engine import programs
 from rat_jax.engine import step as step_lib
 from rat_jax.engine.mesh import DATA_AXIS, MEMBER_AXIS, default_data_parallel, plan_mesh
-from rat_jax.engine.strategies import check_strategy, default_strategy, run_local
+from rat_jax.engine.placement import PartLayout, Parts, Placement
+from rat_jax.engine.placement import put as placement_put
+from rat_jax.engine.programs import TrainProgram
+from rat_jax.engine.strategies import check_strategy, default_strategy
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,10 +92,26 @@ def init_state(params: Any) -> dict:
 # ----------------------------------------------------------------------------------------------
 # The engine
 # ----------------------------------------------------------------------------------------------
-class _Parts(tuple):
-    """Members in the engine's training form: a tuple of trees [model, ...], tree i holding local
-    member i of every device group; one tree, the stacked [M] one, unless the engine runs the
-    'loop' strategy with several members per device group."""
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How a MemberEngine lays out and compiles its members. `batch_size`: images per member per
+    step (lets the engine split each member's batch over spare devices; `data_parallel` None = by
+    backend, see mesh.default_data_parallel); `devices`, `model_axis`: see mesh.plan_mesh.
+    `strategy`: the local strategy (None = by backend, strategies.default_strategy).
+    `classifier_only=True` is the linear-probe stage (featurizer never stepped); `remat`: a
+    step_lib.remat_policy. `cpu_ynn` ("auto", "on", "off"): XLA:CPU's YNNPACK dot fusions for
+    the train step, decided per compiled step by runtime.cpu_compiler_options."""
+    batch_size: int | None = None
+    devices: Sequence[jax.Device] | None = None
+    strategy: str | None = None
+    classifier_only: bool = False
+    remat: bool | str = False
+    model_axis: int | None = None
+    data_parallel: bool | None = None
+    cpu_ynn: str = "auto"
+
+    def replace(self, **changes) -> "EngineConfig":
+        return dataclasses.replace(self, **changes)
 
 
 class LiveMembers:
@@ -107,8 +126,8 @@ class LiveMembers:
 
     def __init__(self, engine: "MemberEngine", members: Any, hparams: Any):
         self.engine = engine
-        self._parts = engine._split(members)
-        self._hparams = engine._split(hparams)
+        self._parts = engine.parts.split(members)
+        self._hparams = engine.parts.split(hparams)
 
     def step(self, batch: dict) -> dict:
         self._parts, metrics = self.engine._train_parts(self._parts, self._hparams, batch)
@@ -116,11 +135,11 @@ class LiveMembers:
 
     def stacked(self) -> Any:
         """The members' stacked state {'params', 'opt_state', 'step', 'nonfinite'} [M, ...]."""
-        return self.engine._join(self._parts)
+        return self.engine.parts.join(self._parts)
 
     def params_for_eval(self) -> Any:
         """The members' params, for `evaluate_batch` / loop.evaluate (no copy)."""
-        return _Parts(p["params"] for p in self._parts)
+        return Parts(p["params"] for p in self._parts)
 
 
 class MemberEngine:
@@ -130,224 +149,85 @@ class MemberEngine:
     is one update of a stacked state (a start, one step and a stacked() in one call);
     `evaluate_batch(params, images, labels, mask)` returns per-member correct counts on images
     shared by all members; `update_best(state, score, step)` keeps each member's params on strict
-    score improvement.
+    score improvement; `logits(params, images)` every member's logits.
 
-    `cpu_ynn` ("auto", "on", "off"): XLA:CPU's YNNPACK dot fusions for the train step, decided per
-    compiled step by runtime.cpu_compiler_options.
+    Its parts: `placement` (mesh and shardings, placement.Placement), `parts` (the training form
+    of the local strategy, placement.PartLayout), `train_program` (the compiled train step and
+    its memory analysis, programs.TrainProgram) and the evaluation programs. `config`:
+    EngineConfig; `mesh` replaces the one planned from it.
     """
 
-    def __init__(self, model, batch_stats: Any, num_members: int, *, batch_size: int | None = None,
-                 mesh: Mesh | None = None, devices: Sequence[jax.Device] | None = None,
-                 strategy: str | None = None, classifier_only: bool = False,
-                 remat: bool | str = False, model_axis: int | None = None,
-                 data_parallel: bool | None = None, cpu_ynn: str = "auto"):
+    def __init__(self, model, batch_stats: Any, num_members: int,
+                 config: EngineConfig | None = None, *, mesh: Mesh | None = None):
+        c = self.config = config or EngineConfig()
         self.model = model
         self.num_members = num_members
-        self.mesh = mesh or plan_mesh(num_members, batch_size, devices, model_axis, data_parallel)
-        self.strategy = check_strategy(strategy or default_strategy(jax.default_backend()))
-        self.cpu_ynn = runtime.check_cpu_ynn(cpu_ynn)
-        self.classifier_only = classifier_only
-        self.remat = remat
-        if remat:
-            step_lib.remat_policy(remat)  # fail early on an unknown policy
-        self.model_size = self.mesh.shape[MEMBER_AXIS]
-        self.data_size = self.mesh.shape[DATA_AXIS]
-        if num_members % self.model_size:
-            raise ValueError(f"{num_members} members do not split over a 'model' axis of "
-                             f"{self.model_size}")
-        self.member_sharding = NamedSharding(self.mesh, P(MEMBER_AXIS))
-        # A size-1 'data' axis is left out of the specs: values that vary over it could not be
-        # returned as replicated over it (check_vma).
-        self.batch_spec = P(MEMBER_AXIS, DATA_AXIS) if self.data_size > 1 else P(MEMBER_AXIS)
-        self.eval_spec = P(DATA_AXIS) if self.data_size > 1 else P()
-        self.batch_sharding = NamedSharding(self.mesh, self.batch_spec)
-        self.eval_sharding = NamedSharding(self.mesh, self.eval_spec)
-        self.replicated = NamedSharding(self.mesh, P())
-        self.batch_stats = jax.tree.map(lambda x: _put(x, self.replicated), batch_stats)
-        self._train_jits: dict = {}  # output size of the device-side augmentation -> jit
-        self._compiled_train: dict = {}
-        self.compiler_options: dict | None = None  # the XLA options of the last compiled train step
-        self._eval = self._build_eval()
-        self._logits_jit = self._build_logits()
-        if self.strategy == "loop":
-            self._take_jit, self._join_jit = self._build_take_join()
-        self._best = jax.jit(_update_best, donate_argnums=(0,))
+        mesh = mesh or plan_mesh(num_members, c.batch_size, c.devices, c.model_axis,
+                                 c.data_parallel)
+        self.strategy = check_strategy(c.strategy or default_strategy(jax.default_backend()))
+        self.cpu_ynn = runtime.check_cpu_ynn(c.cpu_ynn)
+        self.classifier_only, self.remat = c.classifier_only, c.remat
+        if c.remat:
+            step_lib.remat_policy(c.remat)  # fail early on an unknown policy
+        self.placement = Placement(mesh, num_members)
+        self.parts = PartLayout(self.placement, self.strategy)
+        self.batch_stats = self.placement.replicate(batch_stats)
+        self.train_program = TrainProgram(model, self.placement, self.strategy,
+                                          classifier_only=c.classifier_only, remat=c.remat,
+                                          cpu_ynn=self.cpu_ynn)
+        self._eval = programs.eval_program(model, self.placement, self.strategy)
+        self._logits_jit = programs.logits_program(model, mesh, self.strategy)
+        self._best = jax.jit(programs.update_best, donate_argnums=(0,))
 
-    # -- placement ---------------------------------------------------------------------------
+    # -- the placement's fields, read by the loop, the sweep's plan and the tests -------------
+    mesh = property(lambda self: self.placement.mesh)
+    model_size = property(lambda self: self.placement.model_size)
+    data_size = property(lambda self: self.placement.data_size)
+    batch_spec = property(lambda self: self.placement.batch_spec)
+    eval_spec = property(lambda self: self.placement.eval_spec)
+    member_sharding = property(lambda self: self.placement.member_sharding)
+    batch_sharding = property(lambda self: self.placement.batch_sharding)
+    eval_sharding = property(lambda self: self.placement.eval_sharding)
+    replicated = property(lambda self: self.placement.replicated)
+    local_members = property(lambda self: self.parts.local_members,
+                             doc="Members per device group (the 'loop' strategy's loop length).")
+    compiler_options = property(lambda self: self.train_program.compiler_options,
+                                doc="The XLA options of the last compiled train step.")
+
     def place(self, stacked: Any) -> Any:
         """Put a stacked tree (leading member axis) on the mesh, split over 'model'."""
-        return jax.tree.map(lambda x: _put(x, self.member_sharding), stacked)
+        return self.placement.place(stacked)
 
     def place_batch(self, batch: dict) -> tuple[jax.Array, jax.Array, dict]:
         """(images, labels, augment parameters) of a loader batch on the mesh."""
-        images, labels = self._check_batch(batch)
-        aug = jax.tree.map(lambda x: _put(x, self.batch_sharding), batch.get("augment") or {})
-        return _put(images, self.batch_sharding), _put(labels, self.batch_sharding), aug
+        return self.placement.place_batch(batch)
 
-    def _check_batch(self, batch: dict) -> tuple[Any, Any]:
-        images, labels = batch["images"], batch["labels"]
-        if images.shape[0] != self.num_members:
-            raise ValueError(f"the member loader gave a batch for {images.shape[0]} members; the "
-                             f"engine trains {self.num_members} (images must be [M, N, H, W, C])")
-        if images.shape[1] % self.data_size:
-            raise ValueError(f"per-member batch {images.shape[1]} does not split over the 'data' "
-                             f"axis of {self.data_size} devices; pass batch_size to plan_mesh")
-        return images, labels
+    def _split(self, stacked: Any) -> Parts:
+        return self.parts.split(stacked)
 
-    # -- compiled functions ------------------------------------------------------------------
-    def _train_jit(self, size: int | None):
-        """The jitted train step for device-side augmentation to `size` (None: ready images);
-        one jit per size, `size` closed over."""
-        if size not in self._train_jits:
-            self._train_jits[size] = self._build_train(size)
-        return self._train_jits[size]
+    def _join(self, parts: Parts) -> Any:
+        return self.parts.join(parts)
 
-    def _build_train(self, size: int | None):
-        model, strategy, data_size = self.model, self.strategy, self.data_size
-        classifier_only, remat = self.classifier_only, self.remat
-
-        def train(members, hparams, images, labels, aug, batch_stats):
-            mapped = jax.shard_map(
-                local, mesh=self.mesh,
-                in_specs=(P(MEMBER_AXIS), P(MEMBER_AXIS), self.batch_spec, self.batch_spec,
-                          self.batch_spec, P()),
-                out_specs=(P(MEMBER_AXIS), P(MEMBER_AXIS)))
-            return mapped(members, hparams, images, labels, aug, batch_stats)
-
-        def local(members, hparams, images, labels, aug, batch_stats):
-            def one(member, hp, x, y, a):
-                # uint8 images are normalized, crop windows augmented, here on device
-                x = augment.model_input(x, a, size)
-                kwargs = {}
-                if data_size > 1:  # shard of a member's batch: own dropout masks, global mean CE
-                    shard = jax.lax.axis_index(DATA_AXIS)
-                    kwargs = dict(global_batch=y.shape[0] * data_size,
-                                  key=jax.random.fold_in(
-                                      step_lib.dropout_key(hp, member["step"]), shard),
-                                  reduce_loss=lambda l: jax.lax.psum(l, DATA_AXIS))
-                return step_lib.train_step(model, batch_stats, member, hp, x, y,
-                                           classifier_only=classifier_only, remat=remat, **kwargs)
-            return run_local(strategy, one, members, hparams, images, labels, aug)
-
-        return jax.jit(train, donate_argnums=(0,))
-
-    def _build_eval(self):
-        model, strategy, data_size = self.model, self.strategy, self.data_size
-
-        def local(params, images, labels, mask, batch_stats):
-            images = augment.model_input(images)  # uint8: normalized on device
-            one = lambda p: step_lib.eval_step(model, batch_stats, p, images, labels, mask)
-            correct = run_local(strategy, one, params)
-            return jax.lax.psum(correct, DATA_AXIS) if data_size > 1 else correct
-
-        mapped = jax.shard_map(
-            local, mesh=self.mesh,
-            in_specs=(P(MEMBER_AXIS), self.eval_spec, self.eval_spec, self.eval_spec, P()),
-            out_specs=P(MEMBER_AXIS))
-        return jax.jit(mapped)
-
-    def _build_logits(self):
-        """The compiled logits program, shared by every engine of the same (model, mesh,
-        strategy): selection builds engines per stack layout and per test env, and none of them
-        traces or compiles it again."""
-        try:
-            return _logits_program(self.model, self.mesh, self.strategy)
-        except TypeError:  # an unhashable module: one program per engine
-            return _logits_program.__wrapped__(self.model, self.mesh, self.strategy)
-
-    def _train(self, members, hparams, images, labels, aug, batch_stats, size=None):
-        """The compiled train step for these shapes: lowered once, its XLA:CPU options chosen by
-        runtime.cpu_compiler_options, compiled once per shape and reused. `aug`: the device
-        mode's per-image parameters ({} for ready images), `size`: its output size."""
-        size = int(size) if aug else None
-        key = (jax.tree.structure((members, aug)), size,
-               tuple((np.shape(x), str(x.dtype)) for x in jax.tree.leaves((members, images))))
-        compiled = self._compiled_train.get(key)
-        if compiled is None:
-            lowered = self._train_jit(size).lower(members, hparams, images, labels, aug,
-                                                  batch_stats)
-            n = jax.tree.leaves(members)[0].shape[0]
-            options = runtime.cpu_compiler_options(lowered, n, self.mesh.devices.flat[0].platform,
-                                                   self.cpu_ynn)
-            compiled, self.compiler_options = runtime.compile_with_options(lowered, options)
-            self._compiled_train[key] = compiled
-        return compiled(members, hparams, images, labels, aug, batch_stats)
-
-    def _build_take_join(self):
-        """'loop' helpers: local member i of every device group out of a stacked tree ([model]
-        leading axis), and L such trees back into one stacked tree."""
-        spec = P(MEMBER_AXIS)
-
-        def take(tree, i):
-            return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=True),
-                                tree)
-
-        def join(parts):  # per device: [1, ...] x L -> its L members in order
-            return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *parts)
-        take_j = jax.jit(jax.shard_map(take, mesh=self.mesh, in_specs=(spec, P()),
-                                       out_specs=spec))
-        # (no donation: XLA cannot alias L [1, ...] buffers into one [L, ...] buffer)
-        join_j = jax.jit(jax.shard_map(join, mesh=self.mesh, in_specs=(spec,), out_specs=spec))
-        return take_j, join_j
-
-    # -- the training form (parts) -----------------------------------------------------------
-    @property
-    def local_members(self) -> int:
-        """Members per device group (the length of the 'loop' strategy's loop)."""
-        return self.num_members // self.model_size
-
-    @property
-    def _split_form(self) -> bool:
-        """Whether training keeps the members in several parts (the 'loop' strategy with more than
-        one member per device group)."""
-        return self.strategy == "loop" and self.local_members > 1
-
-    def _split(self, stacked: Any) -> _Parts:
-        """A stacked tree [M, ...] (host or placed; e.g. the members or the hparams) -> _Parts.
-        The stacked tree is left as it was (not donated)."""
-        if isinstance(stacked, _Parts):
-            return stacked
-        stacked = self.place(stacked)
-        if not self._split_form:
-            return _Parts((stacked,))
-        return _Parts(self._take_jit(stacked, np.int32(i)) for i in range(self.local_members))
-
-    def _join(self, parts: _Parts) -> Any:
-        """_Parts -> the stacked tree [M, ...] on the mesh (a copy when there are several parts;
-        with one part, that part itself)."""
-        if len(parts) == 1:
-            return parts[0]
-        return self._join_jit(tuple(parts))
-
-    def _local_index(self, i: int) -> np.ndarray:
-        """Members in part i: local member i of every device group (group d holds d*L .. d*L+L-1)."""
-        return np.arange(self.model_size) * self.local_members + i
-
-    def _gather_local(self, outs: list) -> Any:
-        """Per-call outputs [model] of the 'loop' strategy (call i = local member i of every
-        device group) -> [M] in member order (device group d holds members d*L .. d*L+L-1)."""
-        return jax.tree.map(lambda *xs: jnp.stack(xs, axis=1).reshape(-1), *outs)
-
-    def _train_parts(self, parts: _Parts, hparams: _Parts, batch: dict) -> tuple[_Parts, dict]:
+    def _train_parts(self, parts: Parts, hparams: Parts, batch: dict) -> tuple[Parts, dict]:
         """One update of every member in the training form; each part is donated. Returns
         (parts, metrics [M] in member order)."""
         size = batch.get("image_size")
-        if not self._split_form:
-            images, labels, aug = self.place_batch(batch)
-            members, metrics = self._train(parts[0], hparams[0], images, labels, aug,
-                                           self.batch_stats, size)
-            return _Parts((members,)), metrics
-        images, labels = self._check_batch(batch)
+        if not self.parts.split_form:
+            images, labels, aug = self.placement.place_batch(batch)
+            members, metrics = self.train_program(parts[0], hparams[0], images, labels, aug,
+                                                  self.batch_stats, size)
+            return Parts((members,)), metrics
+        images, labels = self.placement.check_batch(batch)
         aug_all = batch.get("augment") or {}
         new, outs = [], []
         for i, (members, hp) in enumerate(zip(parts, hparams)):
-            index = self._local_index(i)  # sliced on the host: no device copy of the whole batch
-            put = lambda x: _put(x[index], self.batch_sharding)
+            index = self.parts.local_index(i)  # sliced on the host: no device copy of the batch
+            put = lambda x: placement_put(x[index], self.placement.batch_sharding)
             x, y, aug = put(images), put(labels), jax.tree.map(put, aug_all)
-            members, metrics = self._train(members, hp, x, y, aug, self.batch_stats, size)
+            members, metrics = self.train_program(members, hp, x, y, aug, self.batch_stats, size)
             new.append(members)
             outs.append(metrics)
-        return _Parts(new), self._gather_local(outs)
+        return Parts(new), self.parts.gather_local(outs)
 
     # -- public steps ------------------------------------------------------------------------
     def start(self, members: Any, hparams: Any) -> LiveMembers:
@@ -366,43 +246,17 @@ class MemberEngine:
     def prepare_eval(self, params: Any) -> Any:
         """Stacked params [M] (or live.params_for_eval()) in the form `evaluate_batch` reads;
         prepare once when evaluating many batches."""
-        return self._split(params)
+        return self.parts.split(params)
 
     def evaluate_batch(self, params: Any, images: np.ndarray, labels: np.ndarray,
                        mask: np.ndarray | None = None) -> jax.Array:
         """Correct counts [M] of all members on one batch of shared images ([B, H, W, C]).
         `params`: stacked [M], live.params_for_eval() or prepare_eval(params)."""
-        n = images.shape[0]
-        mask = np.ones((n,), bool) if mask is None else np.asarray(mask, bool)
-        pad = (-n) % self.data_size
-        if pad:
-            images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
-            labels = np.concatenate([labels, np.zeros((pad,), labels.dtype)])
-            mask = np.concatenate([mask, np.zeros((pad,), bool)])
-        put = lambda x: _put(x, self.eval_sharding)
-        shared = (put(images), put(labels), put(mask), self.batch_stats)
-        parts = self._split(params)
+        shared = self.placement.place_eval(images, labels, mask) + (self.batch_stats,)
+        parts = self.parts.split(params)
         if len(parts) > 1:
-            return self._gather_local([self._eval(p, *shared) for p in parts])
+            return self.parts.gather_local([self._eval(p, *shared) for p in parts])
         return self._eval(parts[0], *shared)
-
-    def _eval_parts(self, params: Any) -> _Parts:
-        """Stacked params [K] (any K that the 'model' axis divides; host or placed) or _Parts ->
-        the parts `logits` runs: with the 'loop' strategy, local member i of every device group
-        per part (the training parts machinery), else the whole placed stack."""
-        if isinstance(params, _Parts):
-            return params
-        k = trees.num_members(params)
-        if k % self.model_size:
-            raise ValueError(f"{k} members do not split over the 'model' axis of "
-                             f"{self.model_size} devices (plan_eval_mesh({k}) gives a mesh "
-                             "that fits)")
-        placed = self.place(params)
-        local = k // self.model_size
-        if self.strategy != "loop" or local == 1:
-            return _Parts((placed,))
-        take = _take_program(self.mesh)
-        return _Parts(take(placed, np.int32(i)) for i in range(local))
 
     def logits(self, params: Any, images: Any, batch_size: int = 256) -> np.ndarray:
         """Logits [K, N, C] (float32 numpy, on every process) of every member of `params` on
@@ -416,7 +270,7 @@ class MemberEngine:
         Images go in steps of `batch_size` rows per device ('data' shard); the last step is
         padded with zeros, so one shape is compiled per split size class."""
         source = images if hasattr(images, "load") else _ArrayRows(images)
-        parts = self._eval_parts(params)
+        parts = self.parts.eval_parts(params)
         n = len(source)
         k = sum(int(jax.tree.leaves(p)[0].shape[0]) for p in parts)
         if n == 0:
@@ -427,29 +281,24 @@ class MemberEngine:
         shape = (g,) + tuple(source.image_shape)
         held = distributed.process_indices(self.mesh, self.eval_spec, shape)[0]
         pending, outs = None, []
-
-        def fetch(start, arrays):
-            host = [distributed.to_host(a) for a in arrays]   # [model, g, C] per part
-            full = host[0] if len(host) == 1 else np.stack(host, axis=1).reshape(
-                (k,) + host[0].shape[1:])
-            outs.append(full[:, : min(g, n - start)])
-
         for start in range(0, n, g):
-            rows = start + held
-            local = np.zeros((len(held),) + shape[1:], source.dtype)
-            valid = rows < n
-            if valid.any():
-                local[valid] = source.load(rows[valid])
-            if jax.process_count() > 1:
-                x = jax.make_array_from_process_local_data(self.eval_sharding, local, shape)
-            else:
-                x = jax.device_put(local, self.eval_sharding)
+            x = self._eval_rows(source, start + held, n, shape)
             arrays = [self._logits_jit(p, x, self.batch_stats) for p in parts]
             if pending is not None:                           # at most two steps in flight
-                fetch(*pending)
+                outs.append(programs.gather_logits(pending[1], k, min(g, n - pending[0])))
             pending = (start, arrays)
-        fetch(*pending)
+        outs.append(programs.gather_logits(pending[1], k, min(g, n - pending[0])))
         return np.concatenate(outs, axis=1)
+
+    def _eval_rows(self, source, rows: np.ndarray, n: int, shape: tuple) -> jax.Array:
+        """This process's `rows` of a row source (zeros past `n`) as the step's global array."""
+        local = np.zeros((len(rows),) + shape[1:], source.dtype)
+        valid = rows < n
+        if valid.any():
+            local[valid] = source.load(rows[valid])
+        if jax.process_count() > 1:
+            return jax.make_array_from_process_local_data(self.eval_sharding, local, shape)
+        return jax.device_put(local, self.eval_sharding)
 
     def update_best(self, state: dict, score: jax.Array, step: int) -> dict:
         """Replace best params/score/step of members whose score strictly improved."""
@@ -461,89 +310,9 @@ class MemberEngine:
 
     def train_memory(self, state: dict, hparams: dict, batch: dict) -> dict:
         """XLA's memory analysis of the compiled train step (bytes per device), without running it."""
-        spec = lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype,
-                                              sharding=self.batch_sharding)
-        images, labels = spec(batch["images"]), spec(batch["labels"])
-        aug = jax.tree.map(spec, batch.get("augment") or {})
-        size = int(batch["image_size"]) if aug else None
-        members = state["members"]
-        resident = 0
-        if self._split_form:  # one member per device group per call
-            def one(x):
-                shape = (self.model_size,) + tuple(np.shape(x))[1:]
-                return jax.ShapeDtypeStruct(shape, x.dtype, sharding=self.member_sharding)
-            full = sum(int(np.prod(np.shape(x))) * x.dtype.itemsize
-                       for x in jax.tree.leaves(members)) // self.model_size
-            members, hparams = jax.tree.map(one, members), jax.tree.map(one, hparams)
-            images, labels, aug = one(images), one(labels), jax.tree.map(one, aug)
-            resident = full - full // self.local_members  # the other local members' state
-        compiled = self._train_jit(size).lower(members, hparams, images, labels, aug,
-                                               self.batch_stats).compile()
-        mem = compiled.memory_analysis()
-        out = {k: int(getattr(mem, k)) for k in (
-            "argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-            "alias_size_in_bytes") if hasattr(mem, k)}
-        out["argument_size_in_bytes"] += resident
-        return out
-
-
-def _put(x, sharding):
-    """Place a host array that every process holds whole (or a ready global jax.Array). With several
-    processes each one copies only its devices' blocks (device_put would also all-gather the whole
-    array to check that the processes agree)."""
-    if jax.process_count() > 1 and not isinstance(x, jax.Array):
-        x = np.asarray(x)
-        return jax.make_array_from_process_local_data(sharding, x, x.shape)
-    return jax.device_put(x, sharding)
-
-
-def _update_best(best: dict, params: Any, score: jax.Array, step: jax.Array) -> dict:
-    # strict: ties keep the earlier checkpoint (docs/protocol.md §3.5)
-    improved = score > best["best_score"]
-
-    def pick(new, old):
-        return jnp.where(improved.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
-    return {"best_params": jax.tree.map(pick, params, best["best_params"]),
-            "best_score": jnp.where(improved, score, best["best_score"]),
-            "best_step": jnp.where(improved, step, best["best_step"])}
-
-
-@functools.lru_cache(maxsize=64)
-def _logits_program(model, mesh: Mesh, strategy: str):
-    """jit(shard_map): stacked params [K] ('model') x images [B] ('data', when the mesh has a
-    'data' axis > 1) -> logits [K, B, C] float32, each device running its local members with
-    `strategy` on its images."""
-    data_size = mesh.shape[DATA_AXIS]
-    image_spec = P(DATA_AXIS) if data_size > 1 else P()
-
-    def local(params, images, batch_stats):
-        # uint8 images normalized on device as rat_jax.evaluation does it (the reference
-        # one-device path): the same logits to the bit (augment.model_input's correctly
-        # rounded normalization differs from it by an ulp on some pixels)
-        if images.dtype == jnp.uint8:
-            images = _eval_normalize(images)
-        one = lambda p: model.apply({"params": p, "batch_stats": batch_stats}, images,
-                                    train=False).astype(jnp.float32)
-        return run_local(strategy, one, params)
-
-    out = P(MEMBER_AXIS, DATA_AXIS) if data_size > 1 else P(MEMBER_AXIS)
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(MEMBER_AXIS), image_spec, P()),
-                                 out_specs=out))
-
-
-@functools.lru_cache(maxsize=64)
-def _take_program(mesh: Mesh):
-    """Local member i of every device group of a stacked tree ([model] leading axis): the
-    'loop' strategy's parts for evaluation (as MemberEngine._build_take_join's take)."""
-    spec = P(MEMBER_AXIS)
-
-    def take(tree, i):
-        return jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=True), tree)
-    return jax.jit(jax.shard_map(take, mesh=mesh, in_specs=(spec, P()), out_specs=spec))
-
-
-def _eval_normalize(images_uint8):
-    return step_lib.normalize_on_device(images_uint8)
+        local = self.local_members if self.parts.split_form else 1
+        return self.train_program.memory(state["members"], hparams, batch, self.batch_stats,
+                                         local)
 
 
 class _ArrayRows:

@@ -6,6 +6,8 @@ stacked [M] arrays). `rat_jax.engine.members` lays many members on devices and c
 """
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any, Callable
 
 import jax
@@ -65,18 +67,29 @@ def remat_policy(remat: bool | str):
     return REMAT_POLICIES[name]
 
 
-def train_step(model, batch_stats: Any, member: dict, hparams: dict, images: jax.Array,
-               labels: jax.Array, *, classifier_only: bool = False, remat: bool = False,
-               global_batch: int | None = None, key: jax.Array | None = None,
-               reduce_loss: Callable[[jax.Array], jax.Array] = lambda x: x) -> tuple[dict, dict]:
-    """One update of one member on its batch (mean CE over the concatenated per-domain batch).
+@dataclasses.dataclass(frozen=True)
+class StepOptions:
+    """How one member's update runs. `classifier_only`: the linear-probe stage (the featurizer
+    is never stepped); `remat`: a rematerialization policy (remat_policy). `global_batch`, `key`
+    and `reduce_loss` let a caller split the batch across devices (summed CE / global batch
+    size, a per-shard dropout key, a sum of the shard losses); the defaults are the plain
+    single-device step."""
+    classifier_only: bool = False
+    remat: bool | str = False
+    global_batch: int | None = None
+    key: jax.Array | None = None
+    reduce_loss: Callable[[jax.Array], jax.Array] = lambda x: x
 
-    `global_batch`, `key` and `reduce_loss` let a caller split the batch across devices (summed CE /
-    global batch size, a per-shard dropout key, a sum of the shard losses); the defaults are the
-    plain single-device step. A member whose loss, grads or new params are not finite is frozen:
-    params and optimizer state stay as they were, and `nonfinite` is set for good.
+
+def train_step(model, batch_stats: Any, member: dict, hparams: dict, images: jax.Array,
+               labels: jax.Array, options: StepOptions = StepOptions()) -> tuple[dict, dict]:
+    """One update of one member on its batch (mean CE over the concatenated per-domain batch;
+    StepOptions). A member whose loss, grads or new params are not finite is frozen: params and
+    optimizer state stay as they were, and `nonfinite` is set for good.
     Returns (new_member, metrics) with metrics {'loss', 'grad_norm'}.
     """
+    classifier_only, remat = options.classifier_only, options.remat
+    global_batch, key, reduce_loss = options.global_batch, options.key, options.reduce_loss
     params, step = member["params"], member["step"]
     denominator = jnp.float32(global_batch or labels.shape[0])
     key = dropout_key(hparams, step) if key is None else key
