@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 import jax
 import numpy as np
 
-from rat_jax import checkpoint, distributed, soups, trees
+from rat_jax import checkpoint, distributed, runtime, soups, trees
 from rat_jax.data import DomainDataset, MemberLoader, iterate_eval
 from rat_jax.data.protocol import (aux_init_assignment, default_hparams, random_hparams,
                                    run_seed)
@@ -416,9 +416,11 @@ def train_group(dataset: DomainDataset, inits: Sequence[Any], hparams: Sequence[
                        stage=run.stage, quiet=settings.quiet,
                        tensorboard_dir=_tensorboard_dir(settings, run, workdir, tensorboard))
     with loader:
-        return train_members(settings.model(dataset.num_classes), list(inits), batch_stats,
-                             engine_hp, loader, loop, output,
-                             settings.engine_config(per_step, run.classifier_only))
+        result = train_members(settings.model(dataset.num_classes), list(inits), batch_stats,
+                               engine_hp, loader, loop, output,
+                               settings.engine_config(per_step, run.classifier_only))
+    runtime.release_memory()  # the run's engine, loader and compiler memory, before what follows
+    return result
 
 
 def _member_info(dataset, hparams: Sequence[dict], run: GroupRun,
