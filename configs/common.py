@@ -168,19 +168,11 @@ def gpu_quick(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Seconds-long structural check of a config: the reference stages and member counts' shape,
     on the embedded demo data (a tiny random net), so it runs without the dataset."""
-    c.arch = "resnet_tiny"
-    c.conv_impl = "xla"               # the smallest programs: compile time dominates a smoke run
-    c.foundation = "random"
-    c.image_size = 16
-    c.batch_size = 4
-    c.eval_batch_size = 64
-    c.lp_steps = 1
-    c.n_aux_hparams = 2
-    c.n_hparams = 3
-    c.trials = (0, 1)
-    c.lp_probe_steps = 3
-    c.max_eval_images = 48
-    c.validation_augment = False
+    # xla convolutions: the smallest programs (compile time dominates a smoke run)
+    c.update(dict(arch="resnet_tiny", conv_impl="xla", foundation="random", image_size=16,
+                  batch_size=4, eval_batch_size=64, lp_steps=1, n_aux_hparams=2, n_hparams=3,
+                  trials=(0, 1), lp_probe_steps=3, max_eval_images=48,
+                  validation_augment=False))
     c.target = dataset("digits", test_envs=(0,), steps=4, checkpoint_freq=2)
     c.aux = embedded_aux(steps=3, checkpoint_freq=2)
     c.save_every = 1000

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from rat_jax.aux_checkpoints import export_aux_pool, load_aux_checkpoints
+from rat_jax.aux_checkpoints import PoolCheck, export_aux_pool, load_aux_checkpoints
 from rat_jax.convert import convert_torch_checkpoint, read_torch_file
 from rat_jax.data import build_demo_datasets, load_dataset
 from rat_jax.data.protocol import (aux_init_assignment, random_hparams, run_seed, seed_hash,
@@ -37,8 +37,9 @@ from rat_jax.models import create_model
 from rat_jax.pipeline import train_and_evaluate
 from rat_jax.selection import select_and_evaluate
 from rat_jax.soups import ensemble_logits, fuse, fusing_coefficients, greedy_soup
-from rat_jax.stages import (AuxTask, GroupRun, TrainSettings, aux_pool, member_hparams, new_head,
-                            target_members, train_group)
+from rat_jax.stages import (AuxRuns, AuxTask, Foundation, GroupRun, MemberSpec, TargetPlan,
+                            TrainSettings, aux_pool, member_hparams, new_head, target_members,
+                            train_group)
 from rat_jax.stages import linear_probe as _linear_probe
 from rat_jax.trees import average, concatenate, select, stack, take
 
@@ -80,8 +81,9 @@ def linear_probe(ds, featurizer: Any, batch_stats: Any, *, test_envs: Sequence[i
                  **overrides) -> dict:
     """A fresh head trained on frozen `featurizer` features of `ds` minus `test_envs` (default
     hparams, docs/protocol.md §1.1); returns the best-ID-val {"featurizer", "classifier"} tree."""
-    return _linear_probe(ds, featurizer, batch_stats, test_envs=test_envs, steps=steps,
-                         settings=_settings(settings, overrides), checkpoint_freq=checkpoint_freq)
+    return _linear_probe(ds, Foundation(featurizer, batch_stats), test_envs=test_envs,
+                         steps=steps, settings=_settings(settings, overrides),
+                         checkpoint_freq=checkpoint_freq)
 
 
 def _split(ds, envs, split, trial_seed, s: TrainSettings):
@@ -150,21 +152,24 @@ def diagnostic_figures(stacked: Any, scores: Sequence[float], batch_stats: Any, 
     def acc(params, data):
         return accuracy(predict_logits(model, {"params": params, "batch_stats": batch_stats},
                                        data[0], s.eval_batch_size), data[1])
-    info = [{"init": (inits[i] if inits is not None else "foundation")} for i in range(m)]
-    return figures_lib.env_figures(out_dir, tag, model, batch_stats, stacked, scores,
-                                   np.zeros(m, bool) if flagged is None else np.asarray(flagged),
-                                   info, acc, full, sel, s.eval_batch_size)
+    info = [MemberSpec({}, init=inits[i] if inits is not None else "foundation")
+            for i in range(m)]
+    members = figures_lib.FigureMembers(
+        model, batch_stats, stacked, scores,
+        np.zeros(m, bool) if flagged is None else np.asarray(flagged), info)
+    return figures_lib.env_figures(out_dir, tag, members,
+                                   figures_lib.FigureData(full, sel, s.eval_batch_size, acc=acc))
 
 
 __all__ = [
-    "accuracy", "aux_init_assignment", "aux_pool", "average", "AuxTask", "barrier",
+    "accuracy", "aux_init_assignment", "aux_pool", "average", "AuxRuns", "AuxTask", "barrier",
     "build_demo_datasets", "concatenate", "convert_torch_checkpoint", "create_model", "dataset",
     "diagnostic_figures", "diversity", "ensemble", "ensemble_logits", "evaluate",
-    "evaluate_members", "export_aux_pool", "export_flax", "export_torch", "fuse",
+    "evaluate_members", "export_aux_pool", "export_flax", "export_torch", "Foundation", "fuse",
     "fusing_coefficients", "greedy_soup", "id_val_names", "interpolate", "linear_probe",
     "lmc_curve", "lmc_gate", "load_aux_checkpoints", "load_foundation", "load_split",
-    "member_hparams", "new_head",
+    "member_hparams", "MemberSpec", "new_head", "PoolCheck",
     "predict_logits", "predict_logits_stacked", "random_hparams", "read_torch_file", "run_seed",
     "seed_hash", "select", "select_and_evaluate", "split_indices", "stack", "take",
-    "target_members", "train", "train_and_evaluate", "TrainResult", "TrainSettings",
+    "target_members", "TargetPlan", "train", "train_and_evaluate", "TrainResult", "TrainSettings",
 ]

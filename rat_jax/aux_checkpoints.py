@@ -16,8 +16,8 @@ is dropped (the target members use the target's linear probe head) and BatchNorm
 not used (the members share the foundation's frozen statistics; a file whose statistics differ
 from the foundation's is reported in a warning: it may come from another foundation).
 
-The result has the shape of `stages.aux_pool`'s: {name: {"featurizers", "fingerprint",
-"manifest"}}; runs are numbered in the order the entries are listed. Rules:
+The result has the shape of `stages.aux_pool`'s: {name: AuxRuns (featurizers, fingerprint,
+manifest)}; runs are numbered in the order the entries are listed. Rules:
 - name: the entry's `name`, else the dataset's name (the identity's part before ':'). Names must
   not collide with `config.aux` (that pool is trained); both may be used together.
 - runs per name: every auxiliary dataset of the pool needs the same number of runs (the init rule
@@ -30,6 +30,7 @@ The result has the shape of `stages.aux_pool`'s: {name: {"featurizers", "fingerp
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -44,11 +45,12 @@ from rat_jax import stages
 from rat_jax.convert.reader import (CheckpointFormatError, canonicalize_state_dict,
                                     detect_format, flatten_state_dict, load_torch_object)
 from rat_jax.files import fingerprint, sha256_file, write_json_atomic
+from rat_jax.specs import AuxRuns
 
 log = logging.getLogger("rat_jax")
 
 INDEX_FILE = "aux_checkpoints.json"
-__all__ = ["INDEX_FILE", "export_aux_pool", "load_aux_checkpoints", "merge_pools",
+__all__ = ["INDEX_FILE", "PoolCheck", "export_aux_pool", "load_aux_checkpoints", "merge_pools",
            "parse_entries", "pool_runs"]
 
 _FIELD = "config.aux_checkpoints"
@@ -324,23 +326,43 @@ def _leakage(entry: dict, name: str, identity: str, dataset, prov: dict, target)
 # ---------------------------------------------------------------------------------------------
 # The pool
 # ---------------------------------------------------------------------------------------------
-def load_aux_checkpoints(entries: Sequence[Any], *, arch: str, foundation_featurizer: Any,
-                         target, foundation_hash: str = "",
-                         foundation_batch_stats: Any = None, n_runs: int | None = None,
-                         reserved_names: Sequence[str] = (),
-                         resolve_dataset: Callable[[str, str | None], Any] | None = None,
-                         store: stages.MemoryStore | None = None) -> dict:
-    """The auxiliary pool of `entries` (see the module docstring and `parse_entries`), as
-    `stages.aux_pool` returns it: {name: {"featurizers": [run r's featurizer params],
-    "fingerprint", "manifest"}}, the manifest per run: dataset, identity, run, path, sha256,
-    format, foundation, provenance.
+@dataclasses.dataclass(frozen=True)
+class PoolCheck:
+    """What every auxiliary checkpoint is checked against: the run's `arch` and `foundation`
+    (its featurizer tree and BatchNorm statistics; its hash goes into the fingerprints), the
+    `target` (leakage), `n_runs`: the files required per name (the trained pool's count when
+    `config.aux` is also used; None: any count, equal for every name), and `reserved_names`:
+    names already in the pool (`config.aux`)."""
+    arch: str
+    foundation: stages.Foundation
+    target: Any
+    n_runs: int | None = None
+    reserved_names: Sequence[str] = ()
 
-    Every file is checked (missing first: FileNotFoundError; then unreadable, other arch, leakage:
-    one ValueError with one line per bad file). `n_runs`: required files per name (the trained
-    pool's count when `config.aux` is also used); None: any count, equal for every name.
-    `reserved_names`: names already in the pool (`config.aux`). `resolve_dataset(dataset, root)`:
-    how an entry's dataset is loaded (default `rat_jax.data.load_dataset`). `store`: where the
-    manifests go (`aux_checkpoints/<name>/manifest.json` under a WorkdirStore's root)."""
+
+@dataclasses.dataclass
+class _Run:
+    """One checked file of the pool."""
+    entry: dict
+    identity: str
+    featurizer: Any
+    digest: str
+    info: dict
+
+
+def load_aux_checkpoints(entries: Sequence[Any], check: PoolCheck, *,
+                         resolve_dataset: Callable[[str, str | None], Any] | None = None,
+                         store: stages.MemoryStore | None = None) -> dict[str, AuxRuns]:
+    """The auxiliary pool of `entries` (see the module docstring and `parse_entries`), as
+    `stages.aux_pool` returns it: {name: AuxRuns (run r's featurizer params, fingerprint,
+    manifest)}, the manifest per run: dataset, identity, run, path, sha256, format, foundation,
+    provenance.
+
+    Every file is checked against `check` (missing first: FileNotFoundError; then unreadable,
+    other arch, leakage: one ValueError with one line per bad file).
+    `resolve_dataset(dataset, root)`: how an entry's dataset is loaded (default
+    `rat_jax.data.load_dataset`). `store`: where the manifests go
+    (`aux_checkpoints/<name>/manifest.json` under a WorkdirStore's root)."""
     entries = parse_entries(entries)
     if not entries:
         return {}
@@ -349,60 +371,85 @@ def load_aux_checkpoints(entries: Sequence[Any], *, arch: str, foundation_featur
         raise FileNotFoundError(
             f"{_FIELD}: no such file or directory: {', '.join(missing)}. Fix: correct the "
             "path(s) (relative paths are relative to the working directory).")
-    if resolve_dataset is None:
-        from rat_jax.data import load_dataset
-
-        def resolve_dataset(name, root):
-            return load_dataset(name, root or None)
-    datasets: dict[tuple, Any] = {}
+    reader = _Reader(check, resolve_dataset)
     problems, runs = [], {}
-    seen_sha: dict[str, str] = {}
     for e in entries:
-        path = e["path"]
         try:
-            dataset = None
-            if e["dataset"]:
-                key = (e["dataset"], e["root"])
-                if key not in datasets:
-                    try:
-                        datasets[key] = resolve_dataset(e["dataset"], e["root"] or None)
-                    except (ValueError, OSError) as err:
-                        raise _Bad(f"its dataset {e['dataset']!r} cannot be loaded ({err}). "
-                                   "Fix: give the dataset's name/folder (and root), or its "
-                                   "identity string as {'path', 'identity'}.") from None
-                dataset = datasets[key]
-                identity, name = dataset.identity, e["name"] or dataset.name
-            else:
-                identity, name = e["identity"], e["name"] or _name_of(e["identity"])
-            if name in reserved_names:
-                raise _Bad(f"its name {name!r} is also a trained auxiliary dataset of config.aux. "
-                           "Fix: give the entry another 'name', or drop it from config.aux.")
-            if dataset is not None:  # the cheap leakage check before reading the file
-                _leakage(e, name, identity, dataset, {}, target)
-            featurizer, info = _read_one(e, arch, foundation_featurizer, foundation_batch_stats)
-            _leakage(e, name, identity, dataset, info["provenance"], target)
-            digest = sha256_file(path) if os.path.isfile(path) else _dir_sha256(path)
-            if digest in seen_sha:
-                raise _Bad(f"the same content as {seen_sha[digest]} (sha256 {digest[:12]}): "
-                           "each run must be its own fine-tuning. Fix: list it once.")
-            seen_sha[digest] = path
+            name, run = reader.read(e)
         except _Bad as bad:
-            problems.append(f"  {path}: {bad}")
+            problems.append(f"  {e['path']}: {bad}")
             continue
-        if info["batch_stats_match"] is False:
-            log.warning("aux checkpoint %s: its BatchNorm statistics differ from the "
-                        "foundation's; they are not used (members share the foundation's frozen "
-                        "statistics), but the file may be a fine-tuning of another foundation",
-                        path)
-        file_ds = info["provenance"].get("identity")
-        if file_ds and file_ds != identity:
-            log.warning("aux checkpoint %s: its metadata says it was trained on %s, the entry "
-                        "says %s", path, file_ds, identity)
-        runs.setdefault(name, []).append((e, identity, featurizer, digest, info))
+        runs.setdefault(name, []).append(run)
     if problems:
         raise ValueError(f"{_FIELD}: {len(problems)} bad auxiliary checkpoint(s):\n"
                          + "\n".join(problems))
-    counts = {n: len(r) for n, r in runs.items()}
+    _check_counts({n: len(r) for n, r in runs.items()}, check.n_runs)
+    store = store or stages.MemoryStore()
+    return {name: _aux_runs(name, runs[name], check, store) for name in sorted(runs)}
+
+
+class _Reader:
+    """Reads and checks one entry after another: datasets resolved once, duplicates refused."""
+
+    def __init__(self, check: PoolCheck, resolve_dataset=None):
+        if resolve_dataset is None:
+            from rat_jax.data import load_dataset
+
+            def resolve_dataset(name, root):
+                return load_dataset(name, root or None)
+        self.check, self.resolve_dataset = check, resolve_dataset
+        self.datasets: dict[tuple, Any] = {}
+        self.seen_sha: dict[str, str] = {}
+
+    def dataset(self, e: dict):
+        key = (e["dataset"], e["root"])
+        if key not in self.datasets:
+            try:
+                self.datasets[key] = self.resolve_dataset(e["dataset"], e["root"] or None)
+            except (ValueError, OSError) as err:
+                raise _Bad(f"its dataset {e['dataset']!r} cannot be loaded ({err}). "
+                           "Fix: give the dataset's name/folder (and root), or its "
+                           "identity string as {'path', 'identity'}.") from None
+        return self.datasets[key]
+
+    def read(self, e: dict) -> tuple[str, _Run]:
+        """(the pool name, the checked run) of entry `e`; _Bad when it cannot be used."""
+        check, path = self.check, e["path"]
+        dataset = self.dataset(e) if e["dataset"] else None
+        if dataset is not None:
+            identity, name = dataset.identity, e["name"] or dataset.name
+        else:
+            identity, name = e["identity"], e["name"] or _name_of(e["identity"])
+        if name in check.reserved_names:
+            raise _Bad(f"its name {name!r} is also a trained auxiliary dataset of config.aux. "
+                       "Fix: give the entry another 'name', or drop it from config.aux.")
+        if dataset is not None:  # the cheap leakage check before reading the file
+            _leakage(e, name, identity, dataset, {}, check.target)
+        featurizer, info = _read_one(e, check.arch, check.foundation.featurizer,
+                                     check.foundation.batch_stats)
+        _leakage(e, name, identity, dataset, info["provenance"], check.target)
+        digest = sha256_file(path) if os.path.isfile(path) else _dir_sha256(path)
+        if digest in self.seen_sha:
+            raise _Bad(f"the same content as {self.seen_sha[digest]} (sha256 {digest[:12]}): "
+                       "each run must be its own fine-tuning. Fix: list it once.")
+        self.seen_sha[digest] = path
+        _warn(path, identity, info)
+        return name, _Run(e, identity, featurizer, digest, info)
+
+
+def _warn(path: str, identity: str, info: dict) -> None:
+    if info["batch_stats_match"] is False:
+        log.warning("aux checkpoint %s: its BatchNorm statistics differ from the "
+                    "foundation's; they are not used (members share the foundation's frozen "
+                    "statistics), but the file may be a fine-tuning of another foundation",
+                    path)
+    file_ds = info["provenance"].get("identity")
+    if file_ds and file_ds != identity:
+        log.warning("aux checkpoint %s: its metadata says it was trained on %s, the entry "
+                    "says %s", path, file_ds, identity)
+
+
+def _check_counts(counts: dict, n_runs: int | None) -> None:
     if n_runs is not None and any(c != n_runs for c in counts.values()):
         raise ValueError(
             f"{_FIELD}: files per auxiliary dataset {counts}, but the trained pool (config.aux) "
@@ -414,26 +461,23 @@ def load_aux_checkpoints(entries: Sequence[Any], *, arch: str, foundation_featur
             f"{_FIELD}: files per auxiliary dataset {counts} differ; the init rule "
             "(aux_init_assignment(h, names, n_runs)) takes one run count for every dataset. "
             "Fix: give each dataset the same number of files.")
-    pool = {}
-    for name in sorted(runs):
-        manifest = []
-        for r, (e, identity, _, digest, info) in enumerate(runs[name]):
-            manifest.append({"dataset": name, "identity": identity, "run": r,
-                             "path": os.path.abspath(e["path"]), "sha256": digest,
-                             "format": info["format"], "foundation": foundation_hash,
-                             "source": "checkpoint", "provenance": info["provenance"],
-                             "batch_stats_match_foundation": info["batch_stats_match"],
-                             "head_dropped": info["head_dropped"], "nonfinite": False})
-        stages.leakage_guard_manifest(manifest, target)
-        fp = fingerprint("aux-checkpoints", [(m["identity"], m["sha256"]) for m in manifest],
-                         foundation_hash)
-        (store or stages.MemoryStore()).write_json(f"aux_checkpoints/{name}/manifest.json",
-                                                   manifest)
-        pool[name] = {"featurizers": [x[2] for x in runs[name]], "fingerprint": fp,
-                      "manifest": manifest}
-        log.info("aux checkpoints %s: %d runs (%s)", name, len(manifest),
-                 ", ".join(m["path"] for m in manifest))
-    return pool
+
+
+def _aux_runs(name: str, runs: Sequence[_Run], check: PoolCheck, store) -> AuxRuns:
+    fhash = check.foundation.hash
+    manifest = [{"dataset": name, "identity": run.identity, "run": r,
+                 "path": os.path.abspath(run.entry["path"]), "sha256": run.digest,
+                 "format": run.info["format"], "foundation": fhash,
+                 "source": "checkpoint", "provenance": run.info["provenance"],
+                 "batch_stats_match_foundation": run.info["batch_stats_match"],
+                 "head_dropped": run.info["head_dropped"], "nonfinite": False}
+                for r, run in enumerate(runs)]
+    stages.leakage_guard_manifest(manifest, check.target)
+    fp = fingerprint("aux-checkpoints", [(m["identity"], m["sha256"]) for m in manifest], fhash)
+    store.write_json(f"aux_checkpoints/{name}/manifest.json", manifest)
+    log.info("aux checkpoints %s: %d runs (%s)", name, len(manifest),
+             ", ".join(m["path"] for m in manifest))
+    return AuxRuns([run.featurizer for run in runs], fp, manifest)
 
 
 def _dir_sha256(path: str) -> str:
@@ -446,7 +490,8 @@ def _dir_sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def merge_pools(trained: Mapping[str, dict], checkpoints: Mapping[str, dict]) -> dict:
+def merge_pools(trained: Mapping[str, AuxRuns],
+                checkpoints: Mapping[str, AuxRuns]) -> dict[str, AuxRuns]:
     """One pool from the trained one (`config.aux`) and the checkpoints' (names must differ)."""
     both = sorted(set(trained) & set(checkpoints))
     if both:
@@ -455,10 +500,10 @@ def merge_pools(trained: Mapping[str, dict], checkpoints: Mapping[str, dict]) ->
     return {**trained, **checkpoints}
 
 
-def pool_runs(pool: Mapping[str, dict], default: int) -> int:
+def pool_runs(pool: Mapping[str, AuxRuns], default: int) -> int:
     """The run count of the pool's datasets (the init rule's n_runs): equal for every dataset;
     `default` (config.n_aux_hparams) for an empty pool."""
-    counts = {n: len(p["featurizers"]) for n, p in pool.items()}
+    counts = {n: p.n_runs for n, p in pool.items()}
     if not counts:
         return default
     if len(set(counts.values())) > 1:
@@ -471,7 +516,7 @@ def pool_runs(pool: Mapping[str, dict], default: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # Export: a trained pool as files that load_aux_checkpoints (and torch) read
 # ---------------------------------------------------------------------------------------------
-def export_aux_pool(pool: Mapping[str, dict], arch: str, directory: str | os.PathLike, *,
+def export_aux_pool(pool: Mapping[str, AuxRuns], arch: str, directory: str | os.PathLike, *,
                     batch_stats: Any = None, format: str = "safetensors") -> list[dict]:
     """Write every featurizer of `pool` (as `stages.aux_pool` returns it) as a torch-layout file
     `directory/<name>_run<r>.safetensors` (or `.pth` with format='pth', which needs torch), with
@@ -487,8 +532,8 @@ def export_aux_pool(pool: Mapping[str, dict], arch: str, directory: str | os.Pat
     directory.mkdir(parents=True, exist_ok=True)
     entries = []
     for name in sorted(pool):
-        manifest = pool[name].get("manifest") or [{} for _ in pool[name]["featurizers"]]
-        for r, featurizer in enumerate(pool[name]["featurizers"]):
+        manifest = pool[name].manifest
+        for r, featurizer in enumerate(pool[name].featurizers):
             m = manifest[r] if r < len(manifest) else {}
             identity = m.get("identity") or name
             variables = {"params": {"featurizer": featurizer},

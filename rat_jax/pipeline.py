@@ -84,8 +84,8 @@ class Pipeline:
                             domainnet_duplicates=self.c.domainnet_duplicates or None)
 
     def run(self) -> list[dict]:
-        c, s = self.c, self.settings
-        featurizer, batch_stats, fhash = stages.load_foundation(
+        c = self.c
+        foundation = stages.Foundation.load(
             c.foundation, c.arch, (self.shared_root or self.workdir) / stages.FOUNDATION,
             c.image_size)
         target = self.dataset(c.target)
@@ -94,55 +94,63 @@ class Pipeline:
             if not 0 <= k < target.num_envs:
                 raise ValueError(f"config.target.test_envs has {k}, but {target.name} has envs "
                                  f"0..{target.num_envs - 1} ({target.envs})")
-        tasks = {name: stages.AuxTask(self.dataset(e), e.steps, e.checkpoint_freq,
-                                      c.lp_probe_steps)
-                 for name, e in c.aux.items()}
-        # Checkpoints first (cheap; a bad file fails before any training), then the trained pool.
-        brought = aux_checkpoints.load_aux_checkpoints(
-            c.get("aux_checkpoints", ()), arch=c.arch, foundation_featurizer=featurizer,
-            foundation_batch_stats=batch_stats, target=target, foundation_hash=fhash,
-            n_runs=c.n_aux_hparams if tasks else None, reserved_names=sorted(tasks),
-            resolve_dataset=self._resolve_dataset, store=self.store)
-        pool = stages.aux_pool(tasks, featurizer, batch_stats, target=target,
-                               n_runs=c.n_aux_hparams, settings=s, foundation_hash=fhash,
-                               store=self.store) if tasks else {}
-        pool = self.pool = aux_checkpoints.merge_pools(pool, brought)
-        n_runs = aux_checkpoints.pool_runs(pool, c.n_aux_hparams)
+        brought, pool = self._aux_pool(foundation, target)
+        plan = stages.TargetPlan(pool, c.n_hparams, aux_checkpoints.pool_runs(pool, c.n_aux_hparams),
+                                 c.lp_steps, c.target.steps, c.target.checkpoint_freq,
+                                 run_fusing=c.run_fusing, fusing_range=c.fusing_range)
         runtime.release_memory()
         rows = []
         for k in test_envs:
-            lp_steps = c.lp_probe_steps if c.lp_probe_steps > 0 else c.target.steps
-            w_lp = stages.linear_probe(target, featurizer, batch_stats, test_envs=[k],
-                                       steps=lp_steps, settings=s,
-                                       checkpoint_freq=c.target.checkpoint_freq,
-                                       foundation_hash=fhash, store=self.store,
-                                       name=f"{target.name}_test{k}")
-            by_trial = {t: stages.target_members(
-                target, k, t, w_lp, featurizer, batch_stats, pool, n_hparams=c.n_hparams,
-                n_runs=n_runs, lp_steps=c.lp_steps, steps=c.target.steps,
-                checkpoint_freq=c.target.checkpoint_freq, settings=s, run_fusing=c.run_fusing,
-                fusing_range=c.fusing_range, foundation_hash=fhash, store=self.store)
-                for t in c.trials}
-            rows += selection.select_and_evaluate(
-                target, k, by_trial, batch_stats, settings=s, aux_names=sorted(pool),
-                n_runs=n_runs, gate_threshold=c.lmc_gate.threshold,
-                gate_skip=bool(c.lmc_gate.skip),
-                plots_dir=self.workdir / "plots" if c.make_plots else None,
-                save_soup=SoupWriter(self.workdir / "models", arch=c.arch, dataset=target,
-                                     foundation_hash=fhash, image_size=c.image_size))
-            del by_trial, w_lp  # this test env's members: free before the next one trains
-            runtime.release_memory()
+            rows += self._test_env(target, k, foundation, plan)
+            runtime.release_memory()  # this test env's members are freed before the next one
         notes = selection.notes(c, target, self.trained_members, rows, aux_names=sorted(pool),
-                                n_runs=n_runs)
+                                n_runs=plan.n_runs)
         if brought:
             notes += (" Auxiliary checkpoints (config.aux_checkpoints, not trained here): "
-                      + ", ".join(f"{n} x {len(p['featurizers'])}" for n, p in brought.items())
-                      + f"; {n_runs} runs per auxiliary dataset.")
+                      + ", ".join(f"{n} x {p.n_runs}" for n, p in brought.items())
+                      + f"; {plan.n_runs} runs per auxiliary dataset.")
         self.notes = notes
         if distributed.is_main_process():  # one writer and one printed table per run
             md = report.write(self.workdir, rows, notes)
             print(md, flush=True)
         return rows
+
+    def _aux_pool(self, foundation: stages.Foundation, target: DomainDataset):
+        """(the checkpoints' pool, the whole pool): checkpoints first (cheap; a bad file fails
+        before any training), then the trained pool."""
+        c = self.c
+        tasks = {name: stages.AuxTask(self.dataset(e), e.steps, e.checkpoint_freq,
+                                      c.lp_probe_steps)
+                 for name, e in c.aux.items()}
+        brought = aux_checkpoints.load_aux_checkpoints(
+            c.get("aux_checkpoints", ()), aux_checkpoints.PoolCheck(
+                arch=c.arch, foundation=foundation, target=target,
+                n_runs=c.n_aux_hparams if tasks else None, reserved_names=sorted(tasks)),
+            resolve_dataset=self._resolve_dataset, store=self.store)
+        pool = stages.aux_pool(tasks, foundation, target=target, n_runs=c.n_aux_hparams,
+                               settings=self.settings, store=self.store) if tasks else {}
+        self.pool = aux_checkpoints.merge_pools(pool, brought)
+        return brought, self.pool
+
+    def _test_env(self, target: DomainDataset, k: int, foundation: stages.Foundation,
+                  plan: stages.TargetPlan) -> list[dict]:
+        """The rows of test env `k`: its linear probe, its members per trial, selection."""
+        c, s = self.c, self.settings
+        lp_steps = c.lp_probe_steps if c.lp_probe_steps > 0 else c.target.steps
+        w_lp = stages.linear_probe(target, foundation, test_envs=[k], steps=lp_steps, settings=s,
+                                   checkpoint_freq=c.target.checkpoint_freq, store=self.store,
+                                   name=f"{target.name}_test{k}")
+        by_trial = {t: stages.target_members(target, k, t, w_lp, foundation, plan, settings=s,
+                                             store=self.store)
+                    for t in c.trials}
+        return selection.select_and_evaluate(
+            target, k, by_trial, foundation.batch_stats, selection.SelectionConfig(
+                settings=s, aux_names=sorted(plan.pool), n_runs=plan.n_runs,
+                gate_threshold=c.lmc_gate.threshold, gate_skip=bool(c.lmc_gate.skip),
+                plots_dir=self.workdir / "plots" if c.make_plots else None,
+                save_soup=SoupWriter(self.workdir / "models", arch=c.arch, dataset=target,
+                                     foundation_hash=foundation.hash,
+                                     image_size=c.image_size)))
 
 
 def train_and_evaluate(config, workdir: str | os.PathLike) -> list[dict]:

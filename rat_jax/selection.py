@@ -12,7 +12,9 @@ figures; soups, greedy candidates and LMC gate points are new params evaluated t
 engine, a gate's points (and the figures' curves) as one stack."""
 from __future__ import annotations
 
+import dataclasses
 import time
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -20,22 +22,58 @@ from rat_jax import diagnostics, distributed, figures, report, soups, trees
 from rat_jax.engine.progress import Console
 from rat_jax.data import ImageStore
 from rat_jax.evaluation import StackEvaluator, accuracy, eval_split
-from rat_jax.stages import ratatouille_foundation_members
+from rat_jax.specs import MemberSpec
+from rat_jax.stages import GroupResult, ratatouille_foundation_members
 
 
-def withaux_members(groups: dict, aux_names, n_runs: int):
+@dataclasses.dataclass
+class Candidates:
+    """The members a row is made of: their stacked (best ID-val) `params`, ID-val `scores`,
+    `flagged` (non-finite) marks, MemberSpecs (`info`) and `keys`, each member's name in the
+    evaluator's logits cache (e.g. ("noaux", trial, j))."""
+    params: Any
+    scores: np.ndarray
+    flagged: np.ndarray
+    info: list[MemberSpec]
+    keys: list
+
+    @classmethod
+    def of_group(cls, group: GroupResult, name: str, trial: int) -> "Candidates":
+        return cls(group.best_params, group.best_score, group.nonfinite, list(group.info),
+                   [(name, trial, j) for j in range(len(group.best_score))])
+
+    @classmethod
+    def concatenate(cls, parts: Sequence["Candidates"]) -> "Candidates":
+        return cls(trees.concatenate([c.params for c in parts]),
+                   np.concatenate([c.scores for c in parts]),
+                   np.concatenate([c.flagged for c in parts]),
+                   [m for c in parts for m in c.info], [k for c in parts for k in c.keys])
+
+    def subset(self, idx: Sequence[int]) -> "Candidates":
+        idx = list(idx)
+        return Candidates(trees.select(self.params, idx), self.scores[idx], self.flagged[idx],
+                          [self.info[i] for i in idx], [self.keys[i] for i in idx])
+
+    @property
+    def ok(self) -> list[int]:
+        """The members rows use: the flagged (non-finite) ones are left out."""
+        return [j for j in range(len(self.scores)) if not self.flagged[j]]
+
+    def order(self) -> list[int]:
+        """The usable members, best ID-val score first."""
+        return soups.sort_by_score(self.scores, exclude=np.flatnonzero(self.flagged))
+
+
+def withaux_members(groups: dict, aux_names, n_runs: int, trial: int = 0) -> Candidates | None:
     """Ratatouille's members: the aux-init group plus the runs the init rule starts from the
-    foundation, which are the no-aux members with those h (same seed, hparams and init)."""
-    noaux = groups["noaux"]
+    foundation, which are the no-aux members with those h (same seed, hparams and init). The
+    no-aux members among them keep their cache keys: their logits are not recomputed."""
     if "aux" not in groups:
         return None
-    idx = ratatouille_foundation_members([hp["h"] for hp in noaux.info], aux_names, n_runs)
-    aux = groups["aux"]
-    params = trees.concatenate([trees.select(noaux.best_params, idx), aux.best_params])
-    scores = np.concatenate([noaux.best_score[idx], aux.best_score])
-    flagged = np.concatenate([noaux.nonfinite[idx], aux.nonfinite])
-    info = [noaux.info[i] for i in idx] + list(aux.info)
-    return params, scores, flagged, info
+    noaux = Candidates.of_group(groups["noaux"], "noaux", trial)
+    idx = ratatouille_foundation_members([m.h for m in noaux.info], aux_names, n_runs)
+    return Candidates.concatenate([noaux.subset(idx),
+                                   Candidates.of_group(groups["aux"], "aux", trial)])
 
 
 class _Evaluator:
@@ -90,137 +128,184 @@ class _Evaluator:
             return np.zeros((0, len(data), 0), np.float32)
         return np.stack([self._members[(data.name, keys[j])] for j in which])
 
-    def save(self, row: dict, soup, members, info, scores) -> None:
+    def save(self, row: dict, soup, members: Sequence[int], cands: Candidates) -> None:
         if self.saver is not None:
             self.saver(row, soup, self.batch_stats, [
-                {"member": int(j), "init": info[j].get("init"), "group": info[j].get("group"),
-                 "hparams": {k: v for k, v in info[j].items() if k not in ("init", "group")},
-                 "score": float(scores[j])} for j in members])
+                {"member": int(j), "init": cands.info[j].init, "group": cands.info[j].group,
+                 "hparams": cands.info[j].record_hparams(), "score": float(cands.scores[j])}
+                for j in members])
 
 
-def select_and_evaluate(target, k: int, by_trial: dict, batch_stats, *, settings,
-                        aux_names=(), n_runs: int = 1, gate_threshold: float = 0.0,
-                        gate_skip: bool = False, plots_dir=None, save_soup=None,
-                        progress_interval: float | None = None) -> list[dict]:
+@dataclasses.dataclass(frozen=True)
+class SelectionConfig:
+    """How select_and_evaluate scores a test env: `settings` (stages.TrainSettings); the pool
+    used (`aux_names`, `n_runs`: Ratatouille's foundation-init members); `gate_threshold` > 0
+    runs the LMC gate before each uniform soup (`gate_skip`: leave gated members out);
+    `plots_dir`: the first trial's diagnostic figures; `save_soup(row, params, batch_stats,
+    members)`: called with every soup (e.g. export.SoupWriter); `progress_interval`: seconds
+    between status lines (default 0.5 on a TTY, 30 otherwise)."""
+    settings: Any
+    aux_names: Sequence[str] = ()
+    n_runs: int = 1
+    gate_threshold: float = 0.0
+    gate_skip: bool = False
+    plots_dir: Any = None
+    save_soup: Callable | None = None
+    progress_interval: float | None = None
+
+
+@dataclasses.dataclass
+class _Env:
+    """One test env's selection: its evaluator, full test domain, console and row maker."""
+    ev: _Evaluator
+    k: int
+    full_test: Any
+    config: SelectionConfig
+    target: Any
+
+    def row(self, method, selection, trial, acc, n, **extra) -> dict:
+        return report.make_row(method, selection, self.target.name, self.k, trial, acc, n,
+                               **extra)
+
+
+def select_and_evaluate(target, k: int, by_trial: dict, batch_stats,
+                        config: SelectionConfig | None = None, **options) -> list[dict]:
     """All rows for test env k from {trial: {group: GroupResult}} (stages.target_members): per
     trial ERM / inter-training / fusing (ID val), uniform and greedy soups, the logit ensemble;
-    across trials the uniform soups (†). `gate_threshold` > 0 runs the LMC gate before each
-    uniform soup (`gate_skip`: leave gated members out); `plots_dir`: the first trial's
-    diagnostic figures; `save_soup(row, params, batch_stats, members)`: called with every soup
-    (e.g. export.SoupWriter). `progress_interval`: seconds between status lines (default 0.5 on
-    a TTY, 30 otherwise)."""
-    console = Console(f"selection env{k}", interval=progress_interval,
+    across trials the uniform soups (†). `config`: a SelectionConfig, or its fields as
+    keywords (`settings=` at least)."""
+    config = config or SelectionConfig(**options)
+    settings = config.settings
+    console = Console(f"selection env{k}", interval=config.progress_interval,
                       quiet=settings.quiet or not distributed.is_main_process())
     started = time.monotonic()
     console.message(f"trials {list(by_trial)}: scoring members, soups and ensembles")
-    ev = _Evaluator(settings, target, batch_stats, save_soup, console)
-    full_test = ev.split([k], "all", 0)                       # the full test domain
-    train_envs = [e for e in range(target.num_envs) if e != k]
+    ev = _Evaluator(settings, target, batch_stats, config.save_soup, console)
+    env = _Env(ev, k, ev.split([k], "all", 0), config, target)   # the full test domain
     rows = []
-    row = lambda m, s, t, a, n, **x: report.make_row(m, s, target.name, k, t, a, n, **x)
-    gate = (gate_threshold, gate_skip)
     dagger = {"Soups/DiWA†": [], "Ratatouille†": []}
     for t, groups in by_trial.items():
-        test_in = ev.split([k], "in", t)                      # DomainBed's env{k}_in_acc
-        selection_set = ev.split(train_envs, "out", t)        # merged clean train-env out splits
-        noaux = groups["noaux"]
-
-        def best_single(params, scores, flagged, keys):
-            # the group's candidates in one pass; the row scores the best ID-val one
-            order = soups.sort_by_score(scores, exclude=np.flatnonzero(flagged))
-            console.status(f"trial {t}: scoring the best ID-val member ({len(order)} candidates)")
-            logits = ev.members(params, keys, test_in, order)
-            return order[0], accuracy(logits[0], test_in.labels)
-
-        noaux_keys = [("noaux", t, j) for j in range(len(noaux.best_score))]
-        i, acc = best_single(noaux.best_params, noaux.best_score, noaux.nonfinite, noaux_keys)
-        rows.append(row("ERM (vanilla fine-tuning)", "ID val", t, acc, 1, member=i))
-        soup_rows, _ = _soup_rows(ev, "Soups/DiWA", noaux.best_params, noaux.best_score,
-                                  noaux.nonfinite, full_test, selection_set, t, row, gate,
-                                  noaux.info)
-        rows += soup_rows
-        dagger["Soups/DiWA†"].append((noaux.best_params, noaux.nonfinite, noaux.info,
-                                      noaux.best_score))
-        wa = withaux_members(groups, aux_names, n_runs)
-        if wa is not None:
-            params, scores, flagged, info = wa
-            idx = ratatouille_foundation_members([hp["h"] for hp in noaux.info], aux_names, n_runs)
-            # the no-aux members among them keep their keys: their logits are not recomputed
-            keys = [noaux_keys[j] for j in idx] + [("aux", t, j)
-                                                    for j in range(len(scores) - len(idx))]
-            i, acc = best_single(params, scores, flagged, keys)
-            rows.append(row("Inter-training", "ID val", t, acc, 1, member=i, init=info[i]["init"]))
-            soup_rows, greedy = _soup_rows(ev, "Ratatouille", params, scores, flagged, full_test,
-                                           selection_set, t, row, gate, info)
-            rows += soup_rows
-            ok = [j for j in range(len(scores)) if not flagged[j]]
-            console.status(f"trial {t}: logit ensemble of {len(ok)} members")
-            logits = ev.members(params, keys, full_test, ok)
-            rows.append(row("Ensemble of Ratatouille members", "Logits", t,
-                            accuracy(soups.ensemble_logits(logits), full_test.labels), len(ok)))
-            if plots_dir is not None and t == min(by_trial):
-                # every process evaluates (the engine spans them); the main one writes
-                figures.env_figures(plots_dir, f"test{k}_trial{t}", ev.model,
-                                    ev.batch_stats, params, scores, flagged, info, None,
-                                    full_test, selection_set, ev.batch_size,
-                                    stack_logits=ev.logits, member_logits=logits,
-                                    greedy=greedy, write=distributed.is_main_process())
-            dagger["Ratatouille†"].append((params, flagged, info, scores))
-        if "fusing" in groups:
-            f = groups["fusing"]
-            i, acc = best_single(f.best_params, f.best_score, f.nonfinite,
-                                 [("fusing", t, j) for j in range(len(f.best_score))])
-            rows.append(row("Fusing", "ID val", t, acc, 1, member=i, init=f.info[i]["init"]))
+        rows += _trial_rows(env, t, groups, dagger, plots=t == min(by_trial))
     if len(by_trial) > 1:
         for method, stacks in dagger.items():
-            if not stacks:
-                continue
-            params = trees.concatenate([p for p, *_ in stacks])
-            flagged = np.concatenate([f for _, f, *_ in stacks])
-            info = [i for _, _, infos, _ in stacks for i in infos]
-            scores = np.concatenate([s for *_, s in stacks])
-            ok = [j for j in range(len(flagged)) if not flagged[j]]
-            console.status(f"{method}: uniform soup of {len(ok)} members over trials")
-            soup = trees.average(params, members=ok)
-            rows.append(row(method, "Uniform†", -1, ev.acc(soup, full_test), len(ok)))
-            ev.save(rows[-1], soup, ok, info, scores)
+            if stacks:
+                rows.append(_dagger_row(env, method, Candidates.concatenate(stacks)))
     console.message(f"done in {time.monotonic() - started:.1f} s: {len(rows)} rows")
     return rows
 
 
-def _soup_rows(ev, method, params, scores, flagged, full_test, selection_set, t, row, gate, info):
-    ok = [j for j in range(len(scores)) if not flagged[j]]
-    threshold, skip = gate
-    extra = {}
-    if threshold > 0 and len(ok) > 1:
-        ev.console.status(f"trial {t} {method}: LMC gate over {len(ok)} members")
-        # LMC gate on the ID-val selection set, members in score order (docs/protocol.md: no test data).
-        order = soups.sort_by_score(scores, exclude=np.flatnonzero(flagged))
-        uniform, kept, records = diagnostics.lmc_gate(
-            ev.model, ev.batch_stats, params, order, None, selection_set.labels,
-            threshold=threshold, skip=skip, batch_size=ev.batch_size,
-            stack_logits=lambda stacked: ev.logits(stacked, selection_set))
-        extra = {"gated": [r["member"] for r in records if r["gated"]],
-                 "gate_excluded": [r["member"] for r in records if r["excluded"]],
-                 "gate_barriers": {str(r["member"]): r["barrier"] for r in records}}
-        n_uniform = len(kept)
+def _dagger_row(env: _Env, method: str, cands: Candidates) -> dict:
+    """The uniform soup (†) of a method's members over every trial."""
+    ok = cands.ok
+    env.ev.console.status(f"{method}: uniform soup of {len(ok)} members over trials")
+    soup = trees.average(cands.params, members=ok)
+    row = env.row(method, "Uniform†", -1, env.ev.acc(soup, env.full_test), len(ok))
+    env.ev.save(row, soup, ok, cands)
+    return row
+
+
+def _trial_rows(env: _Env, t: int, groups: dict, dagger: dict, plots: bool) -> list[dict]:
+    """The rows of trial `t`; its no-aux and Ratatouille members join `dagger`'s stacks."""
+    ev, k, c = env.ev, env.k, env.config
+    train_envs = [e for e in range(env.target.num_envs) if e != k]
+    test_in = ev.split([k], "in", t)                      # DomainBed's env{k}_in_acc
+    selection_set = ev.split(train_envs, "out", t)        # merged clean train-env out splits
+    sets = _Sets(env.full_test, selection_set, test_in)
+
+    def best_single(cands: Candidates):
+        # the group's candidates in one pass; the row scores the best ID-val one
+        order = cands.order()
+        ev.console.status(f"trial {t}: scoring the best ID-val member ({len(order)} candidates)")
+        logits = ev.members(cands.params, cands.keys, test_in, order)
+        return order[0], accuracy(logits[0], test_in.labels)
+
+    noaux = Candidates.of_group(groups["noaux"], "noaux", t)
+    i, acc = best_single(noaux)
+    rows = [env.row("ERM (vanilla fine-tuning)", "ID val", t, acc, 1, member=i)]
+    rows += _soup_rows(env, "Soups/DiWA", noaux, sets, t).rows
+    dagger["Soups/DiWA†"].append(noaux)
+    wa = withaux_members(groups, c.aux_names, c.n_runs, t)
+    if wa is not None:
+        i, acc = best_single(wa)
+        rows.append(env.row("Inter-training", "ID val", t, acc, 1, member=i,
+                            init=wa.info[i].init))
+        soup = _soup_rows(env, "Ratatouille", wa, sets, t)
+        rows += soup.rows
+        ok = wa.ok
+        ev.console.status(f"trial {t}: logit ensemble of {len(ok)} members")
+        logits = ev.members(wa.params, wa.keys, env.full_test, ok)
+        rows.append(env.row("Ensemble of Ratatouille members", "Logits", t,
+                            accuracy(soups.ensemble_logits(logits), env.full_test.labels),
+                            len(ok)))
+        if c.plots_dir is not None and plots:
+            # every process evaluates (the engine spans them); the main one writes
+            figures.env_figures(c.plots_dir, f"test{k}_trial{t}", figures.FigureMembers(
+                ev.model, ev.batch_stats, wa.params, wa.scores, wa.flagged, wa.info),
+                figures.FigureData(env.full_test, selection_set, ev.batch_size,
+                                   stack_logits=ev.logits),
+                member_logits=logits, greedy=soup.greedy,
+                write=distributed.is_main_process())
+        dagger["Ratatouille†"].append(wa)
+    if "fusing" in groups:
+        f = Candidates.of_group(groups["fusing"], "fusing", t)
+        i, acc = best_single(f)
+        rows.append(env.row("Fusing", "ID val", t, acc, 1, member=i, init=f.info[i].init))
+    return rows
+
+
+@dataclasses.dataclass
+class _Sets:
+    """A trial's evaluation splits: the full test domain, the ID-val selection set, the test
+    env's in-split."""
+    full_test: Any
+    selection_set: Any
+    test_in: Any
+
+
+@dataclasses.dataclass
+class _SoupRows:
+    rows: list
+    greedy: tuple  # (selected, log) of soups.greedy_soup
+
+
+def _gate(env: _Env, method: str, cands: Candidates, selection_set, t: int):
+    """(soup, kept members, row fields) of the LMC-gated uniform soup."""
+    c, ev = env.config, env.ev
+    ev.console.status(f"trial {t} {method}: LMC gate over {len(cands.ok)} members")
+    # LMC gate on the ID-val selection set, members in score order (docs/protocol.md: no test data).
+    uniform, kept, records = diagnostics.lmc_gate(
+        ev.model, ev.batch_stats, cands.params, cands.order(), None, selection_set.labels,
+        threshold=c.gate_threshold, skip=c.gate_skip, batch_size=ev.batch_size,
+        stack_logits=lambda stacked: ev.logits(stacked, selection_set))
+    extra = {"gated": [r["member"] for r in records if r["gated"]],
+             "gate_excluded": [r["member"] for r in records if r["excluded"]],
+             "gate_barriers": {str(r["member"]): r["barrier"] for r in records}}
+    return uniform, kept, extra
+
+
+def _soup_rows(env: _Env, method: str, cands: Candidates, sets: _Sets, t: int) -> _SoupRows:
+    ev = env.ev
+    ok = cands.ok
+    if env.config.gate_threshold > 0 and len(ok) > 1:
+        uniform, members, extra = _gate(env, method, cands, sets.selection_set, t)
     else:
-        uniform, n_uniform = trees.average(params, members=ok), len(ok)
-    ev.console.status(f"trial {t} {method}: uniform soup of {n_uniform} members")
-    out = [row(method, "Uniform", t, ev.acc(uniform, full_test), n_uniform, **extra)]
-    ev.save(out[-1], uniform, kept if extra else ok, info, scores)
-    candidates = len(soups.sort_by_score(scores, exclude=np.flatnonzero(flagged)))
+        uniform, members, extra = trees.average(cands.params, members=ok), ok, {}
+    ev.console.status(f"trial {t} {method}: uniform soup of {len(members)} members")
+    out = [env.row(method, "Uniform", t, ev.acc(uniform, sets.full_test), len(members), **extra)]
+    ev.save(out[-1], uniform, members, cands)
+    candidates = len(cands.order())
     tried = []
 
     def greedy_score(p):
         tried.append(1)
         ev.console.status(f"trial {t} {method}: greedy soup {len(tried)}/{candidates} members")
-        return ev.acc(p, selection_set)
-    soup, selected, log = soups.greedy_soup(params, scores, greedy_score,
-                                            exclude=np.flatnonzero(flagged))
-    out.append(row(method, "Greedy", t, ev.acc(soup, full_test), len(selected), selected=selected))
-    ev.save(out[-1], soup, selected, info, scores)
-    return out, (selected, log)
+        return ev.acc(p, sets.selection_set)
+    soup, selected, log = soups.greedy_soup(cands.params, cands.scores, greedy_score,
+                                            exclude=np.flatnonzero(cands.flagged))
+    out.append(env.row(method, "Greedy", t, ev.acc(soup, sets.full_test), len(selected),
+                       selected=selected))
+    ev.save(out[-1], soup, selected, cands)
+    return _SoupRows(out, (selected, log))
 
 
 def notes(c, target, trained_members: int, rows=(), aux_names=None, n_runs=None) -> str:

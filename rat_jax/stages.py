@@ -32,14 +32,16 @@ from rat_jax.files import fingerprint, write_json_atomic
 from rat_jax.foundation import load_foundation
 from rat_jax.models import create_model
 from rat_jax.models.layers import torch_linear_init
+from rat_jax.specs import AuxRuns, MemberSpec
 
 FOUNDATION = "foundation"
 log = logging.getLogger("rat_jax")
 DATA_PARALLEL = {"auto": None, "on": True, "off": False, "true": True, "false": False}
 
-__all__ = ["FOUNDATION", "GroupResult", "GroupRun", "MemoryStore", "TrainSettings", "WorkdirStore",
-           "aux_pool", "eval_sets", "linear_probe", "load_foundation", "member_hparams", "new_head",
-           "target_members", "train_group"]
+__all__ = ["FOUNDATION", "AuxRuns", "Foundation", "GroupResult", "GroupRun", "MemberSpec",
+           "MemoryStore", "TargetPlan", "TrainSettings", "WorkdirStore", "aux_pool", "eval_sets",
+           "linear_probe", "load_foundation", "member_hparams", "new_head", "target_members",
+           "train_group"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,18 +161,18 @@ PARAMS = ("best", "final")  # the params a members run yields: best ID-val and l
 @dataclasses.dataclass
 class GroupResult:
     """Stacked outputs of one members run (numpy, leading member axis); `info[i]` is member i's
-    settings (hparams, seed, init, group)."""
+    MemberSpec (hparams, seed, init, group, h)."""
     best_params: Any
     final_params: Any
     best_score: np.ndarray
     nonfinite: np.ndarray
-    info: list[dict]
+    info: list[MemberSpec]
 
     @classmethod
-    def from_train(cls, result: TrainResult, info: Sequence[dict]) -> "GroupResult":
+    def from_train(cls, result: TrainResult, info: Sequence[MemberSpec]) -> "GroupResult":
         return cls(trees.to_host(result.best_params), trees.to_host(result.final_params),
                    np.asarray(result.best_score), np.asarray(result.nonfinite),
-                   [dict(h) for h in info])
+                   [MemberSpec.of(m) for m in info])
 
     def save(self, directory: pathlib.Path, keep: Sequence[str] = PARAMS) -> None:
         """Write the result; `keep`: which params ("best", "final") go to disk."""
@@ -183,7 +185,7 @@ class GroupResult:
         checkpoint.save_pytree(directory / "result", tree, force=True)
 
     @classmethod
-    def load(cls, directory: pathlib.Path, info: Sequence[dict]) -> "GroupResult":
+    def load(cls, directory: pathlib.Path, info: Sequence[MemberSpec]) -> "GroupResult":
         """A saved result; params that were not kept are None."""
         tree = checkpoint.restore_pytree(directory / "result")
         get = lambda k: trees.to_host(tree[k]) if k in tree else None
@@ -208,7 +210,7 @@ class MemoryStore:
     def __init__(self):
         self.trained_members = 0
 
-    def run(self, name: str, fp: str, info: Sequence[dict],
+    def run(self, name: str, fp: str, info: Sequence[MemberSpec],
             train: Callable[[pathlib.Path | None, pathlib.Path | None], GroupResult],
             keep: Sequence[str] = PARAMS) -> GroupResult:
         """Train (or load) run `name`: `train(directory, tensorboard)` trains it with its
@@ -288,7 +290,8 @@ class WorkdirStore(MemoryStore):
         self.trained_members += len(result.best_score)
         self.trained_runs.append((name, len(result.best_score)))
         result.save(directory, PARAMS if self.keep_checkpoints else keep)
-        self.write_json(f"{name}/done.json", {"fingerprint": fp, "info": result.info})
+        self.write_json(f"{name}/done.json", {"fingerprint": fp,
+                                                "info": [m.to_dict() for m in result.info]})
         if not self.keep_checkpoints and distributed.is_main_process():
             shutil.rmtree(directory / "checkpoints", ignore_errors=True)  # resume-only state
         distributed.barrier(f"pruned:{directory}")
@@ -379,27 +382,29 @@ class GroupRun:
     stage: str = "train"
 
 
-def train_group(dataset: DomainDataset, inits: Sequence[Any], hparams: Sequence[dict],
-                batch_stats: Any, run: GroupRun, settings: TrainSettings, *, workdir=None,
-                tensorboard=None) -> TrainResult:
+def train_group(dataset: DomainDataset, inits: Sequence[Any],
+                hparams: Sequence[MemberSpec | dict], batch_stats: Any, run: GroupRun,
+                settings: TrainSettings, *, workdir=None, tensorboard=None) -> TrainResult:
     """Train len(inits) members together on `dataset` minus `run.test_envs` and return the
-    engine's TrainResult. `hparams[i]`: member i's lr, weight_decay, resnet_dropout, seed (data
-    stream and dropout), optional lp_steps (-1: whole net from update 0) and any other keys,
-    which go into its records. `workdir`: records and resume checkpoints (None: in memory).
+    engine's TrainResult. `hparams[i]`: member i's MemberSpec, or its flat dict (lr,
+    weight_decay, resnet_dropout, seed (data stream and dropout), optional lp_steps (-1: whole
+    net from update 0), optional init / group / h, and any other keys, which go into its
+    records). `workdir`: records and resume checkpoints (None: in memory).
     With `settings.tensorboard`, per-member scalars go to `tensorboard` (default
     `workdir/tensorboard/`; none without either)."""
     if len(inits) != len(hparams):
         raise ValueError(f"{len(inits)} initial param trees but {len(hparams)} hparams")
+    members = [MemberSpec.of(h) for h in hparams]
     train_envs = [i for i in range(dataset.num_envs) if i not in set(run.test_envs)]
     if not train_envs:
         raise ValueError(f"test_envs={list(run.test_envs)} leaves no training env of "
                          f"{dataset.name}")
-    seeds = [int(h["seed"]) for h in hparams]
+    seeds = [m.seed for m in members]
     engine_hp = make_hparams(
-        len(hparams), lr=[h["lr"] for h in hparams],
-        weight_decay=[h["weight_decay"] for h in hparams],
-        dropout=[h["resnet_dropout"] for h in hparams],
-        lp_steps=[h.get("lp_steps", -1) for h in hparams], seed=seeds)
+        len(members), lr=[m.hparams["lr"] for m in members],
+        weight_decay=[m.hparams["weight_decay"] for m in members],
+        dropout=[m.hparams["resnet_dropout"] for m in members],
+        lp_steps=[m.lp_steps for m in members], seed=seeds)
     loader = MemberLoader(dataset, train_envs, seeds, trial_seeds=run.trial,
                           batch_size=settings.batch_size, image_size=settings.image_size,
                           augment=True, holdout_fraction=settings.holdout_fraction,
@@ -412,7 +417,7 @@ def train_group(dataset: DomainDataset, inits: Sequence[Any], hparams: Sequence[
                       val_names=[n for n in id_val_names(dataset.num_envs, run.test_envs)
                                  if n in sets],
                       save_every=settings.save_every, steps_per_epoch=n_train / per_step)
-    output = RunOutput(workdir=workdir, member_info=_member_info(dataset, hparams, run, settings),
+    output = RunOutput(workdir=workdir, member_info=_member_info(dataset, members, run, settings),
                        stage=run.stage, quiet=settings.quiet,
                        tensorboard_dir=_tensorboard_dir(settings, run, workdir, tensorboard))
     with loader:
@@ -423,14 +428,12 @@ def train_group(dataset: DomainDataset, inits: Sequence[Any], hparams: Sequence[
     return result
 
 
-def _member_info(dataset, hparams: Sequence[dict], run: GroupRun,
+def _member_info(dataset, members: Sequence[MemberSpec], run: GroupRun,
                  settings: TrainSettings) -> list[dict]:
     """What each member's records carry beside the loop's fields."""
-    return [{"hparams": {k: v for k, v in h.items() if k not in ("init", "group")},
-             "init": h.get("init"), "group": h.get("group"),
-             "args": _domainbed_args(dataset, run.test_envs, run.trial, i, h, settings,
-                                     run.classifier_only)}
-            for i, h in enumerate(hparams)]
+    return [{"hparams": m.record_hparams(), "init": m.init, "group": m.group,
+             "args": _domainbed_args(dataset, run, i, m, settings)}
+            for i, m in enumerate(members)]
 
 
 def _tensorboard_dir(settings: TrainSettings, run: GroupRun, workdir, tensorboard):
@@ -448,46 +451,70 @@ def _tensorboard_dir(settings: TrainSettings, run: GroupRun, workdir, tensorboar
 ALGORITHMS = {"noaux": "ERM", "aux": "Ratatouille", "fusing": "Fusing"}
 
 
-def _domainbed_args(dataset, test_envs, trial: int, index: int, hp: dict,
-                    settings: TrainSettings, classifier_only: bool) -> dict:
+def _domainbed_args(dataset, run: GroupRun, index: int, member: MemberSpec,
+                    settings: TrainSettings) -> dict:
     """The `args` of a DomainBed record (domainbed/scripts/train.py) for one member."""
-    algorithm = "LinearProbe" if classifier_only else ALGORITHMS.get(hp.get("group"), "ERM")
-    return {"dataset": dataset.name, "algorithm": algorithm, "test_envs": list(test_envs),
-            "hparams_seed": int(hp.get("h", index)), "trial_seed": int(trial),
-            "seed": int(hp["seed"]), "holdout_fraction": settings.holdout_fraction,
-            "hparams": {k: v for k, v in hp.items() if k not in ("init", "group", "h")}}
+    algorithm = "LinearProbe" if run.classifier_only else ALGORITHMS.get(member.group, "ERM")
+    return {"dataset": dataset.name, "algorithm": algorithm, "test_envs": list(run.test_envs),
+            "hparams_seed": int(index if member.h is None else member.h),
+            "trial_seed": int(run.trial), "seed": member.seed,
+            "holdout_fraction": settings.holdout_fraction, "hparams": dict(member.hparams)}
 
 
-def _run_group(store, name: str, fp: str, dataset, inits, hps, keep: Sequence[str],
-               batch_stats, run: GroupRun, settings: TrainSettings) -> GroupResult:
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """A members run as a store keeps it: its name, fingerprint and the params kept."""
+    name: str
+    fp: str
+    keep: Sequence[str]
+
+
+def _run_group(store, job: _Job, dataset, inits, members: Sequence[MemberSpec], batch_stats,
+               run: GroupRun, settings: TrainSettings) -> GroupResult:
     def train(directory, tensorboard):
-        return GroupResult.from_train(train_group(dataset, inits, hps, batch_stats, run,
+        return GroupResult.from_train(train_group(dataset, inits, members, batch_stats, run,
                                                   settings, workdir=directory,
-                                                  tensorboard=tensorboard), hps)
-    return store.run(name, fp, hps, train, keep=keep)
+                                                  tensorboard=tensorboard), members)
+    return store.run(job.name, job.fp, members, train, keep=job.keep)
 
 
 # ---------------------------------------------------------------------------------------------
 # Stages
 # ---------------------------------------------------------------------------------------------
-def linear_probe(dataset: DomainDataset, featurizer: Any, batch_stats: Any, *,
-                 test_envs: Sequence[int], steps: int, settings: TrainSettings,
-                 checkpoint_freq: int | None = None, foundation_hash: str = "",
+@dataclasses.dataclass(frozen=True)
+class Foundation:
+    """The frozen start of every run: the foundation's featurizer params, its BatchNorm
+    statistics (shared by every member) and its hash (part of every fingerprint)."""
+    featurizer: Any
+    batch_stats: Any
+    hash: str = ""
+
+    @classmethod
+    def load(cls, source: str, arch: str, store_dir: pathlib.Path,
+             image_size: int = 32) -> "Foundation":
+        """`load_foundation`'s result as a Foundation."""
+        featurizer, batch_stats, fhash = load_foundation(source, arch, store_dir, image_size)
+        return cls(featurizer, batch_stats, fhash)
+
+
+def linear_probe(dataset: DomainDataset, foundation: Foundation, *, test_envs: Sequence[int],
+                 steps: int, settings: TrainSettings, checkpoint_freq: int | None = None,
                  store: MemoryStore | None = None, name: str | None = None) -> dict:
-    """Classifier-only training of a fresh torch-initialized head on frozen `featurizer` features
+    """Classifier-only training of a fresh torch-initialized head on frozen foundation features
     (default hparams, seed 0, trial 0; docs/protocol.md §1.1); returns the best-ID-val network
     {"featurizer", "classifier"} (the reference's network_best)."""
-    hp = dict(default_hparams(), seed=0, lp_steps=-1, init=FOUNDATION)
+    hp = dict(default_hparams(), seed=0, lp_steps=-1)
     hp["lr"] = hp["lr"] * settings.lr_scale
+    member = MemberSpec(hp, init=FOUNDATION)
     head = new_head(settings.arch, dataset.num_classes, seed=0)
     name = name or f"{dataset.name}_test{'_'.join(map(str, test_envs)) or 'none'}"
-    fp = fingerprint("lp", dataset.identity, list(test_envs), steps, foundation_hash,
+    fp = fingerprint("lp", dataset.identity, list(test_envs), steps, foundation.hash,
                      settings.fingerprint())
     run = GroupRun(test_envs, 0, steps, checkpoint_freq or max(1, steps // 4),
                    classifier_only=True, stage=f"LP {name}")
-    res = _run_group(store or MemoryStore(), f"lp/{name}", fp, dataset,
-                     [{"featurizer": featurizer, "classifier": head}], [hp], ("best",),
-                     batch_stats, run, settings)
+    res = _run_group(store or MemoryStore(), _Job(f"lp/{name}", fp, ("best",)), dataset,
+                     [{"featurizer": foundation.featurizer, "classifier": head}], [member],
+                     foundation.batch_stats, run, settings)
     return trees.take(res.best_params, 0)
 
 
@@ -517,40 +544,39 @@ class AuxTask:
     lp_steps: int = -1                    # first linear probe; -1 = `steps`
 
 
-def aux_pool(tasks: Mapping[str, AuxTask], featurizer: Any, batch_stats: Any, *,
-             target: DomainDataset, n_runs: int, settings: TrainSettings,
-             foundation_hash: str = "", store: MemoryStore | None = None) -> dict:
+def aux_pool(tasks: Mapping[str, AuxTask], foundation: Foundation, *, target: DomainDataset,
+             n_runs: int, settings: TrainSettings,
+             store: MemoryStore | None = None) -> dict[str, AuxRuns]:
     """The auxiliary pool (docs/protocol.md §1.2): for each auxiliary dataset, a linear probe on
     all its domains, then `n_runs` fine-tunings from it (hparams h = 0..n_runs-1, trial 0).
-    Returns {name: {"featurizers": [last featurizer of run r], "fingerprint", "manifest"}}."""
+    Returns {name: AuxRuns (the last featurizer of each run, fingerprint, manifest)}."""
     store = store or MemoryStore()
-    pool = {}
-    for name in sorted(tasks):
-        task = tasks[name]
-        ds = task.dataset
-        leakage_guard(name, ds, target)
-        lp_steps = task.lp_steps if task.lp_steps > 0 else task.steps
-        lp = linear_probe(ds, featurizer, batch_stats, test_envs=[], steps=lp_steps,
-                          settings=settings, checkpoint_freq=task.checkpoint_freq,
-                          foundation_hash=foundation_hash, store=store, name=f"{name}_notest")
-        hps = []
-        for h in range(n_runs):
-            hp = member_hparams([h], 0, ds.name, -1, settings.lr_scale)[0]
-            hps.append(dict(hp, lp_steps=-1, init=f"lp:{name}"))
-        fp = fingerprint("aux", ds.identity, hps, task.steps, foundation_hash,
-                         settings.fingerprint())
-        run = GroupRun([], 0, task.steps, task.checkpoint_freq, stage=f"aux {name}")
-        res = _run_group(store, f"aux/{name}_notest", fp, ds, [lp] * n_runs, hps, ("final",),
-                         batch_stats, run, settings)
-        manifest = [{"dataset": name, "identity": ds.identity, "run": r, "hparams": hps[r],
-                     "foundation": foundation_hash, "nonfinite": bool(res.nonfinite[r])}
-                    for r in range(n_runs)]
-        store.write_json(f"aux/{name}_notest/manifest.json", manifest)
-        leakage_guard_manifest(manifest, target)
-        pool[name] = {"featurizers": [trees.take(res.final_params, r)["featurizer"]
-                                      for r in range(n_runs)],
-                      "fingerprint": fp, "manifest": manifest}
-    return pool
+    return {name: _aux_runs(name, tasks[name], foundation, target, n_runs, settings, store)
+            for name in sorted(tasks)}
+
+
+def _aux_runs(name: str, task: AuxTask, foundation: Foundation, target: DomainDataset,
+              n_runs: int, settings: TrainSettings, store: MemoryStore) -> AuxRuns:
+    ds = task.dataset
+    leakage_guard(name, ds, target)
+    lp_steps = task.lp_steps if task.lp_steps > 0 else task.steps
+    lp = linear_probe(ds, foundation, test_envs=[], steps=lp_steps, settings=settings,
+                      checkpoint_freq=task.checkpoint_freq, store=store, name=f"{name}_notest")
+    members = [MemberSpec(dict(member_hparams([h], 0, ds.name, -1, settings.lr_scale)[0],
+                               lp_steps=-1), init=f"lp:{name}") for h in range(n_runs)]
+    hps = [m.to_dict() for m in members]
+    fp = fingerprint("aux", ds.identity, hps, task.steps, foundation.hash,
+                     settings.fingerprint())
+    run = GroupRun([], 0, task.steps, task.checkpoint_freq, stage=f"aux {name}")
+    res = _run_group(store, _Job(f"aux/{name}_notest", fp, ("final",)), ds, [lp] * n_runs,
+                     members, foundation.batch_stats, run, settings)
+    manifest = [{"dataset": name, "identity": ds.identity, "run": r, "hparams": hps[r],
+                 "foundation": foundation.hash, "nonfinite": bool(res.nonfinite[r])}
+                for r in range(n_runs)]
+    store.write_json(f"aux/{name}_notest/manifest.json", manifest)
+    leakage_guard_manifest(manifest, target)
+    return AuxRuns([trees.take(res.final_params, r)["featurizer"] for r in range(n_runs)],
+                   fp, manifest)
 
 
 def ratatouille_foundation_members(hs: Sequence[int], aux_names: Sequence[str],
@@ -561,57 +587,85 @@ def ratatouille_foundation_members(hs: Sequence[int], aux_names: Sequence[str],
             if aux_init_assignment(h, aux_names, n_runs) == "imagenet"]
 
 
+@dataclasses.dataclass(frozen=True)
+class TargetPlan:
+    """What the target members of each (test env, trial) are made of: `n_hparams` runs per
+    group from the auxiliary `pool` ({name: AuxRuns}, `n_runs` runs per dataset; the init rule
+    aux_init_assignment), `lp_steps` classifier-only updates for the aux / fusing inits, `steps`
+    updates with an evaluation every `checkpoint_freq`, and the fusing group (`run_fusing`,
+    λ drawn over `fusing_range`)."""
+    pool: Mapping[str, AuxRuns]
+    n_hparams: int
+    n_runs: int
+    lp_steps: int
+    steps: int
+    checkpoint_freq: int
+    run_fusing: bool = True
+    fusing_range: float = 4.0
+
+
+@dataclasses.dataclass
+class _Members:
+    """The target members being assembled: inits and specs, in order."""
+    inits: list = dataclasses.field(default_factory=list)
+    specs: list = dataclasses.field(default_factory=list)
+
+    def add(self, featurizer, head, spec: MemberSpec) -> None:
+        self.inits.append({"featurizer": featurizer, "classifier": head})
+        self.specs.append(spec)
+
+
 def target_members(target: DomainDataset, test_env: int, trial: int, w_lp: dict,
-                   featurizer: Any, batch_stats: Any, pool: Mapping[str, dict], *,
-                   n_hparams: int, n_runs: int, lp_steps: int, steps: int, checkpoint_freq: int,
-                   settings: TrainSettings, run_fusing: bool = True, fusing_range: float = 4.0,
-                   foundation_hash: str = "", store: MemoryStore | None = None) -> dict:
+                   foundation: Foundation, plan: TargetPlan, *, settings: TrainSettings,
+                   store: MemoryStore | None = None) -> dict:
     """The target members of one (test env, trial), trained as ONE members run (one compiled
     step; per-member inits, hparams and linear-probe schedules; docs/protocol.md §1.3-1.5):
       noaux   foundation init, whole net from step 0 (vanilla fine-tuning, soups). With the init
               rule's foundation runs they are also Ratatouille's foundation-init members;
-      aux     runs the init rule starts from an auxiliary featurizer: `lp_steps` + 1
+      aux     runs the init rule starts from an auxiliary featurizer: `plan.lp_steps` + 1
               classifier-only updates, Adam reset, then the whole net;
-      fusing  Σλ_j φ_j inits (§1.5) with the same linear-probe phase (when `run_fusing`).
+      fusing  Σλ_j φ_j inits (§1.5) with the same linear-probe phase (when `plan.run_fusing`).
     Returns {group: GroupResult}."""
-    names = sorted(pool)
-    head = w_lp["classifier"]
-    hps, inits, tags = [], [], []
-
-    def hp_of(hparams_seed, **extra):
-        return dict(member_hparams([hparams_seed], trial, target.name, test_env,
-                                   settings.lr_scale)[0], **extra)
-    for h in range(n_hparams):
-        hps.append(hp_of(h, lp_steps=-1, init=FOUNDATION, h=h))
-        inits.append({"featurizer": featurizer, "classifier": head})
-        tags.append("noaux")
-    for h in range(n_hparams):
-        assignment = aux_init_assignment(h, names, n_runs)
-        if assignment == "imagenet":
-            continue
-        aux_name, run = assignment
-        hps.append(hp_of(h, lp_steps=lp_steps, init=f"aux:{aux_name}/run{run}", h=h))
-        inits.append({"featurizer": pool[aux_name]["featurizers"][run], "classifier": head})
-        tags.append("aux")
-    if run_fusing and names:
-        for h in range(n_hparams):
-            hp = hp_of(h, lp_steps=lp_steps, h=h)
-            candidates = [featurizer] + [pool[n]["featurizers"][h % n_runs] for n in names]
-            lam = soups.fusing_coefficients(hp["seed"], fusing_range, len(candidates))
-            hp["init"] = "fusing:" + ",".join(f"{x:.3f}" for x in lam)
-            hps.append(hp)
-            inits.append({"featurizer": trees.to_host(soups.fuse(candidates, lam)),
-                          "classifier": head})
-            tags.append("fusing")
-    for hp, tag in zip(hps, tags):
-        hp["group"] = tag
-    pool_fp = [pool[n]["fingerprint"] for n in names]
-    fp = fingerprint("target", target.identity, test_env, trial, hps, foundation_hash, pool_fp,
-                     settings.fingerprint())
+    members = _target_inits(target, test_env, trial, w_lp["classifier"], foundation, plan,
+                            settings.lr_scale)
+    names = sorted(plan.pool)
+    fp = fingerprint("target", target.identity, test_env, trial,
+                     [m.to_dict() for m in members.specs], foundation.hash,
+                     [plan.pool[n].fingerprint for n in names], settings.fingerprint())
     run = f"{target.name}_test{test_env}_trial{trial}"
-    group_run = GroupRun([test_env], trial, steps, checkpoint_freq,
+    group_run = GroupRun([test_env], trial, plan.steps, plan.checkpoint_freq,
                          stage=f"target env{test_env} trial{trial}")
-    res = _run_group(store or MemoryStore(), f"target/{run}", fp, target, inits, hps, ("best",),
-                     batch_stats, group_run, settings)
+    res = _run_group(store or MemoryStore(), _Job(f"target/{run}", fp, ("best",)), target,
+                     members.inits, members.specs, foundation.batch_stats, group_run, settings)
+    tags = [m.group for m in members.specs]
     return {tag: res.subset([i for i, t in enumerate(tags) if t == tag])
             for tag in dict.fromkeys(tags)}
+
+
+def _target_inits(target: DomainDataset, test_env: int, trial: int, head, foundation: Foundation,
+                  plan: TargetPlan, lr_scale: float) -> _Members:
+    """The no-aux, aux-init and fusing members of one (test env, trial), in that order."""
+    names = sorted(plan.pool)
+    out = _Members()
+
+    def spec(h, lp_steps, init, group):
+        hp = member_hparams([h], trial, target.name, test_env, lr_scale)[0]
+        return MemberSpec(dict(hp, lp_steps=lp_steps), init=init, group=group, h=h)
+    for h in range(plan.n_hparams):
+        out.add(foundation.featurizer, head, spec(h, -1, FOUNDATION, "noaux"))
+    for h in range(plan.n_hparams):
+        assignment = aux_init_assignment(h, names, plan.n_runs)
+        if assignment == "imagenet":
+            continue
+        aux_name, r = assignment
+        out.add(plan.pool[aux_name].featurizers[r], head,
+                spec(h, plan.lp_steps, f"aux:{aux_name}/run{r}", "aux"))
+    if plan.run_fusing and names:
+        for h in range(plan.n_hparams):
+            member = spec(h, plan.lp_steps, None, "fusing")
+            candidates = [foundation.featurizer] + [plan.pool[n].featurizers[h % plan.n_runs]
+                                                    for n in names]
+            lam = soups.fusing_coefficients(member.seed, plan.fusing_range, len(candidates))
+            out.add(trees.to_host(soups.fuse(candidates, lam)), head,
+                    member.replace(init="fusing:" + ",".join(f"{x:.3f}" for x in lam)))
+    return out

@@ -127,7 +127,7 @@ def test_resume_notice_and_quiet(tmp_path, capsys):
 def _group(n=2):
     return stages.GroupResult({"w": np.zeros((n, 3), np.float32)},
                               {"w": np.ones((n, 3), np.float32)}, np.linspace(0.5, 0.6, n),
-                              np.zeros(n, bool), [{"h": i} for i in range(n)])
+                              np.zeros(n, bool), [stages.MemberSpec({}, h=i) for i in range(n)])
 
 
 def test_skip_notice_and_tensorboard_folder_of_a_stored_run(tmp_path, capsys):

@@ -11,6 +11,7 @@ import pytest
 import rat_jax as rj
 from rat_jax import stages, trees
 from rat_jax.pipeline import Pipeline
+from rat_jax.specs import MemberSpec
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -84,7 +85,7 @@ def test_train_needs_one_hparams_entry_per_init():
 def _fake_result(value: float) -> stages.GroupResult:
     params = {"w": np.full((2, 3), value, np.float32)}
     return stages.GroupResult(params, params, np.array([0.5, 0.6], np.float32),
-                              np.zeros(2, bool), [{"seed": 1}, {"seed": 2}])
+                              np.zeros(2, bool), [MemberSpec({"seed": 1}), MemberSpec({"seed": 2})])
 
 
 def test_workdir_store_loads_done_runs_prunes_checkpoints_and_retrains_changed_ones(tmp_path, caplog):
@@ -103,8 +104,9 @@ def test_workdir_store_loads_done_runs_prunes_checkpoints_and_retrains_changed_o
     assert not (run_dir / "checkpoints").exists()  # resume-only state pruned once done
     assert (run_dir / "done.json").exists() and (run_dir / "result").exists()
 
-    again = store.run("target/x", "fp1", [{"h": 0}, {"h": 1}], train(2.0))
-    assert len(calls) == 1 and again.info == [{"h": 0}, {"h": 1}]
+    specs = [MemberSpec({}, h=0), MemberSpec({}, h=1)]
+    again = store.run("target/x", "fp1", specs, train(2.0))
+    assert len(calls) == 1 and again.info == specs
     np.testing.assert_array_equal(again.best_params["w"], first.best_params["w"])
 
     with caplog.at_level("WARNING", logger="rat_jax"):
