@@ -22,7 +22,6 @@ def get_config(arg=None):
     c.lp_probe_steps = 300            # a linear probe at the reference lr needs a few hundred steps
     c.aux = common.embedded_aux(steps=100, checkpoint_freq=50)
     c.max_eval_images = 150
-    c.engine.cpu_devices = 8          # small steps: one member per emulated device (benchmarks.md)
     if variant == "smoke":
         common.smoke(c)
     return c
