@@ -15,7 +15,7 @@ def get_config(arg=None):
     variant = common.parse_variant(arg, __file__, allowed=("smoke",))
     c = common.cpu(common.base())
     # What differs from the :cpu variant (tests/test_configs.py checks this list).
-    c.target = common.dataset("digits", test_envs=(0, 1, 2), steps=150, checkpoint_freq=50)
+    c.target = common.dataset("digits", test_envs=(0, 1, 2), steps=100, checkpoint_freq=50)
     c.image_size = 32
     c.batch_size = 8
     c.trials = (0, 1)                 # two trials: the † rows
