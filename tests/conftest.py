@@ -9,6 +9,10 @@ from rat_jax import runtime
 runtime.configure_cpu_xla_flags("auto")  # the process-wide XLA:CPU flags of the default settings
 runtime.apply_mallopt()  # `make test` starts pytest with the malloc tunables; a bare pytest gets these
 jax.config.update("jax_num_cpu_devices", 8)
+# XLA's persistent cache, as the CLI and notebooks use it ($RAT_JAX_COMPILE_CACHE or
+# ~/.cache/rat_jax/xla): the tests compile the same programs as each other (pipelines rebuilt per
+# test, the CLI subprocesses) and as the last run; a hit skips XLA's compile, not the tracing.
+runtime.enable_compilation_cache()
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PACS_ROOT = REPO.parent / "shared" / "datasets" / "PACS"

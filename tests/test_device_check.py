@@ -9,6 +9,7 @@ import pathlib
 import subprocess
 import sys
 
+import jax
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -26,8 +27,11 @@ def _run(tmp_path, *extra):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["PYTHONUNBUFFERED"] = "1"
+    # the suite's persistent compilation cache (tests/conftest.py), not a new one per run: the
+    # rows after the first compile what the last run compiled (the first row always compiles)
+    cache = jax.config.jax_compilation_cache_dir
     proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--out", str(out), "--work",
-                           str(tmp_path / "work"), *extra],
+                           str(tmp_path / "work"), "--cache-dir", cache, *extra],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["device_check.json", "device_check.md"]

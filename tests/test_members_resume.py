@@ -75,12 +75,14 @@ if __name__ == "__main__":
     jax.config.update("jax_num_cpu_devices", 2)
     jax.config.update("jax_compilation_cache_dir", sys.argv[2])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    np.savez(sys.argv[1] + ".npz", **run(sys.argv[1], sleep=0.25, mode=sys.argv[3]))
+    np.savez(sys.argv[1] + ".npz", **run(sys.argv[1], sleep=float(sys.argv[5]), mode=sys.argv[3]))
     print("DONE", flush=True)
 '''
 
 
-def _cmd(tmp_path, name, mode="synthetic"):
+def _cmd(tmp_path, name, mode="synthetic", sleep=0.0):
+    """The run as a command; `sleep` (seconds per batch) leaves time to kill it between
+    checkpoints: only the run that is killed needs it (it changes no bits)."""
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     images = tmp_path / "images"
@@ -95,7 +97,7 @@ def _cmd(tmp_path, name, mode="synthetic"):
                     Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
                         images / e / c / f"{i}.png")
     return [sys.executable, str(script), str(tmp_path / name), str(tmp_path / "jax_cache"),
-            mode, str(images)]
+            mode, str(images), str(sleep)]
 
 
 def _env():
@@ -127,7 +129,7 @@ def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path, mode):
         for k in host.files:
             np.testing.assert_array_equal(host[k], ref[k], err_msg=k)
 
-    cmd = _cmd(tmp_path, "killed", mode)
+    cmd = _cmd(tmp_path, "killed", mode, sleep=0.25)
     proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while not _committed_steps(tmp_path / "killed") and proc.poll() is None:
@@ -140,7 +142,7 @@ def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path, mode):
     killed_at = _committed_steps(tmp_path / "killed")
     assert killed_at and killed_at[-1] < 11
 
-    rerun = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(_cmd(tmp_path, "killed", mode), env=_env(), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     got = np.load(tmp_path / "killed.npz")
     assert sorted(got.files) == sorted(ref)
