@@ -66,6 +66,16 @@ def child(a) -> dict:
             "peak_rss_mb": r1.ru_maxrss // 1024}
 
 
+def describe(row: dict) -> str:
+    """One human-readable line of a row."""
+    cells = [f"{row['model']} {row['image']}px b{row['batch']} M={row['members']}",
+             f"devices={row['devices']:<2} {row['profile']:<7}",
+             f"{row['member_steps_per_s']:7.3f} member-steps/s (x{row['speed']:.2f})",
+             f"{row['s_per_step']:.2f} s/step", f"{row['page_faults_per_step']:>8} faults/step",
+             f"sys {row['sys_s_per_step']} s", f"peak {row['peak_rss_mb']} MB"]
+    return "  ".join(cells)
+
+
 def child_env(profile: str) -> dict:
     """The environment a process started by rat_jax's entry points has under `profile`."""
     from rat_jax import runtime
@@ -112,14 +122,7 @@ def main(argv=None):
                 row = dict(json.loads(out.stdout.strip().splitlines()[-1]), profile=prof)
                 base = base or row["member_steps_per_s"]
                 row["speed"] = round(row["member_steps_per_s"] / base, 3)
-                if a.json:
-                    print(json.dumps(row), flush=True)
-                else:
-                    print(f"{arch} {a.image}px b{a.batch} M={a.members} devices={devices:<2} "
-                          f"{prof:<7} {row['member_steps_per_s']:7.3f} member-steps/s "
-                          f"(x{row['speed']:.2f})  {row['s_per_step']:.2f} s/step  "
-                          f"{row['page_faults_per_step']:>8} faults/step  sys "
-                          f"{row['sys_s_per_step']} s  peak {row['peak_rss_mb']} MB", flush=True)
+                print(json.dumps(row) if a.json else describe(row), flush=True)
 
 
 if __name__ == "__main__":

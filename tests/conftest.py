@@ -1,4 +1,5 @@
 """Test set-up: rat_jax's CPU settings and 8 emulated CPU devices, before any JAX device use."""
+import importlib.util
 import pathlib
 
 import jax
@@ -24,3 +25,11 @@ def pacs_root():
     if not PACS_ROOT.is_dir():
         pytest.skip(f"PACS not found at {PACS_ROOT}")
     return PACS_ROOT
+
+
+def load_script(path: pathlib.Path, name: str | None = None):
+    """A script that is not a package module (launch/*.py), imported from its path."""
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -2,7 +2,6 @@
 the JSON and the table; its row runner, plan and table."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
@@ -12,15 +11,14 @@ import sys
 import jax
 import pytest
 
+from conftest import load_script
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "launch" / "device_check.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("device_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(SCRIPT)
 
 
 def _run(tmp_path, *extra):

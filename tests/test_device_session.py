@@ -1,6 +1,5 @@
 """launch/prepare_device.py + launch/device_session.sh: the offline accelerator bundle and its run,
 rehearsed on CPU (DEVICE_SESSION_TINY=1) with a PACS subset prepared the way the real one is."""
-import importlib.util
 import os
 import pathlib
 import subprocess
@@ -9,17 +8,14 @@ import zipfile
 
 import pytest
 
-from conftest import PACS_ROOT
+from conftest import PACS_ROOT, load_script
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PREPARE = REPO / "launch" / "prepare_device.py"
 
 
 def _prepare_module():
-    spec = importlib.util.spec_from_file_location("prepare_device", PREPARE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script(PREPARE)
 
 
 def _prepare(out, *extra):
