@@ -102,7 +102,7 @@ class Pipeline:
         rows = []
         for k in test_envs:
             rows += self._test_env(target, k, foundation, plan)
-            runtime.release_memory()  # this test env's members are freed before the next one
+            runtime.release_memory(compiled=True)  # this test env's members and programs
         notes = selection.notes(c, target, self.trained_members, rows, aux_names=sorted(pool),
                                 n_runs=plan.n_runs)
         if brought:

@@ -195,14 +195,14 @@ def apply_mallopt() -> bool:
     return all(libc.mallopt(param, value) == 1 for param, value in settings)
 
 
-def release_memory() -> None:
-    """Between stages: drop JAX's in-memory compilation caches (each members run compiles its
-    own programs; a later run of the same shapes reloads them from the persistent compilation
-    cache), collect Python's reference cycles (finished runs' engines, loaders and params) and
-    hand glibc's free pages back to the OS (malloc_trim, every arena), so that the next stage
-    starts from what is live instead of the previous stages' peak."""
+def release_memory(compiled: bool = False) -> None:
+    """Between stages: collect Python's reference cycles (finished runs' engines, loaders and
+    params) and hand glibc's free pages back to the OS (malloc_trim, every arena), so that the
+    next stage starts from what is live instead of the previous stages' peak. `compiled`: also
+    drop JAX's in-memory compilation caches (programs of the same shapes are then reloaded from
+    the persistent compilation cache: worth it between test envs, not between runs)."""
     import gc
-    if "jax" in sys.modules:
+    if compiled and "jax" in sys.modules:
         sys.modules["jax"].clear_caches()
     gc.collect()
     if _is_glibc():

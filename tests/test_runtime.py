@@ -247,3 +247,30 @@ def test_setup_notebook_neither_initializes_distributed_nor_tunes_malloc():
                          timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert json.loads(res.stdout.strip().splitlines()[-1]) == ["cpu", [], 2]
+
+
+def test_release_memory_collects_cycles_and_drops_compiled_programs_only_when_asked():
+    import gc
+    import weakref
+
+    import jax
+    import jax.numpy as jnp
+
+    class Node:
+        pass
+    a, b = Node(), Node()
+    a.other, b.other = b, a  # a reference cycle: only the cycle collector frees it
+    gone = weakref.ref(a)
+    gc.disable()
+    try:
+        del a, b
+        assert gone() is not None
+        f = jax.jit(lambda x: x * 2)
+        f(jnp.ones(3))
+        assert f._cache_size() == 1
+        runtime.release_memory()
+        assert gone() is None and f._cache_size() == 1  # programs stay between runs
+        runtime.release_memory(compiled=True)
+        assert f._cache_size() == 0  # reloaded from the persistent cache when next called
+    finally:
+        gc.enable()
