@@ -25,8 +25,8 @@ venv: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(PY) -m rat_jax.main --config=configs/demo.py --workdir=$(WORKDIR)
 
-# Default test run (< ~15 min on 2 cores). Exit code 5 (no tests collected) counts as failure
-# of the set-up, so it is reported, not hidden.
+# Default test run (times in docs/benchmarks.md). Exit code 5 (no tests collected) counts as
+# failure of the set-up, so it is reported, not hidden.
 # pytest runs with the glibc malloc settings rat_jax's entry points give themselves (runtime.py).
 MALLOC_ENV = env $$($(PY) -m rat_jax.runtime)
 
