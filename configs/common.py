@@ -95,7 +95,9 @@ def base() -> ml_collections.ConfigDict:
     c.aux_pool_dir = ""               # share an auxiliary pool between runs (default workdir/aux)
     c.keep_checkpoints = False        # keep each run's resume checkpoints after it is done
     c.domainnet_duplicates = ""       # DomainBed's domain_net_duplicates.txt (uncleaned DomainNet)
-    c.eval_all_splits = True          # records every env's in/out accuracy, as DomainBed
+    c.eval_all_splits = False         # True: every env's in/out at every evaluation point, as
+                                      # DomainBed; False: the ID-val there, the test env after
+                                      # the run on the best and final params (docs/running.md)
     c.max_eval_images = 0             # >0: evaluate a fixed subset per split (CPU runs)
     # Multi-process runs (rat_jax/distributed.py); empty, 0 or -1: from the launcher, or detected.
     c.distributed = ml_collections.ConfigDict(dict(
@@ -196,7 +198,6 @@ def cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.trials = (0,)                   # one trial (CPU-sized): no † rows, no ±
     c.lp_probe_steps = 50
     c.validation_augment = False
-    c.eval_all_splits = False
     c.max_eval_images = 400
     c.target.steps, c.target.checkpoint_freq = 100, 50
     c.aux = embedded_aux(steps=40, checkpoint_freq=20)

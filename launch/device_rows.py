@@ -277,7 +277,8 @@ def eval_row(engines: Engines, shape: Shape, dataset, cache: str, eval_batch: in
     settings = stages.TrainSettings(arch=shape.arch, image_size=shape.image,
                                     eval_batch_size=eval_batch, cache_dir=cache,
                                     conv_impl=shape.conv_impl, compute_dtype=shape.dtype)
-    sets = stages.eval_sets(dataset, [0], 0, settings)
+    run = stages.GroupRun(test_envs=[0], trial=0, steps=1, checkpoint_freq=1)
+    sets, _ = stages.eval_sets(dataset, run, settings, seeds=list(range(shape.members)))
     sets = {n: sets[n] for n in id_val_names(dataset.num_envs, [0])}
     live = engines.live(shape)
     times = []

@@ -29,8 +29,8 @@ from rat_jax.data.protocol import (aux_init_assignment, random_hparams, run_seed
                                    split_indices)
 from rat_jax.diagnostics import barrier, diversity, interpolate, lmc_curve, lmc_gate
 from rat_jax.engine import TrainResult, id_val_names
-from rat_jax.evaluation import (StackEvaluator, accuracy, eval_split, load_split, predict_logits,
-                                predict_logits_stacked)
+from rat_jax.evaluation import (SplitSpec, StackEvaluator, accuracy, eval_split, load_split,
+                                predict_logits, predict_logits_stacked)
 from rat_jax.export import export_flax, export_torch
 from rat_jax.foundation import load_foundation
 from rat_jax.models import create_model
@@ -87,9 +87,9 @@ def linear_probe(ds, featurizer: Any, batch_stats: Any, *, test_envs: Sequence[i
 
 
 def _split(ds, envs, split, trial_seed, s: TrainSettings):
-    return load_split(ds, trial_seed=trial_seed, envs=envs, split=split,
-                      image_size=s.image_size, holdout_fraction=s.holdout_fraction,
-                      **s.cache_kw())
+    return load_split(ds, SplitSpec(trial_seed=trial_seed, envs=envs, split=split,
+                                    image_size=s.image_size,
+                                    holdout_fraction=s.holdout_fraction), **s.cache_kw())
 
 
 def evaluate(params: Any, batch_stats: Any, ds, *, envs: Sequence[int], split: str = "all",
@@ -107,9 +107,9 @@ def _member_logits(stacked: Any, batch_stats: Any, ds, envs, split, trial_seed,
                    s: TrainSettings):
     """(logits [M, N, C], labels) of every member through the member engine: members and
     images sharded over the devices (and processes, each decoding only its rows)."""
-    data = eval_split(ds, trial_seed=trial_seed, envs=envs, split=split,
-                      image_size=s.image_size, holdout_fraction=s.holdout_fraction,
-                      **s.cache_kw())
+    data = eval_split(ds, SplitSpec(trial_seed=trial_seed, envs=envs, split=split,
+                                    image_size=s.image_size,
+                                    holdout_fraction=s.holdout_fraction), **s.cache_kw())
     ev = StackEvaluator(s.model(ds.num_classes), batch_stats, s.eval_batch_size)
     return ev.logits(stacked, data), data.labels
 
@@ -164,12 +164,12 @@ def diagnostic_figures(stacked: Any, scores: Sequence[float], batch_stats: Any, 
 __all__ = [
     "accuracy", "aux_init_assignment", "aux_pool", "average", "AuxRuns", "AuxTask", "barrier",
     "build_demo_datasets", "concatenate", "convert_torch_checkpoint", "create_model", "dataset",
-    "diagnostic_figures", "diversity", "ensemble", "ensemble_logits", "evaluate",
+    "diagnostic_figures", "diversity", "ensemble", "ensemble_logits", "eval_split", "evaluate",
     "evaluate_members", "export_aux_pool", "export_flax", "export_torch", "Foundation", "fuse",
     "fusing_coefficients", "greedy_soup", "id_val_names", "interpolate", "linear_probe",
     "lmc_curve", "lmc_gate", "load_aux_checkpoints", "load_foundation", "load_split",
     "member_hparams", "MemberSpec", "new_head", "PoolCheck",
     "predict_logits", "predict_logits_stacked", "random_hparams", "read_torch_file", "run_seed",
-    "seed_hash", "select", "select_and_evaluate", "split_indices", "stack", "take",
+    "seed_hash", "select", "select_and_evaluate", "split_indices", "SplitSpec", "stack", "take",
     "target_members", "TargetPlan", "train", "train_and_evaluate", "TrainResult", "TrainSettings",
 ]

@@ -1,83 +1,109 @@
 """Evaluation: evaluation splits, logits of stacked members, accuracy and loss.
 
-Two paths give the same logits:
-  * the engine path (`StackEvaluator`, what selection uses): stacked params [K] -> logits
-    [K, N, C] by `MemberEngine.logits`, members split over the devices' 'model' axis and images
-    over 'data' and over the processes; an `EvalSplit` names a split's rows and each process
-    decodes only the rows its devices hold;
-  * the reference one-device path (`predict_logits`, `predict_logits_stacked`): members one by
-    one on host arrays (`load_split`).
+Every logit comes from the engine's one evaluation program (engine.programs.forward_program),
+the one training-time evaluation uses: `StackEvaluator` turns stacked params [K] into logits
+[K, N, C] by `MemberEngine.logits`, members split over the devices' 'model' axis and images over
+'data' and over the processes; an `EvalSplit` names a split's rows and each process decodes only
+the rows its devices hold. `predict_logits` / `predict_logits_stacked` are the same program on
+this process's devices, for host arrays (`load_split`).
 
-Images stay uint8 on the host and are normalized on device (ImageNet mean/std, as
-`rat_jax.data.transforms.normalize`). Every batch has the same shape (the last one is padded), so
-one model is compiled once per (batch size, image size).
+Images stay uint8 on the host and are normalized on device, as the train step normalizes them
+(augment.model_input). Every batch has the same shape (the last one is padded), so one program
+is compiled per (batch size, image size).
 """
 from __future__ import annotations
 
 import concurrent.futures
-import functools
-from typing import Any, Sequence
+import dataclasses
+from typing import Any, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from rat_jax import trees
-from rat_jax.data import DomainDataset, ImageStore, eval_indices, iterate_eval, load_dataset
+from rat_jax.data import DomainDataset, ImageStore, eval_indices, load_dataset
+from rat_jax.data import transforms as T
 from rat_jax.data.store import DEFAULT_CACHE
-from rat_jax.engine.step import normalize_on_device
 
-__all__ = ["load_split", "EvalSplit", "eval_split", "StackEvaluator", "predict_logits",
-           "predict_logits_stacked", "accuracy", "mean_loss", "normalize_on_device"]
+__all__ = ["SplitSpec", "load_split", "EvalSplit", "eval_split", "StackEvaluator", "predict_logits",
+           "predict_logits_stacked", "accuracy", "mean_loss"]
 
 
-def load_split(dataset, *, trial_seed: int = 0, envs: Sequence[int | str] | None = None,
-               split: str = "all", image_size: int = 224, holdout_fraction: float = 0.2,
-               augment: bool = False, seed: int = 0, cache_dir=DEFAULT_CACHE,
-               workers: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(images uint8 [N, H, W, 3], labels int32 [N]): `split` ('in' | 'out' | 'all') of each env in
-    `envs` (all envs when None), concatenated in the order given.
+SPLIT_CODES = {"out": 0, "in": 1, "all": 2}   # part of an augmented draw's seed
 
-    `dataset` is a `DomainDataset` or anything `rat_jax.data.load_dataset` accepts (a demo name,
-    a folder path).
-    """
-    if not isinstance(dataset, DomainDataset):
-        dataset = load_dataset(dataset)
-    if split not in ("in", "out", "all"):
-        raise ValueError(f"split={split!r}: use 'in', 'out' or 'all'")
-    env_list = list(range(dataset.num_envs)) if envs is None else list(envs)
-    images, labels = [], []
-    for batch in iterate_eval(dataset, trial_seed=trial_seed, envs=env_list, splits=(split,),
-                              batch_size=256, image_size=image_size, augment=augment, seed=seed,
-                              holdout_fraction=holdout_fraction, cache_dir=cache_dir,
-                              workers=workers, pad=False, output="uint8"):
-        images.append(batch["images"])
-        labels.append(batch["labels"])
-    if not images:
-        return (np.zeros((0, image_size, image_size, 3), np.uint8), np.zeros((0,), np.int32))
-    return np.concatenate(images), np.concatenate(labels).astype(np.int32)
+
+@dataclasses.dataclass(frozen=True)
+class SplitSpec:
+    """Which rows an evaluation split holds: `split` ('in' | 'out' | 'all') of each env in `envs`
+    (all envs when None; indices or names), concatenated in the order given, for split seed
+    `trial_seed` and `holdout_fraction`; `max_images` > 0 keeps a fixed subset of that many rows
+    (numpy RandomState(0), kept in order); images at `image_size`. `train_side`: the training
+    image cache an augmented draw crops from (ImageStore; None: the original images)."""
+    trial_seed: int = 0
+    envs: Sequence[int | str] | None = None
+    split: str = "all"
+    image_size: int = 224
+    holdout_fraction: float = 0.2
+    max_images: int = 0
+    train_side: int | None = None
+
+    def __post_init__(self):
+        if self.split not in SPLIT_CODES:
+            raise ValueError(f"split={self.split!r}: use 'in', 'out' or 'all'")
+
+    @classmethod
+    def of(cls, settings, **fields) -> "SplitSpec":
+        """The spec a run with TrainSettings `settings` evaluates (its image size, holdout
+        fraction, evaluation cap and training cache); `fields`: trial_seed, envs, split."""
+        return cls(image_size=settings.image_size, holdout_fraction=settings.holdout_fraction,
+                   max_images=settings.max_eval_images, train_side=settings.train_side,
+                   **fields)
+
+    def replace(self, **changes) -> "SplitSpec":
+        return dataclasses.replace(self, **changes)
 
 
 class EvalSplit:
-    """The rows of an evaluation split, decoded only when asked: `labels` [N] int32 (known without
-    decoding), `load(rows)` -> uint8 [len(rows), size, size, 3] through the ImageStore cache (what
-    `iterate_eval` yields for them). The row-source interface of MemberEngine.logits: each
-    process loads only the rows its devices hold. `images()`: every row (load_split's array)."""
+    """The rows of an evaluation split (`eval_split`), decoded only when asked: `labels` [N]
+    int32 (known without decoding); `load(rows)` -> uint8 [len(rows), size, size, 3] (the
+    evaluation transform: a resize of the whole image, through the ImageStore cache);
+    `load_members(rows, seeds, step)` -> [len(seeds), len(rows), size, size, 3], each member's
+    own draw of the training transform (the reference's augmented validation); `batches(...)`
+    walks the split in fixed-size batches of either. The row-source interface of
+    MemberEngine.logits: each process loads only the rows its devices hold.
 
-    def __init__(self, store: ImageStore, envs: np.ndarray, index: np.ndarray, labels: np.ndarray,
-                 image_size: int):
-        self.store, self.envs, self.index = store, np.asarray(envs), np.asarray(index)
-        self.labels = np.asarray(labels, np.int32)
-        self.image_size = int(image_size)
+    A draw is seeded by (seed, step, env, split, position of the image in its env's split),
+    (seed, env, split, position) without a step: the same for a member wherever, whenever and
+    in whatever batch it is computed, so members are independent and a resumed run draws what
+    the first would have."""
+
+    def __init__(self, store: ImageStore, rows: dict, spec: SplitSpec):
+        self.store, self.spec = store, spec
+        self.envs, self.index = np.asarray(rows["envs"]), np.asarray(rows["index"])
+        self.positions = np.asarray(rows["positions"])
+        self.labels = np.asarray(rows["labels"], np.int32)
+        self.image_size = int(spec.image_size)
         self.image_shape, self.dtype = (self.image_size, self.image_size, 3), np.dtype(np.uint8)
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    def _rows(self) -> dict:
+        return {"envs": self.envs, "index": self.index, "positions": self.positions,
+                "labels": self.labels}
+
     def subset(self, rows) -> "EvalSplit":
         rows = np.asarray(rows, np.int64)
-        return EvalSplit(self.store, self.envs[rows], self.index[rows], self.labels[rows],
-                         self.image_size)
+        return EvalSplit(self.store, {k: v[rows] for k, v in self._rows().items()}, self.spec)
+
+    def _map(self, fn, count: int) -> None:
+        workers = getattr(self.store, "workers", 1) or 1
+        if workers > 1 and count > 1:
+            with concurrent.futures.ThreadPoolExecutor(min(workers, count)) as pool:
+                list(pool.map(fn, range(count)))
+        else:
+            for k in range(count):
+                fn(k)
 
     def load(self, rows) -> np.ndarray:
         rows = np.asarray(rows, np.int64)
@@ -86,47 +112,87 @@ class EvalSplit:
         def one(k):
             r = rows[k]
             out[k] = self.store.eval_array(int(self.envs[r]), int(self.index[r]), self.image_size)
-        workers = getattr(self.store, "workers", 1) or 1
-        if self.store.cache_dir is None and workers > 1 and len(rows) > 1:  # decoding: threads
-            with concurrent.futures.ThreadPoolExecutor(min(workers, len(rows))) as pool:
-                list(pool.map(one, range(len(rows))))
-        else:                                                  # reads of the cached arrays
+        if self.store.cache_dir is None:   # decoding: threads
+            self._map(one, len(rows))
+        else:                               # reads of the cached arrays
             for k in range(len(rows)):
                 one(k)
         return out
+
+    def draw_key(self, row: int, seed: int, step: int | None) -> list[int]:
+        """The seed of one augmented draw (see the class docstring)."""
+        key = [int(self.envs[row]), SPLIT_CODES[self.spec.split], int(self.positions[row])]
+        return [int(seed)] + ([] if step is None else [int(step)]) + key
+
+    def load_members(self, rows, seeds: Sequence[int], step: int | None = None) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        out = np.zeros((len(seeds), len(rows)) + self.image_shape, np.uint8)
+        side = self.spec.train_side
+
+        def one(k):
+            m, j = divmod(k, len(rows))
+            r = int(rows[j])
+            rng = np.random.default_rng(self.draw_key(r, seeds[m], step))
+            image = self.store.train_image(int(self.envs[r]), int(self.index[r]), side)
+            out[m, j] = T.train_transform_uint8(image, self.image_size, rng)
+        self._map(one, len(seeds) * len(rows))
+        return out
+
+    def batches(self, batch_size: int, seeds: Sequence[int] | None = None,
+                step: int | None = None) -> Iterator[dict]:
+        """dict(images, labels) batches of `batch_size` rows (the last one short), in row
+        order: the evaluation transform shared by every member ([B, ...], labels [B]), or with
+        `seeds` each member's own augmented draw at evaluation step `step` ([M, B, ...],
+        labels [M, B])."""
+        for start in range(0, len(self), batch_size):
+            rows = np.arange(start, min(start + batch_size, len(self)))
+            if seeds is None:
+                yield {"images": self.load(rows), "labels": self.labels[rows]}
+            else:
+                yield {"images": self.load_members(rows, seeds, step),
+                       "labels": np.broadcast_to(self.labels[rows], (len(seeds), len(rows)))}
 
     def images(self) -> np.ndarray:
         return self.load(np.arange(len(self)))
 
 
-def eval_split(dataset, *, trial_seed: int = 0, envs: Sequence[int | str] | None = None,
-               split: str = "all", image_size: int = 224, holdout_fraction: float = 0.2,
-               max_images: int = 0, store: ImageStore | None = None, cache_dir=DEFAULT_CACHE,
-               workers: int | None = None) -> EvalSplit:
-    """`load_split`'s rows (same order) as an EvalSplit, nothing decoded. `max_images` > 0: a
-    fixed subset of that many rows (numpy RandomState(0), kept in order), as the selection stage
-    draws it."""
+def eval_split(dataset, spec: SplitSpec | None = None, *, store: ImageStore | None = None,
+               cache_dir=DEFAULT_CACHE, workers: int | None = None) -> EvalSplit:
+    """The rows `spec` names (SplitSpec) as an EvalSplit, nothing decoded. `dataset`: a
+    DomainDataset or anything `rat_jax.data.load_dataset` accepts (a demo name, a folder path).
+    `store`: the ImageStore to read through (default: one over `cache_dir` with `workers`)."""
+    spec = spec or SplitSpec()
     if not isinstance(dataset, DomainDataset):
         dataset = load_dataset(dataset)
-    if split not in ("in", "out", "all"):
-        raise ValueError(f"split={split!r}: use 'in', 'out' or 'all'")
     store = store or ImageStore(dataset, cache_dir, workers)
-    env_list = (list(range(dataset.num_envs)) if envs is None
-                else [dataset.env_index(e) for e in envs])
-    index = eval_indices(dataset, trial_seed, holdout_fraction)
-    env_rows, idx_rows, labels = [], [], []
+    env_list = (list(range(dataset.num_envs)) if spec.envs is None
+                else [dataset.env_index(e) for e in spec.envs])
+    index = eval_indices(dataset, spec.trial_seed, spec.holdout_fraction)
+    parts = {"envs": [], "index": [], "positions": [], "labels": []}
     for env in env_list:
-        idx = np.asarray(index[(env, split)], np.int64)
-        env_rows.append(np.full(len(idx), env, np.int64))
-        idx_rows.append(idx)
-        labels.append(np.asarray(dataset.labels(env))[idx])
-    cat = lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros((0,), dt)
-    out = EvalSplit(store, cat(env_rows, np.int64), cat(idx_rows, np.int64),
-                    cat(labels, np.int32), image_size)
-    if max_images and len(out) > max_images:
-        keep = np.random.RandomState(0).choice(len(out), max_images, replace=False)
+        idx = np.asarray(index[(env, spec.split)], np.int64)
+        parts["envs"].append(np.full(len(idx), env, np.int64))
+        parts["index"].append(idx)
+        parts["positions"].append(np.arange(len(idx), dtype=np.int64))
+        parts["labels"].append(np.asarray(dataset.labels(env))[idx])
+    rows = {k: np.concatenate(v) if v else np.zeros((0,), np.int64) for k, v in parts.items()}
+    out = EvalSplit(store, rows, spec)
+    if spec.max_images and len(out) > spec.max_images:
+        keep = np.random.RandomState(0).choice(len(out), spec.max_images, replace=False)
         out = out.subset(np.sort(keep))
     return out
+
+
+def load_split(dataset, spec: SplitSpec | None = None, *, augment_seed: int | None = None,
+               cache_dir=DEFAULT_CACHE, workers: int | None = None) -> tuple[np.ndarray,
+                                                                            np.ndarray]:
+    """(images uint8 [N, H, W, 3], labels int32 [N]) of `eval_split(dataset, spec)`, decoded:
+    the evaluation transform, or with `augment_seed` one augmented draw of the training
+    transform seeded by it (EvalSplit.load_members)."""
+    data = eval_split(dataset, spec, cache_dir=cache_dir, workers=workers)
+    if augment_seed is None:
+        return data.images(), data.labels
+    return data.load_members(np.arange(len(data)), [augment_seed])[0], data.labels
 
 
 class StackEvaluator:
@@ -166,78 +232,25 @@ class StackEvaluator:
         return self.logits(trees.stack(params_list), images)
 
 
-@functools.lru_cache(maxsize=32)
-def _logits_fn(model):
-    """One jitted eval function per model (flax modules hash by their fields)."""
-    def fn(variables, images):
-        if images.dtype == jnp.uint8:
-            images = normalize_on_device(images)
-        return model.apply(variables, images, train=False).astype(jnp.float32)
-    return jax.jit(fn)
-
-
-def _get_fn(model):
-    try:
-        return _logits_fn(model)
-    except TypeError:  # an unhashable module: no cache, still one compile per call
-        return _logits_fn.__wrapped__(model)
-
-
-def _batches(n: int, batch_size: int):
-    bs = max(1, min(int(batch_size), n))
-    return bs, [(s, min(s + bs, n)) for s in range(0, n, bs)]
-
-
-def _padded(images: np.ndarray, start: int, stop: int, bs: int) -> np.ndarray:
-    chunk = images[start:stop]
-    if len(chunk) < bs:
-        pad = np.zeros((bs - len(chunk),) + chunk.shape[1:], chunk.dtype)
-        chunk = np.concatenate([chunk, pad])
-    return chunk
-
-
 def predict_logits(model, variables: dict, images, batch_size: int = 256) -> np.ndarray:
-    """Logits [N, C] (float32 numpy) of `model` with `variables` ({'params', 'batch_stats'}).
-
-    `images`: uint8 [N, H, W, 3] (normalized on device) or already-normalized float32.
-    """
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must be [N, H, W, 3], got shape {images.shape}")
-    n = len(images)
-    if n == 0:
-        return np.zeros((0, _num_classes(variables)), np.float32)
-    fn = _get_fn(model)
-    bs, spans = _batches(n, batch_size)
-    out = [np.asarray(fn(variables, _padded(images, a, b, bs)))[: b - a] for a, b in spans]
-    return np.concatenate(out)
+    """Logits [N, C] (float32 numpy) of `model` with `variables` ({'params', 'batch_stats'}) on
+    `images` (uint8 [N, H, W, 3], normalized on device, or normalized float32): the engine's
+    evaluation program on this process's devices."""
+    stacked = jax.tree.map(lambda x: np.asarray(x)[None], variables["params"])
+    return predict_logits_stacked(model, stacked, variables.get("batch_stats", {}), images,
+                                  batch_size)[0]
 
 
 def predict_logits_stacked(model, stacked_params: Any, batch_stats: Any, images,
                            batch_size: int = 256) -> np.ndarray:
     """Logits [M, N, C] of every member of `stacked_params` (leading member axis) with shared
-    frozen `batch_stats`. Each image batch is sent to the device once and run through every
-    member with the same compiled function."""
-    leaves = jax.tree.leaves(stacked_params)
-    if not leaves:
-        raise ValueError("predict_logits_stacked: stacked_params is empty")
-    m = int(leaves[0].shape[0])
-    members = [{"params": jax.device_put(trees.take(stacked_params, i)), "batch_stats": batch_stats}
-               for i in range(m)]
+    frozen `batch_stats`: the engine's evaluation program (StackEvaluator) on this process's
+    devices, each image batch sent once and run through every member."""
     images = np.asarray(images)
-    n = len(images)
-    if n == 0:
-        return np.zeros((m, 0, _num_classes(members[0])), np.float32)
-    fn = _get_fn(model)
-    bs, spans = _batches(n, batch_size)
-    out = [[] for _ in range(m)]
-    for a, b in spans:
-        batch = jax.device_put(_padded(images, a, b, bs))
-        for i, variables in enumerate(members):
-            out[i].append(fn(variables, batch))
-        for i in range(m):                      # fetch after dispatching every member
-            out[i][-1] = np.asarray(out[i][-1])[: b - a]
-    return np.stack([np.concatenate(o) for o in out])
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be [N, H, W, 3], got shape {images.shape}")
+    return StackEvaluator(model, batch_stats, batch_size,
+                          devices=jax.local_devices()).logits(stacked_params, images)
 
 
 def accuracy(logits, labels) -> float:
@@ -258,10 +271,3 @@ def mean_loss(logits, labels) -> float:
     logz = np.log(np.exp(z).sum(axis=-1))
     picked = np.take_along_axis(z, labels[..., None].astype(np.int64), axis=-1)[..., 0]
     return float(np.mean(logz - picked))
-
-
-def _num_classes(variables) -> int:
-    try:
-        return int(variables["params"]["classifier"]["bias"].shape[-1])
-    except (KeyError, TypeError):
-        return 0

@@ -21,7 +21,7 @@ import numpy as np
 from rat_jax import diagnostics, distributed, figures, report, soups, trees
 from rat_jax.engine.progress import Console
 from rat_jax.data import ImageStore
-from rat_jax.evaluation import StackEvaluator, accuracy, eval_split
+from rat_jax.evaluation import SplitSpec, StackEvaluator, accuracy, eval_split
 from rat_jax.specs import MemberSpec
 from rat_jax.stages import GroupResult, ratatouille_foundation_members
 
@@ -97,9 +97,8 @@ class _Evaluator:
     def split(self, envs, split, trial):
         s = self.settings
         self.console.status(f"trial {trial}: envs {list(envs)} split {split!r}")
-        data = eval_split(self.dataset, trial_seed=trial, envs=envs, split=split,
-                          image_size=s.image_size, holdout_fraction=s.holdout_fraction,
-                          max_images=s.max_eval_images, store=self.store)
+        data = eval_split(self.dataset, SplitSpec.of(s, trial_seed=trial, envs=envs,
+                                                     split=split), store=self.store)
         data.name = (tuple(envs), split, trial)
         return data
 

@@ -22,11 +22,12 @@ import jax
 import numpy as np
 
 from rat_jax import checkpoint, distributed, runtime, soups, trees
-from rat_jax.data import DomainDataset, MemberLoader, iterate_eval
+from rat_jax.data import DomainDataset, ImageStore, MemberLoader
 from rat_jax.data.protocol import (aux_init_assignment, default_hparams, random_hparams,
                                    run_seed)
 from rat_jax.engine import (EngineConfig, LoopConfig, RunOutput, TrainResult, id_val_names,
                             make_hparams, train_members)
+from rat_jax.evaluation import EvalSplit, SplitSpec, eval_split
 from rat_jax.engine.progress import NO_WRITER, Console, have_tensorboard
 from rat_jax.files import fingerprint, write_json_atomic
 from rat_jax.foundation import load_foundation
@@ -59,7 +60,7 @@ class TrainSettings:
     eval_batch_size: int = 64
     holdout_fraction: float = 0.2
     validation_augment: bool = True       # ID-val scored on augmented images, as the reference
-    eval_all_splits: bool = True          # records every env's in/out accuracy, as DomainBed
+    eval_all_splits: bool = False         # True: every env's in/out at every evaluation point
     max_eval_images: int = 0              # > 0: a fixed subset per evaluation split
     lr_scale: float = 1.0
     conv_impl: str = "auto"
@@ -109,7 +110,8 @@ class TrainSettings:
         """What changes a run's numbers (engine, cache, console and TensorBoard settings do
         not: a rerun with them changed loads the finished runs)."""
         fp = [self.arch, self.image_size, self.batch_size, self.holdout_fraction,
-              bool(self.validation_augment), self.max_eval_images, self.lr_scale]
+              bool(self.validation_augment), self.max_eval_images, self.lr_scale,
+              bool(self.eval_all_splits)]
         # a capped training cache changes the crops of larger images
         return fp + [int(self.train_cache_side)]
 
@@ -330,43 +332,38 @@ def new_head(arch: str, num_classes: int, seed: int = 0) -> dict:
             "bias": np.asarray(init(k2, (num_classes,)))}
 
 
-def _eval_source(dataset, env: int, split: str, trial: int, augment: bool,
-                 settings: TrainSettings):
-    """One eval set's batches as a callable; `step` (the evaluation step, given by the training
-    loop) seeds an augmented set's draw, so each evaluation point sees fresh augmentation, the
-    same in every run and after a resume. A clean set ignores it."""
-    limit = settings.max_eval_images
-
+def _eval_source(data: EvalSplit, batch_size: int, seeds: Sequence[int] | None):
+    """One eval set's batches as a callable of the evaluation step: with `seeds` (an augmented
+    set) each member's own draw, seeded by its seed and `step`, so every evaluation point sees
+    a fresh draw, the same in every run, after a resume and whatever members share the run; a
+    clean set is shared by the members and ignores the step."""
     def batches(step: int | None = None):
-        seen = 0
-        for b in iterate_eval(dataset, trial_seed=trial, envs=[env], splits=[split],
-                              batch_size=settings.eval_batch_size,
-                              image_size=settings.image_size, augment=augment,
-                              step=step if augment else None, train_side=settings.train_side,
-                              holdout_fraction=settings.holdout_fraction, pad=False,
-                              output="uint8", **settings.cache_kw()):  # normalized on device
-            if limit and seen >= limit:
-                return
-            yield b
-            seen += len(b["labels"])
+        return data.batches(batch_size, seeds, step if seeds is not None else None)
     return batches
 
 
-def eval_sets(dataset: DomainDataset, test_envs: Sequence[int], trial: int,
-              settings: TrainSettings) -> dict:
-    """Evaluation splits of a members run, streamed in `eval_batch_size` batches: the train envs'
-    out splits (augmented with `validation_augment`, as the reference: a fresh seeded draw at
-    each evaluation step) for the ID-val score; with `eval_all_splits`, also every env's in/out
-    split for the records."""
-    sets = {}
+def eval_sets(dataset: DomainDataset, run: "GroupRun", settings: TrainSettings,
+              seeds: Sequence[int], store: ImageStore | None = None) -> tuple[dict, dict]:
+    """(eval_sets, final_sets) of a members run, streamed in `eval_batch_size` batches.
+    eval_sets, at every evaluation point: the train envs' out splits (the ID-val score; with
+    `validation_augment` each member's own augmented draw, as the reference); with
+    `eval_all_splits` every env's in/out split (DomainBed's full records). final_sets, once
+    after the run on each member's best and final params (lean records): the test envs' in/out
+    splits. Every split is the rows selection reads (SplitSpec.of: the same evaluation cap)."""
+    store = store or ImageStore(dataset, **settings.cache_kw())
+    sets, final = {}, {}
     for env in range(dataset.num_envs):
-        is_test = env in set(test_envs)
+        is_test = env in set(run.test_envs)
         for split in ("in", "out"):
-            if not settings.eval_all_splits and (is_test or split == "in"):
-                continue
+            data = eval_split(dataset, SplitSpec.of(settings, trial_seed=run.trial, envs=[env],
+                                                    split=split), store=store)
             augment = settings.validation_augment and not is_test
-            sets[f"env{env}_{split}"] = _eval_source(dataset, env, split, trial, augment, settings)
-    return sets
+            source = _eval_source(data, settings.eval_batch_size, seeds if augment else None)
+            if settings.eval_all_splits or (not is_test and split == "out"):
+                sets[f"env{env}_{split}"] = source
+            elif is_test:
+                final[f"env{env}_{split}"] = source
+    return sets, final
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,10 +407,10 @@ def train_group(dataset: DomainDataset, inits: Sequence[Any],
                           augment=True, holdout_fraction=settings.holdout_fraction,
                           augment_on=settings.augment_mode(), cache_side=settings.train_side,
                           **settings.cache_kw())
-    sets = eval_sets(dataset, run.test_envs, run.trial, settings)
+    sets, final_sets = eval_sets(dataset, run, settings, seeds, loader.store)
     per_step = settings.batch_size * len(train_envs)
     n_train = sum(len(dataset.samples[e]) for e in train_envs) * (1 - settings.holdout_fraction)
-    loop = LoopConfig(run.steps, run.checkpoint_freq, eval_sets=sets,
+    loop = LoopConfig(run.steps, run.checkpoint_freq, eval_sets=sets, final_sets=final_sets,
                       val_names=[n for n in id_val_names(dataset.num_envs, run.test_envs)
                                  if n in sets],
                       save_every=settings.save_every, steps_per_epoch=n_train / per_step)

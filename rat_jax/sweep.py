@@ -179,6 +179,7 @@ class PlannedRun:
     eval_images: float                # per member and evaluation point
     classifier_only: bool
     num_classes: int
+    final_images: float = 0.0         # per member, once after the run (lean records)
 
     @property
     def evaluations(self) -> int:
@@ -194,7 +195,7 @@ class PlannedRun:
 
     @property
     def all_eval_images(self) -> float:
-        return self.members * self.evaluations * self.eval_images
+        return self.members * (self.evaluations * self.eval_images + self.final_images)
 
     def cost(self) -> float:
         """Work in full-training-image units (forward-only images weigh FORWARD_COST)."""
@@ -202,18 +203,22 @@ class PlannedRun:
         return train + FORWARD_COST * self.all_eval_images
 
 
-def _eval_images(info: DatasetInfo, test_envs: Sequence[int], d: dict) -> float:
-    """Images scored per member at one evaluation point (loop.evaluate over eval_sets)."""
+def _eval_images(info: DatasetInfo, test_envs: Sequence[int], d: dict) -> tuple[float, float]:
+    """Images scored per member (stages.eval_sets): at each evaluation point (the train envs'
+    out splits; with eval_all_splits every env's in/out split) and once after the run (lean
+    records: the test envs' in/out splits, on the best and on the final params)."""
     hold, cap = float(d["holdout_fraction"]), int(d.get("max_eval_images", 0))
     capped = lambda n: min(n, cap) if cap > 0 else n
-    total = 0.0
+    point = final = 0.0
     for env, size in enumerate(info.env_sizes):
-        is_test = env in set(test_envs)
-        if d.get("eval_all_splits", True):
-            total += capped(size * (1 - hold)) + capped(size * hold)
-        elif not is_test:
-            total += capped(size * hold)
-    return total
+        both = capped(size * (1 - hold)) + capped(size * hold)
+        if d.get("eval_all_splits", False):
+            point += both
+        elif env in set(test_envs):
+            final += 2 * both
+        else:
+            point += capped(size * hold)
+    return point, final
 
 
 def _target_runs(d: dict, info: Callable[[dict], DatasetInfo], own: pathlib.Path,
@@ -230,10 +235,11 @@ def _target_runs(d: dict, info: Callable[[dict], DatasetInfo], own: pathlib.Path
         steps, cf = int(e["steps"]), int(e["checkpoint_freq"])
         runs.append(PlannedRun("linear probes", a, f"lp/{a}_notest", shared / "lp" / f"{a}_notest",
                                1, probe if probe > 0 else steps, cf, bs * i.num_envs,
-                               _eval_images(i, [], d), True, i.num_classes))
+                               _eval_images(i, [], d)[0], True, i.num_classes))
         runs.append(PlannedRun("auxiliary pools", a, f"aux/{a}_notest",
                                (aux_root or shared / "aux") / f"{a}_notest", n_runs, steps, cf,
-                               bs * i.num_envs, _eval_images(i, [], d), False, i.num_classes))
+                               bs * i.num_envs, _eval_images(i, [], d)[0], False,
+                               i.num_classes))
     t = d["target"]
     ti = info(t)
     steps, cf = int(t["steps"]), int(t["checkpoint_freq"])
@@ -242,15 +248,16 @@ def _target_runs(d: dict, info: Callable[[dict], DatasetInfo], own: pathlib.Path
                    for h in range(n_hparams)) if names else 0
     members = n_hparams + aux_init + (n_hparams if d.get("run_fusing", True) and names else 0)
     for k in list(t["test_envs"]) or range(ti.num_envs):
-        per_step, ev = bs * (ti.num_envs - 1), _eval_images(ti, [k], d)
+        per_step, (ev, final) = bs * (ti.num_envs - 1), _eval_images(ti, [k], d)
         name = f"{ti.name}_test{k}"
         runs.append(PlannedRun("linear probes", ti.name, f"lp/{name}", own / "lp" / name, 1,
                                probe if probe > 0 else steps, cf, per_step, ev, True,
-                               ti.num_classes))
+                               ti.num_classes, final))
         for trial in d["trials"]:
             run = f"{name}_trial{trial}"
             runs.append(PlannedRun("target runs", ti.name, f"target/{run}", own / "target" / run,
-                                   members, steps, cf, per_step, ev, False, ti.num_classes))
+                                   members, steps, cf, per_step, ev, False, ti.num_classes,
+                                   final))
     return runs
 
 

@@ -200,18 +200,23 @@ def test_selection_reports_its_progress(run, capsys):
     assert capsys.readouterr().err == ""
 
 
-def test_augmented_id_val_draws_afresh_at_each_evaluation_step():
+def test_augmented_id_val_draws_afresh_per_member_and_evaluation_step():
     ds = rj.dataset("digits")
     settings = rj.TrainSettings(arch="resnet_tiny", image_size=16, eval_batch_size=16,
                                 max_eval_images=16)
-    sets = stages.eval_sets(ds, [0], 0, settings)
+    run = stages.GroupRun(test_envs=[0], trial=0, steps=1, checkpoint_freq=1)
+    sets, final = stages.eval_sets(ds, run, settings, seeds=[5, 9])
 
-    def images(name, step):
-        return np.concatenate([b["images"] for b in sets[name](step=step)])
+    def images(name, step, table=sets):
+        return np.concatenate([b["images"] for b in table[name](step=step)], axis=-4)
     a0, a2, a2_again = (images("env1_out", s) for s in (0, 2, 2))
-    assert a0.shape[0] == 16 and not np.array_equal(a0, a2)
+    assert a0.shape[:2] == (2, 16) and not np.array_equal(a0, a2)
+    assert not np.array_equal(a0[0], a0[1])                # each member its own draw
     np.testing.assert_array_equal(a2, a2_again)            # seeded: the same after a resume
-    np.testing.assert_array_equal(images("env0_out", 0), images("env0_out", 2))  # test env: clean
+    alone, _ = stages.eval_sets(ds, run, settings, seeds=[9])
+    np.testing.assert_array_equal(images("env1_out", 2, alone)[0], a2[1])  # independent members
+    assert sorted(final) == ["env0_in", "env0_out"] and "env0_out" not in sets
+    np.testing.assert_array_equal(images("env0_out", 0, final), images("env0_out", 2, final))
 
     class Engine:                                          # loop.evaluate hands the step over
         num_members = 1
@@ -219,7 +224,7 @@ def test_augmented_id_val_draws_afresh_at_each_evaluation_step():
         def prepare_eval(self, params):
             return params
 
-        def evaluate_batch(self, params, images, labels, mask):
+        def evaluate_batch(self, params, images, labels, mask, augment=None, image_size=None):
             return np.array([int(mask.sum())])
     got = []
 

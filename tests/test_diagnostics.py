@@ -14,7 +14,7 @@ from flax.traverse_util import unflatten_dict
 
 from rat_jax import diagnostics as D
 from rat_jax.convert.converter import expected_shapes
-from rat_jax.evaluation import normalize_on_device
+from rat_jax.data.augment import normalize as normalize_on_device
 from rat_jax.models import create_model
 
 ARCH, C, SIZE, BS = "resnet_tiny", 10, 16, 64

@@ -56,10 +56,10 @@ def _worker(argv):
     from rat_jax import distributed, trees
     distributed.initialize()
     from rat_jax.data import load_folder
-    from rat_jax.evaluation import StackEvaluator, eval_split
+    from rat_jax.evaluation import SplitSpec, StackEvaluator, eval_split
     from rat_jax.models import create_model
     ds = load_folder(args.root)
-    split = eval_split(ds, envs=[0, 1], split="all", image_size=SIZE, cache_dir=None)
+    split = eval_split(ds, SplitSpec(envs=[0, 1], split="all", image_size=SIZE), cache_dir=None)
     read = []
     decode = split.store.eval_array
 
@@ -147,14 +147,12 @@ def test_eval_split_rows_and_logits(members, tmp_path):
     model, stacked, bs = members
     ds = E.load_dataset(str(make_folder(tmp_path / "folder")))
     cache = str(tmp_path / "cache")
-    x, y = E.load_split(ds, trial_seed=1, envs=[1, 0], split="in", image_size=SIZE,
-                        cache_dir=cache)
-    split = E.eval_split(ds, trial_seed=1, envs=[1, 0], split="in", image_size=SIZE,
-                         cache_dir=cache)
+    spec = E.SplitSpec(trial_seed=1, envs=[1, 0], split="in", image_size=SIZE)
+    x, y = E.load_split(ds, spec, cache_dir=cache)
+    split = E.eval_split(ds, spec, cache_dir=cache)
     np.testing.assert_array_equal(split.labels, y)
     np.testing.assert_array_equal(split.images(), x)
-    sub = E.eval_split(ds, trial_seed=1, envs=[1, 0], split="in", image_size=SIZE,
-                       cache_dir=cache, max_images=5)
+    sub = E.eval_split(ds, spec.replace(max_images=5), cache_dir=cache)
     keep = np.sort(np.random.RandomState(0).choice(len(y), 5, replace=False))
     np.testing.assert_array_equal(sub.images(), x[keep])
     ev = E.StackEvaluator(model, bs, 8, data_parallel=False)
@@ -177,7 +175,8 @@ def test_two_processes_decode_only_their_rows(members, tmp_path):
              for log, env in zip(logs, _cluster(2, port))]
     _finish(procs, logs, timeout=300)
     ds = E.load_dataset(str(root))
-    x, _ = E.load_split(ds, envs=[0, 1], split="all", image_size=SIZE, cache_dir=None)
+    x, _ = E.load_split(ds, E.SplitSpec(envs=[0, 1], split="all", image_size=SIZE),
+                        cache_dir=None)
     ref = _reference(model, trees.select(stacked, [0, 1]), bs, x, 4)
     info = [json.loads(pathlib.Path(f"{out}.{p}.json").read_text()) for p in range(2)]
     n = info[0]["n"]

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from rat_jax import evaluation as E
-from rat_jax.data import iterate_eval, load_folder
+from rat_jax.engine import programs
+from rat_jax.data import ImageStore, eval_indices, load_folder
 from rat_jax.data.transforms import normalize
 
 from model_helpers import random_variables
@@ -38,21 +39,37 @@ def tiny(tmp_path):
 
 def test_load_split_concatenates_envs_in_order(tiny, tmp_path):
     cache = str(tmp_path / "cache")
-    x, y = E.load_split(tiny, trial_seed=1, envs=[2, 0], split="in", image_size=SIZE,
-                        cache_dir=cache)
-    ref = [b for b in iterate_eval(tiny, trial_seed=1, envs=[2, 0], splits=("in",),
-                                   image_size=SIZE, pad=False, output="uint8", cache_dir=cache)]
+    spec = E.SplitSpec(trial_seed=1, envs=[2, 0], split="in", image_size=SIZE)
+    x, y = E.load_split(tiny, spec, cache_dir=cache)
+    store, index = ImageStore(tiny, None), eval_indices(tiny, 1)
+    rows = [(e, int(i)) for e in (2, 0) for i in index[(e, "in")]]
     assert x.dtype == np.uint8 and y.dtype == np.int32 and x.shape[1:] == (SIZE, SIZE, 3)
-    np.testing.assert_array_equal(x, np.concatenate([b["images"] for b in ref]))
-    np.testing.assert_array_equal(y, np.concatenate([b["labels"] for b in ref]))
-    assert [b["env"] for b in ref][0] == 2
-    xa, ya = E.load_split(tiny, envs=None, split="all", image_size=SIZE, cache_dir=cache)
+    np.testing.assert_array_equal(x, np.stack([store.eval_array(e, i, SIZE) for e, i in rows]))
+    np.testing.assert_array_equal(y, [tiny.labels(e)[i] for e, i in rows])
+    xa, ya = E.load_split(tiny, E.SplitSpec(split="all", image_size=SIZE), cache_dir=cache)
     assert len(xa) == len(ya) == sum(tiny.env_sizes())
-    xo, _ = E.load_split(tiny, trial_seed=1, envs=[2, 0], split="out", image_size=SIZE,
-                         cache_dir=cache)
+    xo, _ = E.load_split(tiny, spec.replace(split="out"), cache_dir=cache)
     assert len(xo) + len(x) == tiny.env_sizes()[2] + tiny.env_sizes()[0]
     with pytest.raises(ValueError, match="split"):
-        E.load_split(tiny, split="val", image_size=SIZE, cache_dir=cache)
+        E.SplitSpec(split="val")
+
+
+def test_augmented_draws_are_per_member_and_position_seeded(tiny):
+    """load_members: member m's draw of a row depends only on (its seed, step, env, split,
+    position), not on the batch, the other members or the row's place in the request."""
+    data = E.eval_split(tiny, E.SplitSpec(trial_seed=1, envs=[2, 0], split="out",
+                                          image_size=SIZE), cache_dir=None)
+    rows = np.arange(len(data))
+    both = data.load_members(rows, [3, 4], step=7)
+    assert both.shape == (2, len(data), SIZE, SIZE, 3)
+    assert not np.array_equal(both[0], both[1])
+    np.testing.assert_array_equal(data.load_members(rows[::-1], [4], step=7)[0], both[1][::-1])
+    assert not np.array_equal(data.load_members(rows, [3], step=8)[0], both[0])
+    x, _ = E.load_split(tiny, data.spec, augment_seed=3, cache_dir=None)
+    np.testing.assert_array_equal(x, data.load_members(rows, [3])[0])
+    batches = list(data.batches(4, seeds=[3, 4], step=7))
+    np.testing.assert_array_equal(np.concatenate([b["images"] for b in batches], axis=1), both)
+    assert batches[0]["labels"].shape == (2, 4)
 
 
 def test_predict_logits_matches_apply_and_compiles_once(net):
@@ -63,14 +80,16 @@ def test_predict_logits_matches_apply_and_compiles_once(net):
     xf = normalize(x)
     ref = np.concatenate([np.asarray(apply(v, xf[:32])), np.asarray(apply(v, xf[32:64])),
                           np.asarray(apply(v, np.concatenate([xf[64:], xf[:26]])))[:6]])
-    fn = E._get_fn(model)
+    eng = E.StackEvaluator(model, v["batch_stats"], devices=jax.local_devices()).engine(1)
+    program = lambda m: programs.forward_program(m, eng.mesh, eng.strategy)
+    fn = program(model)       # the engine's one evaluation program
     before = fn._cache_size()
     got = E.predict_logits(model, v, x, batch_size=32)          # 32 + 32 + 6 (padded)
     after = fn._cache_size()
     assert after - before <= 1        # one shape, at most one compile (another test may have)
     got2 = E.predict_logits(create_model("resnet_tiny", 5), v, x[:50], batch_size=32)
     assert fn._cache_size() == after                            # same shape: no new compile
-    assert E._get_fn(create_model("resnet_tiny", 5)) is fn      # equal modules share it
+    assert program(create_model("resnet_tiny", 5)) is fn       # equal modules share it
     assert got.shape == (70, 5) and got.dtype == np.float32
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(got2, ref[:50], atol=1e-5, rtol=1e-5)

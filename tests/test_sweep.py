@@ -151,6 +151,8 @@ def test_records_folder_reads_with_domainbeds_selection(swept, tmp_path):
             assert g["sweep_acc"] in tied.values()
             if label[r["method"]] != "Ratatouille":   # member index = hparams seed
                 assert r["member"] in tied, (r, runs)
+                # the record's test-env accuracy at that member's best step is our cell
+                assert math.isclose(tied[r["member"]], r["accuracy"]), (r, runs)
             else:                                     # foundation-init + aux-init members
                 assert len(runs) == 3
 

@@ -78,24 +78,36 @@ class TrainResult:
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 # ----------------------------------------------------------------------------------------------
-def _unpack(batch) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _unpack(batch) -> dict:
+    """An eval batch (a dict, or a tuple (images, labels[, mask])) as a dict with a mask."""
     if isinstance(batch, Mapping):
-        images, labels, mask = batch["images"], batch["labels"], batch.get("mask")
+        out = dict(batch)
     else:
         images, labels, *rest = batch
-        mask = rest[0] if rest else None
-    images, labels = np.asarray(images), np.asarray(labels)
-    mask = np.ones(labels.shape, bool) if mask is None else np.asarray(mask, bool)
-    return images, labels, mask
+        out = {"images": images, "labels": labels, "mask": rest[0] if rest else None}
+    out["images"], out["labels"] = np.asarray(out["images"]), np.asarray(out["labels"])
+    mask = out.get("mask")
+    out["mask"] = np.ones(out["labels"].shape, bool) if mask is None else np.asarray(mask, bool)
+    return out
 
 
-def _pad_to(n: int, images, labels, mask):
-    pad = n - labels.shape[0]
+def _pad_to(n: int, batch: dict) -> dict:
+    """Rows padded to `n` (mask off): the batch axis is the labels' last one (shared batches
+    [B], per-member ones [M, B])."""
+    axis = batch["labels"].ndim - 1
+    pad = n - batch["labels"].shape[axis]
     if pad <= 0:
-        return images, labels, mask
-    return (np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)]),
-            np.concatenate([labels, np.zeros((pad,), labels.dtype)]),
-            np.concatenate([mask, np.zeros((pad,), bool)]))
+        return batch
+
+    def grow(x):
+        x = np.asarray(x)
+        width = [(0, 0)] * x.ndim
+        width[axis] = (0, pad)
+        return np.pad(x, width)
+    out = {k: grow(batch[k]) for k in ("images", "labels", "mask")}
+    if batch.get("augment"):
+        out["augment"] = jax.tree.map(grow, batch["augment"])
+    return {**batch, **out}
 
 
 def _takes_step(fn) -> bool:
@@ -128,15 +140,17 @@ def evaluate(engine: MemberEngine, params: Any, eval_sets: Mapping[str, Any],
         batches = _open_source(source, step)
         counts, total = [], 0
         for batch in batches:
-            images, labels, mask = _unpack(batch)
-            batch_size = max(batch_size, labels.shape[0])  # pad the ragged last batch: no recompile
-            images, labels, mask = _pad_to(batch_size, images, labels, mask)
-            counts.append(engine.evaluate_batch(params, images, labels, mask))
-            total += int(mask.sum())
+            b = _unpack(batch)
+            batch_size = max(batch_size, b["labels"].shape[-1])  # pad the ragged last batch
+            b = _pad_to(batch_size, b)                            # (no recompile)
+            counts.append(engine.evaluate_batch(params, b["images"], b["labels"], b["mask"],
+                                                b.get("augment"), b.get("image_size")))
+            total = total + b["mask"].sum(axis=-1)  # per member for per-member batches
         counts = [distributed.to_host(c).astype(np.int64) for c in counts]
         correct = np.sum(counts, axis=0) if counts else 0
-        accs[name] = (np.asarray(correct, np.float64) / total if total
-                      else np.full((engine.num_members,), np.nan))
+        total = np.broadcast_to(np.asarray(total, np.float64), (engine.num_members,))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            accs[name] = np.where(total > 0, np.asarray(correct, np.float64) / total, np.nan)
     return accs
 
 
@@ -188,6 +202,19 @@ class RecordWriter:
             with open(self.paths[i], "a") as f:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
 
+    def fill(self, i: int, step: int, values: dict) -> None:
+        """Set `values` in member i's record of `step` (none: nothing to fill)."""
+        for rec in self.records[i]:
+            if rec["step"] == step:
+                rec.update(values)
+
+    def rewrite(self) -> None:
+        """Write every member's records again (atomically), after `fill`."""
+        if self.paths is not None:
+            for path, recs in zip(self.paths, self.records):
+                files.write_text_atomic(path, "".join(json.dumps(r, sort_keys=True) + "\n"
+                                                      for r in recs))
+
 
 # ----------------------------------------------------------------------------------------------
 # The loop
@@ -238,12 +265,17 @@ def eval_lines(step: int, groups, losses, score, nonfinite) -> list[str]:
 class LoopConfig:
     """What a members run does: `num_steps` updates, an evaluation every `checkpoint_freq`
     steps (and at the last) of `eval_sets` ({name: batches}, see the module docstring), whose
-    `val_names` average into the ID-val score; checkpoints every `save_every` steps (default
-    `checkpoint_freq`) and at the end, `max_to_keep` of them (`async_checkpoints`: written in
-    the background). `steps_per_epoch` adds an `epoch` to the records."""
+    `val_names` average into the ID-val score; `final_sets` (same form) are evaluated once
+    after the last step, on each member's best params and on its final params, and fill the
+    records of its best step and of the last step (every record carries their keys, null
+    elsewhere: DomainBed's readers find the test env's accuracy at the step they select);
+    checkpoints every `save_every` steps (default `checkpoint_freq`) and at the end,
+    `max_to_keep` of them (`async_checkpoints`: written in the background). `steps_per_epoch`
+    adds an `epoch` to the records."""
     num_steps: int
     checkpoint_freq: int
     eval_sets: Mapping[str, Any] | None = None
+    final_sets: Mapping[str, Any] | None = None
     val_names: Sequence[str] | None = None
     save_every: int | None = None
     steps_per_epoch: float | None = None
@@ -285,6 +317,7 @@ class _Run:
         m = self.m = engine.num_members
         self.engine, self.hparams, self.loop, self.out = engine, hparams, loop, out
         self.eval_sets = dict(loop.eval_sets or {})
+        self.final_sets = dict(loop.final_sets or {})
         self.val_names = list(loop.val_names or [])
         missing = [n for n in self.val_names if n not in self.eval_sets]
         if missing:
@@ -380,6 +413,8 @@ class _Run:
                "nonfinite": bool(nonfinite[i])}
         if self.loop.steps_per_epoch:
             rec["epoch"] = step / self.loop.steps_per_epoch
+        for name in self.final_sets:            # filled after the run (fill_final)
+            rec[f"{name}_acc"] = None
         for name, acc in accs.items():
             rec[f"{name}_acc"] = _json_float(acc[i])
         info = dict(self.out.member_info[i]) if self.out.member_info else {}
@@ -388,6 +423,21 @@ class _Run:
         self.writer.write(i, rec)
         if self.out.on_record is not None:
             self.out.on_record(i, rec)
+
+    def fill_final(self, state: dict) -> None:
+        """The final sets on the best and the final params, into the records of each member's
+        best step and of the last step."""
+        if not self.final_sets:
+            return
+        self.progress.status("evaluating the best and final params")
+        best = evaluate(self.engine, state["best_params"], self.final_sets)
+        final = evaluate(self.engine, state["members"]["params"], self.final_sets)
+        best_step = distributed.to_host(state["best_step"])
+        for i in range(self.m):
+            for accs, step in ((final, self.loop.num_steps - 1), (best, int(best_step[i]))):
+                self.writer.fill(i, step, {f"{n}_acc": _json_float(a[i])
+                                           for n, a in accs.items()})
+        self.writer.rewrite()
 
     def save(self, step: int, state: dict, stateful) -> None:
         meta = {"step": step, "num_steps": self.loop.num_steps, "hparams": self.hp_meta,
@@ -458,6 +508,7 @@ def run_loop(engine: MemberEngine, state: dict, hparams: dict, train_batches: It
             progress.update(step + 1, per_step_images or 0, run.last_losses)
     run.flush_losses()
     state = {**state, "members": live.stacked()}
+    run.fill_final(state)
     jax.block_until_ready(state)
     run.close()
     return TrainResult(state=state, records=run.writer.records)

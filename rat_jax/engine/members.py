@@ -175,8 +175,6 @@ class MemberEngine:
         self.train_program = TrainProgram(model, self.placement, self.strategy,
                                           classifier_only=c.classifier_only, remat=c.remat,
                                           cpu_ynn=self.cpu_ynn)
-        self._eval = programs.eval_program(model, self.placement, self.strategy)
-        self._logits_jit = programs.logits_program(model, mesh, self.strategy)
         self._best = jax.jit(programs.update_best, donate_argnums=(0,))
 
     # -- the placement's fields, read by the loop, the sweep's plan and the tests -------------
@@ -249,14 +247,48 @@ class MemberEngine:
         return self.parts.split(params)
 
     def evaluate_batch(self, params: Any, images: np.ndarray, labels: np.ndarray,
-                       mask: np.ndarray | None = None) -> jax.Array:
-        """Correct counts [M] of all members on one batch of shared images ([B, H, W, C]).
-        `params`: stacked [M], live.params_for_eval() or prepare_eval(params)."""
-        shared = self.placement.place_eval(images, labels, mask) + (self.batch_stats,)
+                       mask: np.ndarray | None = None, augment: dict | None = None,
+                       image_size: int | None = None) -> jax.Array:
+        """Correct counts [M] of all members on one batch: images shared by every member
+        ([B, H, W, C], labels [B]) or each member's own ([M, B, H, W, C], labels [M, B], e.g.
+        its own augmentation draw; with `augment`, crop-window canvases and their parameters
+        as MemberLoader's device mode ships them, augmented to `image_size` on device). `mask`
+        (labels' shape): the rows that count. `params`: stacked [M], live.params_for_eval() or
+        prepare_eval(params)."""
+        labels = np.asarray(labels)
+        mask = np.ones(labels.shape, bool) if mask is None else np.asarray(mask, bool)
+        per_member = labels.ndim == 2
+        size = int(image_size) if augment else None
+        fn = programs.forward_program(self.model, self.mesh, self.strategy,
+                                      per_member=per_member, counts=True, size=size)
         parts = self.parts.split(params)
-        if len(parts) > 1:
-            return self.parts.gather_local([self._eval(p, *shared) for p in parts])
-        return self._eval(parts[0], *shared)
+        if not per_member:
+            shared = self.placement.place_eval(images, labels, mask)
+            outs = [fn(p, *shared, {}, self.batch_stats) for p in parts]
+        else:
+            batch = {"images": images, "labels": labels, "mask": mask,
+                     "augment": augment or {}}
+            outs = [fn(p, *self._member_rows(batch, i, len(parts)), self.batch_stats)
+                    for i, p in enumerate(parts)]
+        return outs[0] if len(outs) == 1 else self.parts.gather_local(outs)
+
+    def _member_rows(self, batch: dict, part: int, num_parts: int) -> tuple:
+        """(images, labels, mask, augment) of a per-member batch [M, B, ...] on the mesh, the
+        rows padded (mask off) to split over 'data'; with several parts, part `part`'s
+        members, sliced on the host."""
+        self.placement.check_members(batch["images"])
+        b = batch["labels"].shape[1]
+        pad = (-b) % self.data_size
+
+        def put(x):
+            x = np.asarray(x)
+            if num_parts > 1:
+                x = x[self.parts.local_index(part)]
+            if pad:
+                x = np.concatenate([x, np.zeros((x.shape[0], pad) + x.shape[2:], x.dtype)], 1)
+            return placement_put(x, self.placement.batch_sharding)
+        return (put(batch["images"]), put(batch["labels"]), put(batch["mask"]),
+                jax.tree.map(put, batch["augment"]))
 
     def logits(self, params: Any, images: Any, batch_size: int = 256) -> np.ndarray:
         """Logits [K, N, C] (float32 numpy, on every process) of every member of `params` on
@@ -280,10 +312,11 @@ class MemberEngine:
         g = b * d                                             # rows per step
         shape = (g,) + tuple(source.image_shape)
         held = distributed.process_indices(self.mesh, self.eval_spec, shape)[0]
+        logits_fn = programs.forward_program(self.model, self.mesh, self.strategy)
         pending, outs = None, []
         for start in range(0, n, g):
             x = self._eval_rows(source, start + held, n, shape)
-            arrays = [self._logits_jit(p, x, self.batch_stats) for p in parts]
+            arrays = [logits_fn(p, x, None, None, {}, self.batch_stats) for p in parts]
             if pending is not None:                           # at most two steps in flight
                 outs.append(programs.gather_logits(pending[1], k, min(g, n - pending[0])))
             pending = (start, arrays)

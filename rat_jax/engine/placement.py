@@ -57,11 +57,14 @@ class Placement:
     def replicate(self, tree: Any) -> Any:
         return jax.tree.map(lambda x: put(x, self.replicated), tree)
 
-    def check_batch(self, batch: dict) -> tuple[Any, Any]:
-        images, labels = batch["images"], batch["labels"]
+    def check_members(self, images) -> None:
         if images.shape[0] != self.num_members:
             raise ValueError(f"the member loader gave a batch for {images.shape[0]} members; the "
                              f"engine trains {self.num_members} (images must be [M, N, H, W, C])")
+
+    def check_batch(self, batch: dict) -> tuple[Any, Any]:
+        images, labels = batch["images"], batch["labels"]
+        self.check_members(images)
         if images.shape[1] % self.data_size:
             raise ValueError(f"per-member batch {images.shape[1]} does not split over the 'data' "
                              f"axis of {self.data_size} devices; pass batch_size to plan_mesh")

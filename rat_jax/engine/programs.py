@@ -1,7 +1,6 @@
 """The compiled programs of the member engine: the train step (per device-augmentation size,
 compiled once per shape with the XLA:CPU options of runtime.cpu_compiler_options, and its memory
-analysis), the evaluation counts and the logits program (members over 'model', images over
-'data')."""
+analysis) and the one evaluation program (members over 'model', images over 'data')."""
 from __future__ import annotations
 
 import functools
@@ -118,54 +117,54 @@ class TrainProgram:
         return out
 
 
-def eval_program(model, placement: Placement, strategy: str):
-    """jit(shard_map): params [M] ('model') x shared images, labels, mask ('data') -> correct
-    counts [M]."""
-    data_size, spec = placement.data_size, placement.eval_spec
-
-    def local(params, images, labels, mask, batch_stats):
-        images = augment.model_input(images)  # uint8: normalized on device
-        one = lambda p: step_lib.eval_step(model, batch_stats, p, images, labels, mask)
-        correct = run_local(strategy, one, params)
-        return jax.lax.psum(correct, DATA_AXIS) if data_size > 1 else correct
-
-    mapped = jax.shard_map(local, mesh=placement.mesh,
-                           in_specs=(P(MEMBER_AXIS), spec, spec, spec, P()),
-                           out_specs=P(MEMBER_AXIS))
-    return jax.jit(mapped)
-
-
-def logits_program(model, mesh: Mesh, strategy: str):
-    """The compiled logits program, shared by every engine of the same (model, mesh,
-    strategy): selection builds engines per stack layout and per test env, and none of them
-    traces or compiles it again."""
+def forward_program(model, mesh: Mesh, strategy: str, *, per_member: bool = False,
+                    counts: bool = False, size: int | None = None):
+    """The engine's one evaluation program (training-time ID-val, selection, the API, the
+    figures): jit(shard_map) of stacked params [K] ('model') on images that are either shared
+    by every member ([B, ...], over 'data') or the members' own (`per_member`: [K, B, ...], over
+    'model' and 'data'). The images are what the train step reads (augment.model_input: uint8
+    normalized on device, crop-window canvases with their `aug` parameters augmented to `size`),
+    so training and evaluation score the same inputs the same way. Returns logits [K, B, C]
+    float32, or with `counts` each member's correct count [K] among the rows whose mask is set.
+    Cached per (model, mesh, strategy, layout): engines of the same mesh share it."""
     try:
-        return _logits_program(model, mesh, strategy)
-    except TypeError:  # an unhashable module: one program per engine
-        return _logits_program.__wrapped__(model, mesh, strategy)
+        return _forward_program(model, mesh, strategy, per_member, counts, size)
+    except TypeError:  # an unhashable module: one program per call
+        return _forward_program.__wrapped__(model, mesh, strategy, per_member, counts, size)
 
 
 @functools.lru_cache(maxsize=64)
-def _logits_program(model, mesh: Mesh, strategy: str):
-    """jit(shard_map): stacked params [K] ('model') x images [B] ('data', when the mesh has a
-    'data' axis > 1) -> logits [K, B, C] float32, each device running its local members with
-    `strategy` on its images."""
+def _forward_program(model, mesh: Mesh, strategy: str, per_member: bool, counts: bool,
+                     size: int | None):
     data_size = mesh.shape[DATA_AXIS]
-    image_spec = P(DATA_AXIS) if data_size > 1 else P()
+    data = (DATA_AXIS,) if data_size > 1 else ()
+    image_spec = P(MEMBER_AXIS, *data) if per_member else P(*data)
 
-    def local(params, images, batch_stats):
-        # uint8 images normalized on device as rat_jax.evaluation does it (the reference
-        # one-device path): the same logits to the bit (augment.model_input's correctly
-        # rounded normalization differs from it by an ulp on some pixels)
-        if images.dtype == jnp.uint8:
-            images = step_lib.normalize_on_device(images)
-        one = lambda p: model.apply({"params": p, "batch_stats": batch_stats}, images,
-                                    train=False).astype(jnp.float32)
-        return run_local(strategy, one, params)
+    def forward(p, x, batch_stats):
+        return model.apply({"params": p, "batch_stats": batch_stats}, x,
+                           train=False).astype(jnp.float32)
 
-    out = P(MEMBER_AXIS, DATA_AXIS) if data_size > 1 else P(MEMBER_AXIS)
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(MEMBER_AXIS), image_spec, P()),
-                                 out_specs=out))
+    def score(logits, labels, mask):
+        return ((jnp.argmax(logits, axis=-1) == labels) & mask).sum().astype(jnp.int32)
+
+    def local(params, images, labels, mask, aug, batch_stats):
+        if per_member:
+            def one(p, x, y, m, a):
+                logits = forward(p, augment.model_input(x, a, size), batch_stats)
+                return score(logits, y, m) if counts else logits
+            out = run_local(strategy, one, params, images, labels, mask, aug)
+        else:
+            x = augment.model_input(images, aug, size)   # once for every member
+            out = run_local(strategy, lambda p: (score(forward(p, x, batch_stats), labels, mask)
+                                                 if counts else forward(p, x, batch_stats)),
+                            params)
+        return jax.lax.psum(out, DATA_AXIS) if counts and data_size > 1 else out
+
+    out_spec = P(MEMBER_AXIS) if counts else P(MEMBER_AXIS, *data)
+    return jax.jit(jax.shard_map(
+        local, mesh=mesh, in_specs=(P(MEMBER_AXIS), image_spec, image_spec, image_spec,
+                                    image_spec, P()),
+        out_specs=out_spec))
 
 
 def update_best(best: dict, params: Any, score: jax.Array, step: jax.Array) -> dict:

@@ -14,16 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rat_jax.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from rat_jax.engine import optim
-
-
-def normalize_on_device(images_uint8: jax.Array) -> jax.Array:
-    """uint8 [..., 3] -> float32 ImageNet-normalized, the evaluation path's normalization (the
-    math of transforms.normalize; up to 1 ulp from it where XLA contracts the ops, which
-    augment.normalize avoids); selection and predict_logits use it."""
-    x = images_uint8.astype(jnp.float32) * jnp.float32(1 / 255)
-    return (x - jnp.asarray(IMAGENET_MEAN)) * jnp.asarray(1 / IMAGENET_STD)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -123,11 +114,3 @@ def train_step(model, batch_stats: Any, member: dict, hparams: dict, images: jax
     }
     metrics = {"loss": loss, "grad_norm": grad_norm}
     return new_member, metrics
-
-
-def eval_step(model, batch_stats: Any, params: Any, images: jax.Array, labels: jax.Array,
-              mask: jax.Array) -> jax.Array:
-    """Number of correctly classified images among those with mask=1 (eval mode: no dropout)."""
-    logits = model.apply({"params": params, "batch_stats": batch_stats}, images, train=False)
-    correct = (jnp.argmax(logits, axis=-1) == labels) & mask
-    return correct.sum().astype(jnp.int32)
