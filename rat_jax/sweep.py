@@ -519,7 +519,8 @@ def host_memory(settings, runs: Sequence[PlannedRun], infos: dict, device: dict)
     compiled member step, memory_check) is added. `infos`: {dataset name: DatasetInfo}."""
     import jax
     import numpy as np
-    from rat_jax.data.loader import DEFAULT_PREFETCH, device_canvas
+    from rat_jax.data.loader import DEFAULT_PREFETCH
+    from rat_jax.data.stream import device_canvas
     trained = [r for r in runs if not r.classifier_only] or list(runs)
     worst = max(trained, key=lambda r: (r.members * r.images_per_step, r.members))
     s = settings.image_size
