@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 
-from rat_jax.data import ImageStore, MemberLoader, load_dataset  # noqa: E402
+from rat_jax.data import (FeedOptions, ImageStore, MemberLoader, StreamSpec,  # noqa: E402
+                          load_dataset)
 
 TARGET_SPEED, TARGET_BYTES = 10.0, 3.5
 
@@ -41,9 +42,11 @@ def loader_rate(ds, size, mode, cache_dir, store, workers, steps, members, batch
                 worker_type="thread", prefetch=0):
     """(images/s, bytes per image) of MemberLoader after one warm-up step (prefetch off by
     default: the rate of computing batches one at a time)."""
-    with MemberLoader(ds, train_envs, list(range(1, members + 1)), batch_size=batch,
-                      image_size=size, cache_dir=cache_dir, store=store, workers=workers,
-                      prefetch=prefetch, augment_on=mode, worker_type=worker_type) as loader:
+    spec = StreamSpec(batch_size=batch, image_size=size, augment_on=mode)
+    feed = FeedOptions(workers=workers, worker_type=worker_type, prefetch=prefetch,
+                       cache_dir=cache_dir)
+    with MemberLoader(ds, train_envs, list(range(1, members + 1)), spec=spec, feed=feed,
+                      store=store) as loader:
         first = next(loader)
         t = time.perf_counter()
         for _ in range(steps):
@@ -58,8 +61,10 @@ def device_finish_ms(ds, size, store, train_envs, n_images, repeats=3):
     normalize) of a device-mode batch, on this machine's default JAX device."""
     import jax
     from rat_jax.data import augment
-    with MemberLoader(ds, train_envs, [1], batch_size=max(1, n_images // len(train_envs)),
-                      image_size=size, store=store, prefetch=0, augment_on="device") as loader:
+    spec = StreamSpec(batch_size=max(1, n_images // len(train_envs)), image_size=size,
+                      augment_on="device")
+    with MemberLoader(ds, train_envs, [1], spec=spec, feed=FeedOptions(prefetch=0),
+                      store=store) as loader:
         b = next(loader)
     images, params = b["images"][0], {k: v[0] for k, v in b["augment"].items()}
     fn = jax.jit(lambda x, p: augment.model_input(x, p, size))

@@ -77,8 +77,9 @@ def before(model, bs, stacked, scores, splits, batch):
                                                batch), d[1])
     order = soups.sort_by_score(scores)
     out = {"best": acc(trees.take(stacked, order[0]), test_in)}
-    _, kept, rec = diagnostics.lmc_gate(model, bs, stacked, order, *sel, threshold=0.05,
-                                        batch_size=batch)
+    gate = diagnostics.GateConfig(0.05, probe=diagnostics.LmcProbe(diagnostics.GATE_ALPHAS,
+                                                                   batch))
+    _, kept, rec = diagnostics.lmc_gate(model, bs, stacked, order, *sel, gate)
     out["gate"] = [r["barrier"] for r in rec]
     out["uniform"] = acc(trees.average(stacked), full)
     soup, selected, _ = soups.greedy_soup(stacked, scores, lambda p: acc(p, sel))
@@ -99,9 +100,10 @@ def after(model, bs, stacked, scores, splits, batch, data_parallel):
     order = soups.sort_by_score(scores)
     members_in = ev.logits(trees.select(stacked, order), test_in[0])   # one pass, all members
     out = {"best": accuracy(members_in[0], test_in[1])}
-    _, kept, rec = diagnostics.lmc_gate(model, bs, stacked, order, None, sel[1], threshold=0.05,
-                                        batch_size=batch,
-                                        stack_logits=lambda st: ev.logits(st, sel[0]))
+    probe = diagnostics.LmcProbe(diagnostics.GATE_ALPHAS, batch,
+                                 stack_logits=lambda st: ev.logits(st, sel[0]))
+    _, kept, rec = diagnostics.lmc_gate(model, bs, stacked, order, None, sel[1],
+                                        diagnostics.GateConfig(0.05, probe=probe))
     out["gate"] = [r["barrier"] for r in rec]
     out["uniform"] = acc(trees.average(stacked), full)
     soup, selected, _ = soups.greedy_soup(stacked, scores, lambda p: acc(p, sel))

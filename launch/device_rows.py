@@ -223,15 +223,15 @@ def feed_folder(feed: Feed, root: pathlib.Path) -> pathlib.Path:
 def loader(dataset, shape: Shape, cache: str, mode: str, **kw):
     """A MemberLoader of `shape`'s members over every env but env 0 (the test env), with every
     usable core; `shape.batch` images per member split evenly over the training envs."""
-    from rat_jax.data import MemberLoader
+    from rat_jax.data import FeedOptions, MemberLoader, StreamSpec
     from rat_jax.runtime import usable_cores
     envs = list(range(1, dataset.num_envs))
     if shape.batch % len(envs):
         raise SystemExit(f"--batch {shape.batch} does not split over {len(envs)} training envs")
-    return MemberLoader(dataset, envs, list(range(1, shape.members + 1)),
-                        batch_size=shape.batch // len(envs), image_size=shape.image,
-                        cache_dir=cache, workers=kw.pop("workers", usable_cores()),
-                        augment_on=mode, **kw)
+    spec = StreamSpec(batch_size=shape.batch // len(envs), image_size=shape.image,
+                      augment_on=mode)
+    feed = FeedOptions(**{"workers": usable_cores(), "cache_dir": cache, **kw})
+    return MemberLoader(dataset, envs, list(range(1, shape.members + 1)), spec=spec, feed=feed)
 
 
 def loader_row(source, steps: int) -> dict:

@@ -27,7 +27,8 @@ from rat_jax.convert import convert_torch_checkpoint, read_torch_file
 from rat_jax.data import build_demo_datasets, load_dataset
 from rat_jax.data.protocol import (aux_init_assignment, random_hparams, run_seed, seed_hash,
                                    split_indices)
-from rat_jax.diagnostics import barrier, diversity, interpolate, lmc_curve, lmc_gate
+from rat_jax.diagnostics import (GateConfig, LmcProbe, barrier, diversity, interpolate, lmc_curve,
+                                 lmc_gate)
 from rat_jax.engine import TrainResult, id_val_names
 from rat_jax.evaluation import (SplitSpec, StackEvaluator, accuracy, eval_split, load_split,
                                 predict_logits, predict_logits_stacked)
@@ -166,8 +167,8 @@ __all__ = [
     "build_demo_datasets", "concatenate", "convert_torch_checkpoint", "create_model", "dataset",
     "diagnostic_figures", "diversity", "ensemble", "ensemble_logits", "eval_split", "evaluate",
     "evaluate_members", "export_aux_pool", "export_flax", "export_torch", "Foundation", "fuse",
-    "fusing_coefficients", "greedy_soup", "id_val_names", "interpolate", "linear_probe",
-    "lmc_curve", "lmc_gate", "load_aux_checkpoints", "load_foundation", "load_split",
+    "fusing_coefficients", "GateConfig", "greedy_soup", "id_val_names", "interpolate",
+    "linear_probe", "lmc_curve", "lmc_gate", "LmcProbe", "load_aux_checkpoints", "load_foundation", "load_split",
     "member_hparams", "MemberSpec", "new_head", "PoolCheck",
     "predict_logits", "predict_logits_stacked", "random_hparams", "read_torch_file", "run_seed",
     "seed_hash", "select", "select_and_evaluate", "split_indices", "SplitSpec", "stack", "take",

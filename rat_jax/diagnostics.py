@@ -15,6 +15,7 @@ one curve are evaluated as one stack of params in one pass over the images.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from typing import Any, Callable, Mapping, Sequence
@@ -28,11 +29,34 @@ from rat_jax.evaluation import accuracy, mean_loss, predict_logits, predict_logi
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_ALPHAS", "GATE_ALPHAS", "interpolate", "lmc_curve", "barrier", "lmc_gate", "diversity",
-           "diversity_from_logits", "pairwise_counts"]
+__all__ = ["DEFAULT_ALPHAS", "GATE_ALPHAS", "GateConfig", "LmcProbe", "interpolate", "lmc_curve",
+           "barrier", "lmc_gate", "diversity", "diversity_from_logits", "pairwise_counts"]
 
 DEFAULT_ALPHAS = tuple(np.linspace(0.0, 1.0, 11).round(6).tolist())
 GATE_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class LmcProbe:
+    """How the points of an LMC curve are evaluated: at `alphas`, in batches of `batch_size`
+    images, one point after the other; or, with `stack_logits(stacked)` (logits [K, N, C] of K
+    stacked params on the evaluation images, e.g. the member engine's `StackEvaluator.logits`
+    bound to a split), all points as one stack (the images are then not read)."""
+    alphas: Sequence[float] = DEFAULT_ALPHAS
+    batch_size: int = 256
+    stack_logits: Callable[[Any], np.ndarray] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class GateConfig:
+    """The LMC gate of :func:`lmc_gate`: a member whose barrier (in `metric`, 'acc' or 'loss',
+    see :func:`barrier`) with the running soup exceeds `threshold` is warned about and, with
+    `skip=True`, left out of the soup. `probe`: how each member's curve is evaluated (default:
+    the 5 GATE_ALPHAS)."""
+    threshold: float
+    skip: bool = False
+    metric: str = "acc"
+    probe: LmcProbe = dataclasses.field(default_factory=lambda: LmcProbe(GATE_ALPHAS))
 
 
 # ------------------------------------------------------------------------------ LMC --------
@@ -51,20 +75,18 @@ def _mix(a, b, alpha):
 
 
 def lmc_curve(model, batch_stats: Any, a: Any, b: Any, images, labels,
-              alphas: Sequence[float] = DEFAULT_ALPHAS, batch_size: int = 256, *,
-              stack_logits: Callable[[Any], np.ndarray] | None = None) -> dict:
+              probe: LmcProbe = LmcProbe()) -> dict:
     """Accuracy and mean cross-entropy of `model` along the segment from params `a` (α=0) to `b`
-    (α=1) on (images uint8 [N,H,W,3], labels [N]). Returns dict(alphas, acc, loss) of lists.
-    `stack_logits(stacked)`: logits [K, N, C] of K stacked params on those images; given, the
-    points are evaluated as one stack (`images` is then not read), else one by one."""
-    alphas = [float(x) for x in alphas]
+    (α=1) on (images uint8 [N,H,W,3], labels [N]), at the alphas of `probe` and evaluated as it
+    says (:class:`LmcProbe`). Returns dict(alphas, acc, loss) of lists."""
+    alphas = [float(x) for x in probe.alphas]
     labels = np.asarray(labels)
     points = interpolate(a, b, alphas)
-    if stack_logits is not None:
-        all_logits = stack_logits(trees.stack(points))
+    if probe.stack_logits is not None:
+        all_logits = probe.stack_logits(trees.stack(points))
     else:
         all_logits = [predict_logits(model, {"params": p, "batch_stats": batch_stats}, images,
-                                     batch_size) for p in points]
+                                     probe.batch_size) for p in points]
     acc = [accuracy(lg, labels) for lg in all_logits]
     loss = [mean_loss(lg, labels) for lg in all_logits]
     return {"alphas": alphas, "acc": acc, "loss": loss}
@@ -101,18 +123,17 @@ def barrier(values: Sequence[float], alphas: Sequence[float] | None = None,
 
 
 def lmc_gate(model, batch_stats: Any, stacked: Any, order: Sequence[int], images, labels,
-             threshold: float, skip: bool = False, *, alphas: Sequence[float] = GATE_ALPHAS,
-             metric: str = "acc", batch_size: int = 256,
-             stack_logits: Callable[[Any], np.ndarray] | None = None):
-    """Walk members in `order`; measure each one's barrier (in `metric`, see :func:`barrier`) with
-    the uniform soup of the members kept so far, and warn when it exceeds `threshold`; with
-    `skip=True` such members are left out of the soup.
+             gate: GateConfig):
+    """Walk members in `order`; measure each one's barrier (in `gate.metric`, see
+    :func:`barrier`) with the uniform soup of the members kept so far, and warn when it exceeds
+    `gate.threshold`; with `gate.skip` such members are left out of the soup.
 
     Returns (soup_params, kept member indices, records): one record per member walked,
     dict(member, barrier, gated, excluded), where `gated` means barrier > threshold (the first
     member starts the soup: barrier 0.0). ``[r for r in records if r['gated']]`` are the gated ones.
-    `stack_logits`: as lmc_curve's (each member's gate points in one stack).
+    Each member's curve is evaluated as `gate.probe` says (e.g. its points in one stack).
     """
+    threshold, skip, metric = gate.threshold, gate.skip, gate.metric
     order = [int(i) for i in order]
     if not order:
         raise ValueError("lmc_gate: empty member order")
@@ -121,7 +142,7 @@ def lmc_gate(model, batch_stats: Any, stacked: Any, order: Sequence[int], images
     for i in order[1:]:
         soup = trees.average(stacked, members=kept)
         curve = lmc_curve(model, batch_stats, soup, trees.take(stacked, i), images, labels,
-                          alphas, batch_size, stack_logits=stack_logits)
+                          gate.probe)
         b = barrier(curve[metric], curve["alphas"], metric)
         gated = b > threshold
         excluded = gated and skip

@@ -203,10 +203,12 @@ def _lmc(m: FigureMembers, scorer: _Scorer, data: FigureData, order, uniform) ->
         pairs[f"m{order[0]} - m{order[-1]} (best - worst)"] = (
             trees.take(params, order[0]), trees.take(params, order[-1]))
     curves, barriers = {}, {}
+    probe = diagnostics.LmcProbe(
+        batch_size=data.eval_batch_size,
+        stack_logits=lambda st: scorer.stack_logits(st, data.full_test))
     for name, (a, b) in pairs.items():
         c = diagnostics.lmc_curve(m.model, m.batch_stats, a, b, None, _labels(data.full_test),
-                                  batch_size=data.eval_batch_size,
-                                  stack_logits=lambda st: scorer.stack_logits(st, data.full_test))
+                                  probe)
         curves[name] = (c["alphas"], c["acc"])
         barriers[name] = diagnostics.barrier(c["acc"], c["alphas"])
     return _Lmc(curves, barriers)

@@ -272,10 +272,11 @@ def _gate(env: _Env, method: str, cands: Candidates, selection_set, t: int):
     c, ev = env.config, env.ev
     ev.console.status(f"trial {t} {method}: LMC gate over {len(cands.ok)} members")
     # LMC gate on the ID-val selection set, members in score order (docs/protocol.md: no test data).
+    probe = diagnostics.LmcProbe(diagnostics.GATE_ALPHAS, ev.batch_size,
+                                 stack_logits=lambda stacked: ev.logits(stacked, selection_set))
     uniform, kept, records = diagnostics.lmc_gate(
         ev.model, ev.batch_stats, cands.params, cands.order(), None, selection_set.labels,
-        threshold=c.gate_threshold, skip=c.gate_skip, batch_size=ev.batch_size,
-        stack_logits=lambda stacked: ev.logits(stacked, selection_set))
+        diagnostics.GateConfig(c.gate_threshold, c.gate_skip, probe=probe))
     extra = {"gated": [r["member"] for r in records if r["gated"]],
              "gate_excluded": [r["member"] for r in records if r["excluded"]],
              "gate_barriers": {str(r["member"]): r["barrier"] for r in records}}

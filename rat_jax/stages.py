@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from rat_jax import checkpoint, distributed, runtime, soups, trees
-from rat_jax.data import DomainDataset, ImageStore, MemberLoader
+from rat_jax.data import DomainDataset, FeedOptions, ImageStore, MemberLoader, StreamSpec
 from rat_jax.data.protocol import (aux_init_assignment, default_hparams, random_hparams,
                                    run_seed)
 from rat_jax.engine import (EngineConfig, LoopConfig, RunOutput, TrainResult, id_val_names,
@@ -143,6 +143,13 @@ class TrainSettings:
         return EngineConfig(batch_size=batch_size, strategy=self.engine_strategy,
                             classifier_only=classifier_only, remat=self.remat,
                             data_parallel=self.data_parallel_flag, cpu_ynn=self.cpu_ynn)
+
+    def stream_spec(self) -> StreamSpec:
+        """What the member loader's training batches hold (augmented, on the host or the
+        device by augment_mode())."""
+        return StreamSpec(batch_size=self.batch_size, image_size=self.image_size, augment=True,
+                          holdout_fraction=self.holdout_fraction,
+                          augment_on=self.augment_mode(), cache_side=self.train_side)
 
     @property
     def train_side(self) -> int | None:
@@ -403,10 +410,7 @@ def train_group(dataset: DomainDataset, inits: Sequence[Any],
         dropout=[m.hparams["resnet_dropout"] for m in members],
         lp_steps=[m.lp_steps for m in members], seed=seeds)
     loader = MemberLoader(dataset, train_envs, seeds, trial_seeds=run.trial,
-                          batch_size=settings.batch_size, image_size=settings.image_size,
-                          augment=True, holdout_fraction=settings.holdout_fraction,
-                          augment_on=settings.augment_mode(), cache_side=settings.train_side,
-                          **settings.cache_kw())
+                          spec=settings.stream_spec(), feed=FeedOptions(**settings.cache_kw()))
     sets, final_sets = eval_sets(dataset, run, settings, seeds, loader.store)
     per_step = settings.batch_size * len(train_envs)
     n_train = sum(len(dataset.samples[e]) for e in train_envs) * (1 - settings.holdout_fraction)

@@ -526,7 +526,8 @@ def host_memory(settings, runs: Sequence[PlannedRun], infos: dict, device: dict)
     compiled member step, memory_check) is added. `infos`: {dataset name: DatasetInfo}."""
     import jax
     import numpy as np
-    from rat_jax.data.loader import DEFAULT_PREFETCH, device_canvas
+    from rat_jax.data.loader import DEFAULT_PREFETCH
+    from rat_jax.data.stream import device_canvas
     trained = [r for r in runs if not r.classifier_only] or list(runs)
     worst = max(trained, key=lambda r: (r.members * r.images_per_step, r.members))
     s = settings.image_size
@@ -559,12 +560,19 @@ def check_host_memory(host: dict) -> None:
     not fit the machine's RAM (the change for its largest part, HOST_FIXES)."""
     if host["fits"]:
         return
-    gib = lambda b: f"{b / 2**30:.2f} GiB"
-    parts = ", ".join(f"{k.replace('_', ' ')} {gib(v)}" for k, v in host["parts"].items())
     biggest = max(host["parts"], key=host["parts"].get)
-    raise SystemExit(f"rat_jax plan: {host['run']} needs {gib(host['bytes_needed'])} of host "
-                     f"memory ({parts}), the machine has {gib(host['limit_bytes'])}. Change: "
-                     + HOST_FIXES[biggest])
+    raise SystemExit(f"rat_jax plan: {host['run']} needs {_gib(host['bytes_needed'])} of host "
+                     f"memory ({_parts(host)}), the machine has {_gib(host['limit_bytes'])}. "
+                     "Change: " + HOST_FIXES[biggest])
+
+
+def _gib(b) -> str:
+    return f"{b / 2**30:.2f} GiB"
+
+
+def _parts(host: dict) -> str:
+    """host_memory's parts, "name 1.23 GiB, ..."."""
+    return ", ".join(f"{k.replace('_', ' ')} {_gib(v)}" for k, v in host["parts"].items())
 
 
 def plan(config, workdir: str | os.PathLike, rate: float = 0.0, devices: int = 0) -> dict:
@@ -585,9 +593,45 @@ def plan(config, workdir: str | os.PathLike, rate: float = 0.0, devices: int = 0
     runs = planned_runs(config, root, info)
     first = target_config(config, target_names(config)[0]) if is_sweep(config) else config
     settings = TrainSettings.from_config(first)
+    typical = _typical_images_per_step(runs)
+    speed = _plan_rate(settings, runs, typical, rate, devices)
+    md, numbers = plan_table(runs, speed["machine_images_per_s"])
+    targets = target_names(config)
+    print(f"# Plan: {len(targets)} target(s) ({', '.join(targets)}) in {root}\n")
+    print(f"arch {settings.arch}, {settings.image_size}px, batch {first.batch_size}/domain, "
+          f"{settings.compute_dtype}; {len(runs)} members runs. A group is one members run "
+          "(members trained together); a member run is one network (a DomainBed run).\n")
+    print(md + "\n")
+    print(_rate_note(speed, typical))
+    numbers["rate"] = speed
+    if config.get("aux_checkpoints", ()):
+        print("config.aux_checkpoints: brought auxiliary checkpoints are not in the plan.")
+    mem = memory_check(settings, runs)
+    numbers["memory"] = mem
+    print(_memory_note(mem), flush=True)
+    host = host_memory(settings, runs, infos, dict(mem, platform=jax.devices()[0].platform))
+    numbers["host_memory"] = host
+    print(_host_memory_note(host), flush=True)
+    if not mem["fits"]:
+        raise SystemExit(_no_fit_message(mem))
+    check_host_memory(host)
+    return numbers
+
+
+def _typical_images_per_step(runs: Sequence[PlannedRun]) -> int:
+    """The images per member step that most trained members use (the rate is measured at it)."""
     trained = [r for r in runs if not r.classifier_only]
-    typical = max({r.images_per_step for r in trained},
-                  key=lambda b: sum(r.members for r in trained if r.images_per_step == b))
+    return max({r.images_per_step for r in trained},
+               key=lambda b: sum(r.members for r in trained if r.images_per_step == b))
+
+
+def _plan_rate(settings, runs: Sequence[PlannedRun], typical: int, rate: float,
+               devices: int) -> dict:
+    """The training rate of the plan's time estimate: `rate` images/s per device when > 0
+    ("given"), else measure_rate's one member on one device at `typical` images a step; times
+    the devices (`devices`, or the current ones; emulated CPU devices share the same cores:
+    x 1) as `machine_images_per_s`."""
+    import jax
     platform = jax.devices()[0].platform
     n_dev = devices or len(jax.devices())
     if rate > 0:
@@ -595,63 +639,54 @@ def plan(config, workdir: str | os.PathLike, rate: float = 0.0, devices: int = 0
                     "given": True}
     else:
         measured = measure_rate(settings, max(r.num_classes for r in runs), typical)
-    # members spread over devices: the machine's rate is the device's times the devices, except
-    # emulated CPU devices, which share the same cores
     scale = 1 if (platform == "cpu" and not devices and rate <= 0) else n_dev
-    machine = measured["images_per_s"] * scale
-    md, numbers = plan_table(runs, machine)
-    targets = target_names(config)
-    print(f"# Plan: {len(targets)} target(s) ({', '.join(targets)}) in {root}\n")
-    print(f"arch {settings.arch}, {settings.image_size}px, batch {first.batch_size}/domain, "
-          f"{settings.compute_dtype}; {len(runs)} members runs. A group is one members run "
-          "(members trained together); a member run is one network (a DomainBed run).\n")
-    print(md + "\n")
-    if measured.get("given"):
-        how = f"given: {rate:,.1f} training images/s per device (--plan_rate)"
+    return dict(measured, machine_images_per_s=measured["images_per_s"] * scale, devices=scale)
+
+
+def _rate_note(speed: dict, typical: int) -> str:
+    if speed.get("given"):
+        how = (f"given: {speed['images_per_s']:,.1f} training images/s per device "
+               "(--plan_rate)")
     else:
-        how = (f"measured: {measured['images_per_s']:.2f} training images/s = "
-               f"{measured['member_steps_per_s']:.4f} member-steps/s of {typical} images, one "
-               f"member on one {measured['platform']} device ({measured['device']}), the median "
-               f"of timed steps of {measured['timed_images']} images after a "
-               f"{measured['compile_s']:.0f}-s compile")
-    print(f"Estimated time: an ESTIMATE, not a measurement of the sweep. Rate {how}; x {scale} "
-          f"device(s) -> {machine:,.1f} images/s for the machine. Evaluation and linear-probe "
-          f"images (forward only) are weighted {FORWARD_COST:.2f} of a training image; "
-          "selection, soups, data loading and compilation are not counted. Image counts of "
-          "DomainBed datasets come from their usual totals (docs/protocol.md §3.1) split evenly "
-          "over envs.")
-    numbers["rate"] = dict(measured, machine_images_per_s=machine, devices=scale)
-    if config.get("aux_checkpoints", ()):
-        print("config.aux_checkpoints: brought auxiliary checkpoints are not in the plan.")
-    mem = memory_check(settings, runs)
-    numbers["memory"] = mem
-    gib = lambda b: f"{b / 2**30:.2f} GiB"
-    limit = gib(mem["limit_bytes"]) if mem["limit_bytes"] else "not reported"
-    print(f"Memory (XLA memory analysis of the compiled member step, not run): the worst case, "
-          f"the most members per device ({mem['members']} members as in {mem['run']}, "
-          f"{mem['members_per_device']} per device on {mem['devices_used']} device(s)) with the "
-          f"largest member batch of any run ({mem['images_per_step']} images) and the most "
-          f"classes: "
-          f"{gib(mem['bytes_per_device'])} per device (arguments + outputs + temporaries - "
-          f"aliased + best-so-far params), {gib(mem['bytes_needed'])} in all; available "
-          f"{limit} ({mem['limit_source'] or 'no limit reported'}).", flush=True)
-    host = host_memory(settings, runs, infos, dict(mem, platform=platform))
-    numbers["host_memory"] = host
-    parts = ", ".join(f"{k.replace('_', ' ')} {gib(v)}" for k, v in host["parts"].items())
-    cache = (f"{gib(host['page_cache_bytes'])} (decoded images of the largest dataset)"
+        how = (f"measured: {speed['images_per_s']:.2f} training images/s = "
+               f"{speed['member_steps_per_s']:.4f} member-steps/s of {typical} images, one "
+               f"member on one {speed['platform']} device ({speed['device']}), the median "
+               f"of timed steps of {speed['timed_images']} images after a "
+               f"{speed['compile_s']:.0f}-s compile")
+    return (f"Estimated time: an ESTIMATE, not a measurement of the sweep. Rate {how}; "
+            f"x {speed['devices']} device(s) -> {speed['machine_images_per_s']:,.1f} images/s "
+            f"for the machine. Evaluation and linear-probe images (forward only) are weighted "
+            f"{FORWARD_COST:.2f} of a training image; selection, soups, data loading and "
+            "compilation are not counted. Image counts of DomainBed datasets come from their "
+            "usual totals (docs/protocol.md §3.1) split evenly over envs.")
+
+
+def _memory_note(mem: dict) -> str:
+    limit = _gib(mem["limit_bytes"]) if mem["limit_bytes"] else "not reported"
+    return (f"Memory (XLA memory analysis of the compiled member step, not run): the worst case, "
+            f"the most members per device ({mem['members']} members as in {mem['run']}, "
+            f"{mem['members_per_device']} per device on {mem['devices_used']} device(s)) with "
+            f"the largest member batch of any run ({mem['images_per_step']} images) and the "
+            f"most classes: {_gib(mem['bytes_per_device'])} per device (arguments + outputs + "
+            f"temporaries - aliased + best-so-far params), {_gib(mem['bytes_needed'])} in all; "
+            f"available {limit} ({mem['limit_source'] or 'no limit reported'}).")
+
+
+def _host_memory_note(host: dict) -> str:
+    cache = (f"{_gib(host['page_cache_bytes'])} (decoded images of the largest dataset)"
              if host["page_cache_bytes"] is not None
              else "not known (DomainBed datasets are planned from their usual sizes, unread)")
-    print(f"Host memory of the worst run ({host['run']}): {gib(host['bytes_needed'])} ({parts}); "
-          f"RAM {gib(host['limit_bytes']) if host['limit_bytes'] else 'not reported'}. Page "
-          f"cache, reclaimable and not counted: {cache}.", flush=True)
-    if not mem["fits"]:
-        raise SystemExit(
-            f"rat_jax plan: {mem['members']} members ({mem['run']}; "
-            f"{mem['members_per_device']} per device) do not fit: {gib(mem['bytes_needed'])} "
+    ram = _gib(host["limit_bytes"]) if host["limit_bytes"] else "not reported"
+    return (f"Host memory of the worst run ({host['run']}): {_gib(host['bytes_needed'])} "
+            f"({_parts(host)}); RAM {ram}. Page cache, reclaimable and not counted: {cache}.")
+
+
+def _no_fit_message(mem: dict) -> str:
+    limit = _gib(mem["limit_bytes"]) if mem["limit_bytes"] else "not reported"
+    return (f"rat_jax plan: {mem['members']} members ({mem['run']}; "
+            f"{mem['members_per_device']} per device) do not fit: {_gib(mem['bytes_needed'])} "
             f"needed, {limit} available ({mem['limit_source']}). Change: fewer members per "
             "device (more devices, or fewer members: --config.n_hparams, "
             "--config.run_fusing=False), --config.engine.remat=True, "
             "--config.engine.compute_dtype=bfloat16, or a smaller --config.batch_size / "
             "--config.image_size.")
-    check_host_memory(host)
-    return numbers

@@ -7,9 +7,11 @@ import types
 import numpy as np
 import pytest
 
-from rat_jax.data import DatasetError, MemberLoader, load_dataset
+from rat_jax.data import DatasetError, load_dataset
 from rat_jax.data import demo
 from rat_jax.data.tfds_source import load_tfds
+
+from loader_helpers import member_loader
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,7 @@ def test_demo_names_use_cache_dir_not_root(demo_dir, tmp_path):
 
 def test_demo_feeds_member_loader(demo_dir):
     ds = load_dataset("digits", cache_dir=demo_dir, usps=False)
-    with MemberLoader(ds, [0, 1], [1, 2, 3], batch_size=8, image_size=32, cache_dir=None) as it:
+    with member_loader(ds, [0, 1], [1, 2, 3], batch_size=8, image_size=32, cache_dir=None) as it:
         batch = next(it)
     assert batch["images"].shape == (3, 16, 32, 32, 3)
 

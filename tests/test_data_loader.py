@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rat_jax.data import ImageStore, MemberLoader, iterate_eval, load_folder
+from rat_jax.data import ImageStore, load_folder
+from rat_jax.evaluation import SplitSpec, eval_split
 from rat_jax.data import transforms as T
+
+from loader_helpers import member_loader
 
 
 @pytest.fixture
@@ -28,7 +31,7 @@ def tiny(tmp_path):
 def _loader(ds, tmp_path, **kw):
     args = dict(batch_size=4, image_size=16, cache_dir=str(tmp_path / "cache"), workers=2)
     args.update(kw)
-    return MemberLoader(ds, [0, 2], [11, 22], **args)
+    return member_loader(ds, [0, 2], [11, 22], **args)
 
 
 def test_shapes_and_env_order(tiny, tmp_path):
@@ -43,7 +46,7 @@ def test_shapes_and_env_order(tiny, tmp_path):
 
 def test_samples_in_split_with_replacement(tiny, tmp_path):
     loader = _loader(tiny, tmp_path, batch_size=32)
-    pools = [set(p.tolist()) for p in loader.pools[0]]
+    pools = [set(p.tolist()) for p in loader.stream.pools[0]]
     picks = {0: [], 2: []}
     for step in range(3):
         for m, _, env, idx, _ in loader.plan(step):
@@ -63,8 +66,8 @@ def test_load_only_decodes_just_those_members(tiny, tmp_path, monkeypatch):
     full = _loader(tiny, tmp_path, output="uint8", workers=1, prefetch=0).batch(3)
     part = _loader(tiny, tmp_path, output="uint8", workers=1, prefetch=0)
     sampled = []
-    real = part._sample
-    monkeypatch.setattr(part, "_sample", lambda *a: sampled.append(a) or real(*a))
+    real = part.store.train_image
+    monkeypatch.setattr(part.store, "train_image", lambda *a: sampled.append(a) or real(*a))
     part.load_only([1])
     got = part.batch(3)
     np.testing.assert_array_equal(got["images"][1], full["images"][1])  # same rows as all-loaded
@@ -85,7 +88,7 @@ def test_resume_state(tiny, tmp_path):
     fresh.set_state(state)
     got = next(fresh)
     assert np.array_equal(got["images"], expected["images"]) and fresh.get_state()["step"] == 4
-    other = MemberLoader(tiny, [0, 2], [11, 23], batch_size=4, image_size=16, cache_dir=None)
+    other = member_loader(tiny, [0, 2], [11, 23], batch_size=4, image_size=16, cache_dir=None)
     with pytest.raises(ValueError, match=r"state differs in \['seeds'\]"):
         other.set_state(state)
 
@@ -101,11 +104,10 @@ def test_cache_second_run_decodes_nothing(tiny, tmp_path, monkeypatch):
 
 
 def test_cached_eval_is_exact(tiny, tmp_path):
-    cold = list(iterate_eval(tiny, image_size=16, batch_size=5, cache_dir=None))
-    warm = list(iterate_eval(tiny, image_size=16, batch_size=5, cache_dir=str(tmp_path / "c")))
-    assert len(cold) == len(warm)
-    for a, b in zip(cold, warm):
-        assert np.array_equal(a["images"], b["images"])
+    spec = SplitSpec(image_size=16)
+    cold = eval_split(tiny, spec, cache_dir=None).images()
+    warm = eval_split(tiny, spec, cache_dir=str(tmp_path / "c")).images()
+    assert len(cold) == sum(tiny.env_sizes()) and np.array_equal(cold, warm)
 
 
 def test_uncapped_train_cache_is_exact(tiny, tmp_path):
@@ -116,59 +118,51 @@ def test_uncapped_train_cache_is_exact(tiny, tmp_path):
     assert np.array_equal(a["images"], b["images"])
 
 
-def test_iterate_eval_covers_splits_once(tiny, tmp_path):
-    seen = {}
-    for batch in iterate_eval(tiny, image_size=8, batch_size=4, cache_dir=str(tmp_path / "c")):
-        assert batch["images"].shape == (4, 8, 8, 3) and batch["mask"].shape == (4,)
-        key = (batch["env"], batch["split"])
-        seen[key] = seen.get(key, 0) + int(batch["mask"].sum())
-    sizes = tiny.env_sizes()
-    for env, n in enumerate(sizes):
-        assert seen[(env, "out")] == int(n * 0.2) and seen[(env, "in")] == n - int(n * 0.2)
-    short = list(iterate_eval(tiny, envs=[1], splits=["all"], image_size=8, batch_size=4,
-                              pad=False, cache_dir=None))
-    assert [len(b["labels"]) for b in short] == [4, 4, 4, 4, 2]
-    assert np.concatenate([b["labels"] for b in short]).tolist() == tiny.labels(1).tolist()
-
-
-def test_iterate_eval_augmented_is_repeatable(tiny, tmp_path):
-    kw = dict(image_size=8, batch_size=4, augment=True, cache_dir=None, envs=[0], splits=["out"])
-    a, b = next(iterate_eval(tiny, **kw)), next(iterate_eval(tiny, **kw))
-    c = next(iterate_eval(tiny, seed=1, **kw))
-    assert np.array_equal(a["images"], b["images"]) and not np.array_equal(a["images"], c["images"])
+def test_eval_splits_cover_each_env_once(tiny, tmp_path):
+    cache = str(tmp_path / "c")
+    for env, n in enumerate(tiny.env_sizes()):
+        size = {s: len(eval_split(tiny, SplitSpec(envs=[env], split=s, image_size=8),
+                                  cache_dir=cache)) for s in ("in", "out")}
+        assert size == {"out": int(n * 0.2), "in": n - int(n * 0.2)}
+    whole = eval_split(tiny, SplitSpec(envs=[1], split="all", image_size=8), cache_dir=None)
+    batches = list(whole.batches(4))
+    assert [len(b["labels"]) for b in batches] == [4, 4, 4, 4, 2]
+    assert batches[0]["images"].shape == (4, 8, 8, 3)
+    assert np.concatenate([b["labels"] for b in batches]).tolist() == tiny.labels(1).tolist()
 
 
 def test_bad_arguments(tiny):
     with pytest.raises(ValueError, match="at least one member"):
-        MemberLoader(tiny, [0], [], cache_dir=None)
+        member_loader(tiny, [0], [], cache_dir=None)
     with pytest.raises(ValueError, match="train_envs is empty"):
-        MemberLoader(tiny, [], [1], cache_dir=None)
+        member_loader(tiny, [], [1], cache_dir=None)
     with pytest.raises(ValueError, match="trial_seeds has 3 entries for 2 members"):
-        MemberLoader(tiny, [0], [1, 2], trial_seeds=[0, 1, 2], cache_dir=None)
-    with pytest.raises(ValueError, match="unknown split 'val'"):
-        next(iterate_eval(tiny, splits=["val"], cache_dir=None))
+        member_loader(tiny, [0], [1, 2], trial_seeds=[0, 1, 2], cache_dir=None)
+    with pytest.raises(ValueError, match="split='val'"):
+        SplitSpec(split="val")
 
 
 def test_pacs_loader_subset(pacs_root, tmp_path):
     from rat_jax.data import load_dataset
     ds = load_dataset("PACS", pacs_root.parent)
-    with MemberLoader(ds, [1, 2, 3], [5], batch_size=2, image_size=32, cache_dir=None) as loader:
+    with member_loader(ds, [1, 2, 3], [5], batch_size=2, image_size=32, cache_dir=None) as loader:
         batch = next(loader)
     assert batch["images"].shape == (1, 6, 32, 32, 3)
     assert batch["labels"].max() < 7
 
 
 @pytest.mark.slow
-def test_pacs_full_cache(pacs_root, tmp_path):
-    """Decode all of PACS once into the cache, then iterate eval without decoding any JPEG."""
+def test_pacs_full_cache(pacs_root, tmp_path, monkeypatch):
+    """Decode all of PACS once into the cache, then read every split without decoding a JPEG."""
     from rat_jax.data import load_dataset
     ds = load_dataset("PACS", pacs_root.parent)
     store = ImageStore(ds, str(tmp_path))
     store.warm(eval_size=32)
-    counts = {}
-    for batch in iterate_eval(ds, image_size=32, batch_size=256, store=store, splits=["all"]):
-        counts[batch["env"]] = counts.get(batch["env"], 0) + int(batch["mask"].sum())
-    assert [counts[e] for e in range(4)] == [2048, 2344, 1670, 3929]
+    monkeypatch.setattr(T, "decode", lambda p: (_ for _ in ()).throw(AssertionError(p)))
+    counts = [sum(len(b["labels"]) for b in eval_split(
+        ds, SplitSpec(envs=[e], split="all", image_size=32), store=store).batches(256))
+              for e in range(4)]
+    assert counts == [2048, 2344, 1670, 3929]
 
 
 @pytest.mark.parametrize("canvas", [None, 16])
@@ -181,7 +175,7 @@ def test_device_mode_batches_finish_to_the_host_images(tiny, tmp_path, canvas):
     host = _loader(tiny, tmp_path, prefetch=0).batch(3)
     loader = _loader(tiny, tmp_path, prefetch=0, augment_on="device", canvas=canvas)
     dev = loader.batch(3)
-    c = loader.canvas
+    c = loader.stream.canvas
     assert dev["images"].shape == (2, 8, c, c, 3) and dev["images"].dtype == np.uint8
     assert dev["image_size"] == 16 and np.array_equal(dev["labels"], host["labels"])
     assert sorted(dev["augment"]) == sorted(T.WINDOW_PARAMS)
@@ -210,12 +204,11 @@ def test_device_mode_resizes_large_windows_on_the_host(tiny, tmp_path):
 
 def _reference_batch(ds, loader, step):
     """The batch of `step` computed from the decoded original files, without any cache."""
-    want = np.zeros((loader.num_members, len(loader.train_envs) * loader.batch_size,
-                     loader.image_size, loader.image_size, 3), np.uint8)
+    size = loader.stream.spec.image_size
+    want = np.zeros((loader.num_members, loader.stream.rows, size, size, 3), np.uint8)
     for m, slot, env, idx, sseed in loader.plan(step):
         img = T.decode(ds.samples[env][idx][0])
-        want[m, slot] = T.train_transform_uint8(img, loader.image_size,
-                                                np.random.default_rng(sseed))
+        want[m, slot] = T.train_transform_uint8(img, size, np.random.default_rng(sseed))
     return T.normalize(want)
 
 

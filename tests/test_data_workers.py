@@ -9,9 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rat_jax.data import ImageDecodeError, MemberLoader, load_folder
+from rat_jax.data import ImageDecodeError, load_folder
 from rat_jax.data import loader as loader_mod
 from rat_jax.data import workers as W
+
+from loader_helpers import member_loader
 
 
 def _make(root, rng, envs, corrupt=()):
@@ -44,7 +46,7 @@ def cache(tmp_path_factory):
 def _loader(ds, cache, worker_type, **kw):
     args = dict(batch_size=4, image_size=16, cache_dir=cache, workers=2, prefetch=2)
     args.update(kw)
-    return MemberLoader(ds, [0, 2], [11, 22], worker_type=worker_type, **args)
+    return member_loader(ds, [0, 2], [11, 22], worker_type=worker_type, **args)
 
 
 def _assert_same(a, b):
@@ -110,14 +112,14 @@ def test_worker_errors_reach_the_parent_naming_the_file(tmp_path):
     ds = _make(tmp_path / "bad", np.random.default_rng(1), (("e0", 4), ("e1", 4)),
                corrupt={("e0", "a")})
     # no cache: the worker processes decode the files themselves
-    with MemberLoader(ds, [0], [1], batch_size=16, image_size=16, cache_dir=None, workers=2,
+    with member_loader(ds, [0], [1], batch_size=16, image_size=16, cache_dir=None, workers=2,
                       worker_type="process", prefetch=1) as loader:
         with pytest.raises(ImageDecodeError, match=r"cannot read image .*bad\d\.jpg"):
             next(loader)
     # with a cache, it is built here before the workers start: the thread workers' error
     errors = []
     for wt in ("thread", "process"):
-        with MemberLoader(ds, [0], [1], batch_size=16, image_size=16, workers=2,
+        with member_loader(ds, [0], [1], batch_size=16, image_size=16, workers=2,
                           cache_dir=str(tmp_path / wt), worker_type=wt) as loader:
             with pytest.raises(ImageDecodeError, match=r"cannot read image .*bad\d\.jpg") as e:
                 loader.batch(0)
@@ -135,9 +137,9 @@ def test_no_shared_memory_left_after_close_or_gc(tiny, cache):
     held = next(loader)
     copy = np.copy(held["images"])
     next(loader)
-    names = loader._procs.segments.names()
+    names = loader._batches.procs.segments.names()
     assert names and all(_shm_exists(n) for n in names)
-    procs = list(loader._procs._executor._processes.values())
+    procs = list(loader._batches.procs._executor._processes.values())
     loader.close()
     assert not any(_shm_exists(n) for n in names)
     assert not any(p.is_alive() for p in procs)
@@ -147,7 +149,7 @@ def test_no_shared_memory_left_after_close_or_gc(tiny, cache):
     # garbage collection without close()
     loader = _loader(tiny, cache, "process", augment_on="device")
     next(loader)
-    names = loader._procs.segments.names()
+    names = loader._batches.procs.segments.names()
     assert names and all(_shm_exists(n) for n in names)
     del loader
     gc.collect()
@@ -159,7 +161,7 @@ def test_held_batches_are_never_overwritten(tiny, cache):
     with _loader(tiny, cache, "process", prefetch=1, output="uint8") as p, \
             _loader(tiny, cache, "thread", prefetch=0, output="uint8") as t:
         held = [next(p) for _ in range(6)]
-        assert len(p._procs.segments.names()) >= 6
+        assert len(p._batches.procs.segments.names()) >= 6
         for step, b in enumerate(held):
             _assert_same(b, t.batch(step))
 
@@ -176,7 +178,7 @@ def test_auto_rule(tiny, monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert resolve("auto", 2, tiny, 4096, "host") == "thread"     # < AUTO_MIN_CORES
     with pytest.raises(ValueError, match="worker_type='fork'"):
-        MemberLoader(tiny, [0], [1], cache_dir=None, worker_type="fork")
+        member_loader(tiny, [0], [1], cache_dir=None, worker_type="fork")
 
 
 def test_auto_falls_back_to_threads_when_workers_die(tiny, cache, monkeypatch):

@@ -104,14 +104,13 @@ def test_lmc_barrier_zero_with_itself_positive_between_independent_inits(task, n
     model, images, labels, _ = task
     a, b = nets
     alphas = [0.0, 0.25, 0.5, 0.75, 1.0]
-    same = D.lmc_curve(model, a["batch_stats"], a["params"], a["params"], images, labels, alphas,
-                       batch_size=BS)
+    probe = D.LmcProbe(alphas, batch_size=BS)
+    same = D.lmc_curve(model, a["batch_stats"], a["params"], a["params"], images, labels, probe)
     assert same["alphas"] == alphas and len(same["acc"]) == len(same["loss"]) == 5
     assert D.barrier(same["acc"], alphas) < 1e-9
     assert D.barrier(same["loss"], alphas, "loss") < 1e-5
     assert min(same["acc"]) > 0.9                                  # the probe fits the task
-    cross = D.lmc_curve(model, a["batch_stats"], a["params"], b["params"], images, labels, alphas,
-                        batch_size=BS)
+    cross = D.lmc_curve(model, a["batch_stats"], a["params"], b["params"], images, labels, probe)
     assert cross["acc"][0] > 0.9 and cross["acc"][-1] > 0.9
     assert D.barrier(cross["acc"], alphas) > 0.5                   # measured ~0.9
     assert D.barrier(cross["loss"], alphas, "loss") > 0.3          # measured ~0.96
@@ -121,10 +120,10 @@ def test_gate_warns_and_skips_member_above_threshold(task, nets, caplog):
     model, images, labels, _ = task
     a, b = nets
     stacked = np_stack([a["params"], a["params"], b["params"]])
+    probe = D.LmcProbe((0, 0.5, 1), batch_size=BS)
     with caplog.at_level(logging.WARNING, logger="rat_jax.diagnostics"):
         soup, kept, records = D.lmc_gate(model, a["batch_stats"], stacked, [0, 1, 2], images,
-                                         labels, threshold=0.1, skip=True, alphas=(0, 0.5, 1),
-                                         batch_size=BS)
+                                         labels, D.GateConfig(0.1, skip=True, probe=probe))
     assert kept == [0, 1]
     assert [r["member"] for r in records] == [0, 1, 2]
     assert records[1]["barrier"] < 1e-9 and not records[1]["gated"]
@@ -134,8 +133,7 @@ def test_gate_warns_and_skips_member_above_threshold(task, nets, caplog):
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-7)
     # skip=False: warned and reported, but averaged in
     soup2, kept2, records2 = D.lmc_gate(model, a["batch_stats"], stacked, [2, 0, 1], images,
-                                        labels, threshold=0.1, skip=False, alphas=(0, 0.5, 1),
-                                        batch_size=BS)
+                                        labels, D.GateConfig(0.1, skip=False, probe=probe))
     assert kept2 == [2, 0, 1]
     assert records2[1]["gated"] and not records2[1]["excluded"]
     ref = jax.tree.map(lambda x: x.mean(0), stacked)

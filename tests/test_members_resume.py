@@ -20,7 +20,7 @@ import numpy as np
 from rat_jax.engine import (EngineConfig, LoopConfig, RunOutput, make_hparams,
                             train_members)
 from members_helpers import ListLoader, StandInNet, member_inits, synthetic_batches
-from rat_jax.data import MemberLoader, load_folder
+from rat_jax.data import FeedOptions, MemberLoader, StreamSpec, load_folder
 
 
 class SlowLoader(ListLoader):
@@ -49,8 +49,10 @@ def loader(mode, sleep):
     if mode == "synthetic":
         return SlowLoader(synthetic_batches(2, 8, 12, seed=1), sleep)
     ds = load_folder(sys.argv[4])
-    return SlowMemberLoader(ds, [0, 1], [1, 2], batch_size=4, image_size=16, workers=1,
-                            cache_dir=sys.argv[4] + "_cache", augment_on=mode, sleep=sleep)
+    return SlowMemberLoader(ds, [0, 1], [1, 2],
+                            spec=StreamSpec(batch_size=4, image_size=16, augment_on=mode),
+                            feed=FeedOptions(workers=1, cache_dir=sys.argv[4] + "_cache"),
+                            sleep=sleep)
 
 
 def run(workdir, sleep=0.0, mode="synthetic"):

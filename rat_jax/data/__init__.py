@@ -10,7 +10,8 @@ from rat_jax.data.domainbed import SPECS, load_folder
 from rat_jax.data.transforms import (IMAGENET_MEAN, IMAGENET_STD, ImageDecodeError,
                                      eval_transform_uint8, normalize, train_transform_uint8)
 from rat_jax.data.store import DEFAULT_CACHE, ImageStore, default_cache_dir
-from rat_jax.data.loader import MemberLoader, eval_indices, iterate_eval
+from rat_jax.data.stream import MemberStream, StreamSpec
+from rat_jax.data.loader import FeedOptions, MemberLoader, eval_indices
 from rat_jax.data.demo import build_demo_datasets
 from rat_jax.data.sources import load_dataset
 
@@ -20,5 +21,6 @@ __all__ = [
     "DomainDataset", "load_dataset", "load_folder", "IMAGENET_MEAN",
     "IMAGENET_STD", "ImageDecodeError", "eval_transform_uint8", "normalize",
     "train_transform_uint8", "DEFAULT_CACHE", "ImageStore", "default_cache_dir", "MemberLoader",
-    "eval_indices", "iterate_eval", "build_demo_datasets",
+    "MemberStream", "StreamSpec", "FeedOptions", "eval_indices",
+    "build_demo_datasets",
 ]

@@ -72,6 +72,17 @@ class ImageStore:
         self._fits = {}    # (env, side) -> whether train_s{side} is cached on disk
         self._lock = threading.Lock()
 
+    def __getstate__(self):
+        """Pickled (a loader's worker process gets a copy): the dataset, the cache dir and the
+        cache decisions taken here, so the copy reads the same cache files without deciding (or
+        warning) again; it maps them afresh."""
+        return {"dataset": self.dataset, "cache_dir": self.cache_dir, "workers": self.workers,
+                "fits": dict(self._fits)}
+
+    def __setstate__(self, state: dict):
+        self.__init__(state["dataset"], state["cache_dir"], state["workers"])
+        self._fits.update(state["fits"])
+
     # -- raw access -----------------------------------------------------------------------
     def original(self, env: int, idx: int) -> Image.Image:
         """The full-resolution RGB image (decodes the file; no cache)."""

@@ -103,8 +103,8 @@ def train_params(rng: np.random.Generator, width: int, height: int) -> dict:
             "contrast": c, "saturation": s, "hue": hue, "order": order, "grayscale": gray}
 
 
-# The per-image parameters MemberLoader(augment_on="device") ships beside the crop windows
-# (rat_jax.data.augment.window_batch applies them on device).
+# The per-image parameters the member loader ships beside the crop windows with
+# StreamSpec(augment_on="device") (rat_jax.data.augment.window_batch applies them on device).
 WINDOW_PARAMS = ("height", "width", "flip", "brightness", "contrast", "saturation", "hue_shift",
                  "order", "grayscale")
 

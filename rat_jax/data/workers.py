@@ -3,9 +3,9 @@ straight into shared memory (multiprocessing.shared_memory), so no image array i
 
 - Start method: "spawn" (a fresh interpreter per worker; never fork: the parent runs JAX and
   other threads). Workers start once per loader, on its first batch; each rebuilds what it
-  needs from a picklable `filler` (MemberLoader._RowFiller: the stream definition and its own
-  ImageStore over the parent's cache dir, whose uint8 cache is a read-only memmap that the OS
-  page cache shares between processes).
+  needs from a picklable `filler` (batches.ProcessBatches sends the stream's fill_rows bound
+  to a pickled ImageStore: each worker opens its own store over the parent's cache dir, whose
+  uint8 cache is a read-only memmap that the OS page cache shares between processes).
 - Buffers: one shared-memory segment per batch, laid out as named arrays (`layout`). The parent
   maps each segment once and returns the batch's arrays as views of a per-batch base array; the
   segment goes back to the free list only when that base array is garbage collected, i.e. when
@@ -190,7 +190,7 @@ class PendingBatch:
                 error = error or concurrent.futures.process.BrokenProcessPool(
                     f"{e} (a loader worker process died: out of memory, or the main script "
                     "starts the loader without an `if __name__ == '__main__':` guard, which "
-                    "spawned processes need; worker_type='thread' avoids processes)")
+                    "spawned processes need; FeedOptions(worker_type='thread') avoids processes)")
             except BaseException as e:  # noqa: B036 - re-raised below
                 error = error or e
         return error
