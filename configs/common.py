@@ -83,6 +83,8 @@ def base() -> ml_collections.ConfigDict:
         data_parallel="auto",         # split a member's batch over spare devices: auto / on / off
         cpu_devices=0,                # emulated CPU devices; 0 = runtime's default
         cpu_ynn="auto",               # XLA:CPU YNNPACK fusions: "auto" (by step cost) / on / off
+        schedule="auto",              # runs side by side on device subsets (rat_jax.schedule):
+                                      # auto (accelerators), parallel or serial
     ))
     c.save_every = 500                # engine checkpoint period (steps) for resume
     c.quiet = False                   # no training progress output

@@ -12,10 +12,12 @@ import logging
 import os
 import pathlib
 import sys
+import threading
 
 from flax.traverse_util import flatten_dict
 
-from rat_jax import aux_checkpoints, distributed, report, runtime, selection, stages
+from rat_jax import aux_checkpoints, distributed, report, runtime, schedule, selection, stages
+from rat_jax import sweep
 from rat_jax.data import DomainDataset, load_dataset
 from rat_jax.export import SoupWriter
 from rat_jax.files import write_json_atomic
@@ -59,6 +61,11 @@ class Pipeline:
                                          quiet=bool(config.quiet), shared_root=self.shared_root)
         self.notes = ""  # the sentences under the last run()'s table
         self.pool: dict = {}  # the auxiliary pool of the last run(): trained + checkpoints
+        self.rows: list[dict] = []
+        self.rows_by_env: dict = {}
+        self.foundation = self.target = self._plan = None
+        self.parallel = False  # runs side by side (schedule.run_jobs): compiled programs stay
+        self._lock = threading.Lock()
         self.record_config()
 
     def record_config(self) -> None:
@@ -84,73 +91,153 @@ class Pipeline:
                             domainnet_duplicates=self.c.domainnet_duplicates or None)
 
     def run(self) -> list[dict]:
+        """Every job of this target (schedule.run_jobs); the table rows."""
+        import jax
+        jobs, fns = self.jobs(self.workdir)
+        self.parallel = schedule.resolve_mode(self.c.engine.get("schedule", "auto"),
+                                              jax.default_backend(), jax.process_count())
+        schedule.run_jobs(jobs, fns, jax.devices(), self.parallel)
+        return self.rows
+
+    def prepare(self) -> None:
+        """The foundation, the target and its test envs, and the auxiliary checkpoints (cheap,
+        and a bad file fails before any training)."""
+        if self.foundation is not None:
+            return
         c = self.c
-        foundation = stages.Foundation.load(
+        self.foundation = stages.Foundation.load(
             c.foundation, c.arch, (self.shared_root or self.workdir) / stages.FOUNDATION,
             c.image_size)
-        target = self.dataset(c.target)
-        test_envs = list(c.target.test_envs) or list(range(target.num_envs))
-        for k in test_envs:
-            if not 0 <= k < target.num_envs:
-                raise ValueError(f"config.target.test_envs has {k}, but {target.name} has envs "
-                                 f"0..{target.num_envs - 1} ({target.envs})")
-        brought, pool = self._aux_pool(foundation, target)
-        plan = stages.TargetPlan(pool, c.n_hparams, aux_checkpoints.pool_runs(pool, c.n_aux_hparams),
-                                 c.lp_steps, c.target.steps, c.target.checkpoint_freq,
-                                 run_fusing=c.run_fusing, fusing_range=c.fusing_range)
-        runtime.release_memory()
-        rows = []
-        for k in test_envs:
-            rows += self._test_env(target, k, foundation, plan)
-            runtime.release_memory(compiled=True)  # this test env's members and programs
-        notes = selection.notes(c, target, self.trained_members, rows, aux_names=sorted(pool),
-                                n_runs=plan.n_runs)
-        if brought:
+        self.target = self.dataset(c.target)
+        self.test_envs = list(c.target.test_envs) or list(range(self.target.num_envs))
+        for k in self.test_envs:
+            if not 0 <= k < self.target.num_envs:
+                raise ValueError(f"config.target.test_envs has {k}, but {self.target.name} has "
+                                 f"envs 0..{self.target.num_envs - 1} ({self.target.envs})")
+        self.tasks = {name: stages.AuxTask(self.dataset(e), e.steps, e.checkpoint_freq,
+                                           c.lp_probe_steps)
+                      for name, e in c.aux.items()}
+        self.brought = aux_checkpoints.load_aux_checkpoints(
+            c.get("aux_checkpoints", ()), aux_checkpoints.PoolCheck(
+                arch=c.arch, foundation=self.foundation, target=self.target,
+                n_runs=c.n_aux_hparams if self.tasks else None,
+                reserved_names=sorted(self.tasks)),
+            resolve_dataset=self._resolve_dataset, store=self.store)
+
+    def jobs(self, root: pathlib.Path) -> tuple[list[schedule.Job], dict]:
+        """This target's jobs (its members runs as sweep.target_runs lists them, a selection
+        per test env, the table), named by their folders relative to `root`, and their
+        functions of the devices they get."""
+        self.prepare()
+        name = lambda path: os.path.relpath(path, root)
+        runs = sweep.target_runs(self.c, self.workdir, self.shared_root or self.workdir)
+        jobs, fns = [], {}
+        for r in runs:
+            jobs.append(schedule.Job(name(r.path), "run", tuple(name(d) for d in r.deps),
+                                     r.members, r.cost(), r))
+            fns[jobs[-1].name] = self._run_fn(r)
+        selections = []
+        for k in self.test_envs:     # each right after its test env's runs (a serial order)
+            trials = [j for j in jobs if j.kind == "run" and j.run.role[:2] == ("target", k)]
+            sel = schedule.Job(name(self.workdir / "models" / f"env{k}"), "selection",
+                               tuple(j.name for j in trials),
+                               cost=sum(j.run.members * j.run.final_images for j in trials)
+                               * sweep.FORWARD_COST)
+            jobs.insert(jobs.index(trials[-1]) + 1, sel)
+            fns[sel.name] = lambda devices, k=k: self._select(k, devices)
+            selections.append(sel.name)
+        table = schedule.Job(name(self.workdir / "results.json"), "table", tuple(selections))
+        jobs.append(table)
+        fns[table.name] = lambda devices: self._table()
+        return jobs, fns
+
+    def _settings(self, devices) -> stages.TrainSettings:
+        return self.settings.replace(devices=tuple(devices))
+
+    def _run_fn(self, run):
+        role = run.role
+        if role[0] == "aux_lp":
+            return lambda devices: self._aux_probe(role[1], devices)
+        if role[0] == "aux":
+            return lambda devices: stages.aux_runs(
+                role[1], self.tasks[role[1]], self.foundation, self.target, self.c.n_aux_hparams,
+                self._settings(devices), self.store)
+        if role[0] == "lp":
+            return lambda devices: self._probe(role[1], devices)
+        return lambda devices: self._members(role[1], role[2], devices)
+
+    def _aux_probe(self, name: str, devices) -> dict:
+        task = self.tasks[name]
+        return stages.linear_probe(task.dataset, self.foundation, test_envs=[],
+                                   steps=task.lp_steps if task.lp_steps > 0 else task.steps,
+                                   settings=self._settings(devices),
+                                   checkpoint_freq=task.checkpoint_freq, store=self.store,
+                                   name=f"{name}_notest")
+
+    def _probe(self, k: int, devices=None) -> dict:
+        """Test env k's linear probe on the foundation (trained, or loaded when done)."""
+        c = self.c
+        lp_steps = c.lp_probe_steps if c.lp_probe_steps > 0 else c.target.steps
+        settings = self.settings if devices is None else self._settings(devices)
+        return stages.linear_probe(self.target, self.foundation, test_envs=[k], steps=lp_steps,
+                                   settings=settings, checkpoint_freq=c.target.checkpoint_freq,
+                                   store=self.store, name=f"{self.target.name}_test{k}")
+
+    def target_plan(self) -> stages.TargetPlan:
+        """The members plan of every (test env, trial): the auxiliary pool (its trained runs,
+        loaded once they are done, and the brought checkpoints) and the run lengths."""
+        with self._lock:
+            if self._plan is None:
+                c = self.c
+                pool = stages.aux_pool(self.tasks, self.foundation, target=self.target,
+                                       n_runs=c.n_aux_hparams, settings=self.settings,
+                                       store=self.store) if self.tasks else {}
+                self.pool = aux_checkpoints.merge_pools(pool, self.brought)
+                self._plan = stages.TargetPlan(
+                    self.pool, c.n_hparams, aux_checkpoints.pool_runs(self.pool, c.n_aux_hparams),
+                    c.lp_steps, c.target.steps, c.target.checkpoint_freq,
+                    run_fusing=c.run_fusing, fusing_range=c.fusing_range)
+            return self._plan
+
+    def _members(self, k: int, trial: int, devices=None) -> dict:
+        """The target members of (test env k, trial) (trained, or loaded when done)."""
+        settings = self.settings if devices is None else self._settings(devices)
+        return stages.target_members(self.target, k, trial, self._probe(k), self.foundation,
+                                     self.target_plan(), settings=settings, store=self.store)
+
+    def _select(self, k: int, devices) -> list[dict]:
+        """Selection, soups and figures of test env `k` from its members of every trial."""
+        c, plan = self.c, self.target_plan()
+        by_trial = {t: self._members(k, t) for t in c.trials}
+        rows = selection.select_and_evaluate(
+            self.target, k, by_trial, self.foundation.batch_stats, selection.SelectionConfig(
+                settings=self._settings(devices), aux_names=sorted(plan.pool),
+                n_runs=plan.n_runs, gate_threshold=c.lmc_gate.threshold,
+                gate_skip=bool(c.lmc_gate.skip),
+                plots_dir=self.workdir / "plots" if c.make_plots else None,
+                save_soup=SoupWriter(self.workdir / "models", arch=c.arch, dataset=self.target,
+                                     foundation_hash=self.foundation.hash,
+                                     image_size=c.image_size)))
+        self.rows_by_env[k] = rows
+        # this test env's members, and (one run at a time) its compiled programs
+        runtime.release_memory(compiled=not self.parallel)
+        return rows
+
+    def _table(self) -> list[dict]:
+        """The per-env table of every test env, in test-env order, with its notes."""
+        c, plan = self.c, self.target_plan()
+        rows = [r for k in self.test_envs for r in self.rows_by_env[k]]
+        notes = selection.notes(c, self.target, self.trained_members, rows,
+                                aux_names=sorted(plan.pool), n_runs=plan.n_runs)
+        if self.brought:
             notes += (" Auxiliary checkpoints (config.aux_checkpoints, not trained here): "
-                      + ", ".join(f"{n} x {p.n_runs}" for n, p in brought.items())
+                      + ", ".join(f"{n} x {p.n_runs}" for n, p in self.brought.items())
                       + f"; {plan.n_runs} runs per auxiliary dataset.")
-        self.notes = notes
+        self.notes, self.rows = notes, rows
         if distributed.is_main_process():  # one writer and one printed table per run
             md = report.write(self.workdir, rows, notes)
             print(md, flush=True)
         return rows
-
-    def _aux_pool(self, foundation: stages.Foundation, target: DomainDataset):
-        """(the checkpoints' pool, the whole pool): checkpoints first (cheap; a bad file fails
-        before any training), then the trained pool."""
-        c = self.c
-        tasks = {name: stages.AuxTask(self.dataset(e), e.steps, e.checkpoint_freq,
-                                      c.lp_probe_steps)
-                 for name, e in c.aux.items()}
-        brought = aux_checkpoints.load_aux_checkpoints(
-            c.get("aux_checkpoints", ()), aux_checkpoints.PoolCheck(
-                arch=c.arch, foundation=foundation, target=target,
-                n_runs=c.n_aux_hparams if tasks else None, reserved_names=sorted(tasks)),
-            resolve_dataset=self._resolve_dataset, store=self.store)
-        pool = stages.aux_pool(tasks, foundation, target=target, n_runs=c.n_aux_hparams,
-                               settings=self.settings, store=self.store) if tasks else {}
-        self.pool = aux_checkpoints.merge_pools(pool, brought)
-        return brought, self.pool
-
-    def _test_env(self, target: DomainDataset, k: int, foundation: stages.Foundation,
-                  plan: stages.TargetPlan) -> list[dict]:
-        """The rows of test env `k`: its linear probe, its members per trial, selection."""
-        c, s = self.c, self.settings
-        lp_steps = c.lp_probe_steps if c.lp_probe_steps > 0 else c.target.steps
-        w_lp = stages.linear_probe(target, foundation, test_envs=[k], steps=lp_steps, settings=s,
-                                   checkpoint_freq=c.target.checkpoint_freq, store=self.store,
-                                   name=f"{target.name}_test{k}")
-        by_trial = {t: stages.target_members(target, k, t, w_lp, foundation, plan, settings=s,
-                                             store=self.store)
-                    for t in c.trials}
-        return selection.select_and_evaluate(
-            target, k, by_trial, foundation.batch_stats, selection.SelectionConfig(
-                settings=s, aux_names=sorted(plan.pool), n_runs=plan.n_runs,
-                gate_threshold=c.lmc_gate.threshold, gate_skip=bool(c.lmc_gate.skip),
-                plots_dir=self.workdir / "plots" if c.make_plots else None,
-                save_soup=SoupWriter(self.workdir / "models", arch=c.arch, dataset=target,
-                                     foundation_hash=foundation.hash,
-                                     image_size=c.image_size)))
 
 
 def train_and_evaluate(config, workdir: str | os.PathLike) -> list[dict]:

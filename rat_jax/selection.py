@@ -91,7 +91,8 @@ class _Evaluator:
         self.store = ImageStore(dataset, **settings.cache_kw())
         self.engine = StackEvaluator(
             self.model, batch_stats, settings.eval_batch_size,
-            strategy=settings.engine_strategy, data_parallel=settings.data_parallel_flag)
+            strategy=settings.engine_strategy, data_parallel=settings.data_parallel_flag,
+            devices=settings.devices)
         self._members: dict = {}  # (split name, member key) -> logits [N, C]
 
     def split(self, envs, split, trial):

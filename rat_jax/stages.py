@@ -75,6 +75,7 @@ class TrainSettings:
     train_cache_side: int = 0             # 0: crops from the original images; S: cached capped
     quiet: bool = False
     tensorboard: bool = False             # TensorBoard scalars per member (not fingerprinted)
+    devices: tuple | None = None          # the devices a run uses (None: all; the scheduler's)
 
     def __post_init__(self):
         if str(self.augment_on).lower() not in ("auto", "host", "device"):
@@ -142,7 +143,8 @@ class TrainSettings:
         per step."""
         return EngineConfig(batch_size=batch_size, strategy=self.engine_strategy,
                             classifier_only=classifier_only, remat=self.remat,
-                            data_parallel=self.data_parallel_flag, cpu_ynn=self.cpu_ynn)
+                            data_parallel=self.data_parallel_flag, cpu_ynn=self.cpu_ynn,
+                            devices=self.devices)
 
     def stream_spec(self) -> StreamSpec:
         """What the member loader's training batches hold (augmented, on the host or the
@@ -552,11 +554,11 @@ def aux_pool(tasks: Mapping[str, AuxTask], foundation: Foundation, *, target: Do
     all its domains, then `n_runs` fine-tunings from it (hparams h = 0..n_runs-1, trial 0).
     Returns {name: AuxRuns (the last featurizer of each run, fingerprint, manifest)}."""
     store = store or MemoryStore()
-    return {name: _aux_runs(name, tasks[name], foundation, target, n_runs, settings, store)
+    return {name: aux_runs(name, tasks[name], foundation, target, n_runs, settings, store)
             for name in sorted(tasks)}
 
 
-def _aux_runs(name: str, task: AuxTask, foundation: Foundation, target: DomainDataset,
+def aux_runs(name: str, task: AuxTask, foundation: Foundation, target: DomainDataset,
               n_runs: int, settings: TrainSettings, store: MemoryStore) -> AuxRuns:
     ds = task.dataset
     leakage_guard(name, ds, target)

@@ -180,6 +180,8 @@ class PlannedRun:
     classifier_only: bool
     num_classes: int
     final_images: float = 0.0         # per member, once after the run (lean records)
+    role: tuple = ()                  # ("aux_lp", A), ("aux", A), ("lp", k), ("target", k, t)
+    deps: tuple = ()                  # the folders of the runs it starts from
 
     @property
     def evaluations(self) -> int:
@@ -233,13 +235,16 @@ def _target_runs(d: dict, info: Callable[[dict], DatasetInfo], own: pathlib.Path
     for a in sorted(aux):
         e, i = aux[a], info(aux[a])
         steps, cf = int(e["steps"]), int(e["checkpoint_freq"])
-        runs.append(PlannedRun("linear probes", a, f"lp/{a}_notest", shared / "lp" / f"{a}_notest",
+        lp_dir = shared / "lp" / f"{a}_notest"
+        runs.append(PlannedRun("linear probes", a, f"lp/{a}_notest", lp_dir,
                                1, probe if probe > 0 else steps, cf, bs * i.num_envs,
-                               _eval_images(i, [], d)[0], True, i.num_classes))
+                               _eval_images(i, [], d)[0], True, i.num_classes,
+                               role=("aux_lp", a)))
         runs.append(PlannedRun("auxiliary pools", a, f"aux/{a}_notest",
                                (aux_root or shared / "aux") / f"{a}_notest", n_runs, steps, cf,
                                bs * i.num_envs, _eval_images(i, [], d)[0], False,
-                               i.num_classes))
+                               i.num_classes, role=("aux", a), deps=(lp_dir,)))
+    pool = tuple(r.path for r in runs if r.role[0] == "aux")
     t = d["target"]
     ti = info(t)
     steps, cf = int(t["steps"]), int(t["checkpoint_freq"])
@@ -252,13 +257,29 @@ def _target_runs(d: dict, info: Callable[[dict], DatasetInfo], own: pathlib.Path
         name = f"{ti.name}_test{k}"
         runs.append(PlannedRun("linear probes", ti.name, f"lp/{name}", own / "lp" / name, 1,
                                probe if probe > 0 else steps, cf, per_step, ev, True,
-                               ti.num_classes, final))
+                               ti.num_classes, final, role=("lp", k)))
         for trial in d["trials"]:
             run = f"{name}_trial{trial}"
             runs.append(PlannedRun("target runs", ti.name, f"target/{run}", own / "target" / run,
                                    members, steps, cf, per_step, ev, False, ti.num_classes,
-                                   final))
+                                   final, role=("target", k, trial),
+                                   deps=(own / "lp" / name,) + pool))
     return runs
+
+
+def target_runs(config, own: str | os.PathLike, shared: str | os.PathLike,
+                info: Callable[[dict, dict], DatasetInfo] = dataset_info) -> list[PlannedRun]:
+    """The runs of one target config (not a sweep): its own under `own`, the auxiliary probes
+    and pools under `shared` (a sweep's root; `own` for a single run)."""
+    d = _plain(config)
+    cache: dict = {}
+
+    def get(entry):
+        key = (entry["name"], entry.get("root", ""))
+        if key not in cache:
+            cache[key] = info(entry, d)
+        return cache[key]
+    return _target_runs(d, get, pathlib.Path(own).absolute(), pathlib.Path(shared).absolute())
 
 
 def planned_runs(config, root: str | os.PathLike,
@@ -319,29 +340,53 @@ class Sweep:
         return self.root / TARGETS_DIR / name
 
     def run(self) -> dict:
-        from rat_jax import distributed
+        """Every target's jobs in one schedule (rat_jax.schedule): the shared auxiliary runs once,
+        each target's table and the combined table as soon as its selections are done."""
+        import jax
+        from rat_jax import distributed, schedule
         from rat_jax.pipeline import Pipeline
         results: dict = {t: None for t in self.targets}
-        main = distributed.is_main_process()
-        for n, name in enumerate(self.targets):
-            pipe = Pipeline(target_config(self.c, name), self.target_dir(name),
-                            shared_root=self.root)
-            results[name] = pipe.run()
-            # the runs this process trained for the target (one WorkdirStore per target)
-            trained = [(r if pipe.store.is_shared(r) else f"{TARGETS_DIR}/{name}/{r}", m)
-                       for r, m in pipe.store.trained_runs]
-            self.trained_runs += trained
-            if main:
-                with open(self.root / TRAINED_LOG, "a") as f:  # what each invocation trained
-                    f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                                        "argv": sys.argv, "target": name,
-                                        "trained": trained}) + "\n")
-                md = report.write_combined(self.root, results, self.notes(results))
-                log.info("sweep: %s done (%d/%d)", name, n + 1, len(self.targets))
-        if main:
+        jobs, fns, pipes = [], {}, {}
+        for name in self.targets:
+            pipe = pipes[name] = Pipeline(target_config(self.c, name), self.target_dir(name),
+                                          shared_root=self.root)
+            own_jobs, own_fns = pipe.jobs(self.root)
+            for job in own_jobs:
+                if job.name in fns:                   # a shared auxiliary run: once
+                    continue
+                jobs.append(job)
+                fns[job.name] = own_fns[job.name]
+                if job.kind == "table":
+                    fns[job.name] = lambda devices, name=name, fn=own_fns[job.name]: \
+                        self._finish(name, fn(devices), pipes, results)
+        parallel = schedule.resolve_mode(self.c.engine.get("schedule", "auto"),
+                                         jax.default_backend(), jax.process_count())
+        for pipe in pipes.values():
+            pipe.parallel = parallel
+        schedule.run_jobs(jobs, fns, jax.devices(), parallel)
+        if distributed.is_main_process():
+            md = report.write_combined(self.root, results, self.notes(results))
             print(f"\n# The whole table: {len(self.targets)} targets ({self.root})\n", flush=True)
             print(md, flush=True)
         return results
+
+    def _finish(self, name: str, rows: list, pipes: dict, results: dict) -> list:
+        """Target `name` is done: log what it trained, rewrite the combined table."""
+        from rat_jax import distributed
+        results[name] = rows
+        store = pipes[name].store
+        trained = [(r if store.is_shared(r) else f"{TARGETS_DIR}/{name}/{r}", m)
+                   for r, m in store.trained_runs]
+        self.trained_runs += trained
+        if distributed.is_main_process():
+            with open(self.root / TRAINED_LOG, "a") as f:  # what each invocation trained
+                f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                    "argv": sys.argv, "target": name,
+                                    "trained": trained}) + "\n")
+            report.write_combined(self.root, results, self.notes(results))
+            log.info("sweep: %s done (%d/%d)", name, sum(r is not None for r in results.values()),
+                     len(self.targets))
+        return rows
 
     def notes(self, results: dict) -> str:
         c = self.c
