@@ -125,31 +125,20 @@ class Pipeline:
             resolve_dataset=self._resolve_dataset, store=self.store)
 
     def jobs(self, root: pathlib.Path) -> tuple[list[schedule.Job], dict]:
-        """This target's jobs (its members runs as sweep.target_runs lists them, a selection
-        per test env, the table), named by their folders relative to `root`, and their
-        functions of the devices they get."""
+        """This target's jobs (sweep.plan_jobs of its planned runs: the members runs, a
+        selection per test env, the table), named by their folders relative to `root`, and
+        their functions of the devices they get."""
         self.prepare()
-        name = lambda path: os.path.relpath(path, root)
         runs = sweep.target_runs(self.c, self.workdir, self.shared_root or self.workdir)
-        jobs, fns = [], {}
-        for r in runs:
-            jobs.append(schedule.Job(name(r.path), "run", tuple(name(d) for d in r.deps),
-                                     r.members, r.cost(), r))
-            fns[jobs[-1].name] = self._run_fn(r)
-        selections = []
-        for k in self.test_envs:     # each right after its test env's runs (a serial order)
-            trials = [j for j in jobs if j.kind == "run" and j.run.role[:2] == ("target", k)]
-            sel = schedule.Job(name(self.workdir / "models" / f"env{k}"), "selection",
-                               tuple(j.name for j in trials),
-                               cost=sum(j.run.members * j.run.final_images for j in trials)
-                               * sweep.FORWARD_COST)
-            jobs.insert(jobs.index(trials[-1]) + 1, sel)
-            fns[sel.name] = lambda devices, k=k: self._select(k, devices)
-            selections.append(sel.name)
-        table = schedule.Job(name(self.workdir / "results.json"), "table", tuple(selections))
-        jobs.append(table)
-        fns[table.name] = lambda devices: self._table()
-        return jobs, fns
+        jobs = sweep.plan_jobs(runs, root)
+        return jobs, {j.name: self._job_fn(j) for j in jobs}
+
+    def _job_fn(self, job: schedule.Job):
+        if job.kind == "selection":
+            return lambda devices: self._select(job.env, devices)
+        if job.kind == "table":
+            return lambda devices: self._table()
+        return self._run_fn(job.run)
 
     def _settings(self, devices) -> stages.TrainSettings:
         return self.settings.replace(devices=tuple(devices))

@@ -37,6 +37,7 @@ class Job:
     members: int = 1
     cost: float = 0.0
     run: object = None
+    env: int | None = None          # a selection's test env
 
     def devices_wanted(self, available: int) -> int:
         """The largest divisor of the member count not above `available` (selection and tables:
@@ -94,10 +95,22 @@ def priority(job: Job, index: int) -> tuple:
     return (job.kind == "run", -job.cost, index)
 
 
-def simulate(jobs: Sequence[Job], num_devices: int, seconds: Callable[[Job, int], float]
-             ) -> dict:
+def simulate(jobs: Sequence[Job], num_devices: int, seconds: Callable[[Job, int], float],
+             parallel: bool = True) -> dict:
     """Replay the scheduler's policy on `num_devices` devices with `seconds(job, devices)` as each
-    job's duration: {"makespan" s, "busy" [per-device fraction], "starts" {name: (t, devices)}}."""
+    job's duration (`parallel=False`: one job at a time, in `order`): {"makespan" s, "busy"
+    [per-device fraction], "starts" {name: (t, devices)}}."""
+    if not parallel:
+        now, busy, starts = 0.0, [0.0] * num_devices, {}
+        for job in order(jobs):
+            want = job.devices_wanted(num_devices)
+            took = seconds(job, want)
+            starts[job.name] = (now, list(range(want)))
+            for d in range(want):
+                busy[d] += took
+            now += took
+        return {"makespan": now, "busy": [b / now if now else 0.0 for b in busy],
+                "starts": starts}
     check_graph(jobs)
     by_name = {j.name: j for j in jobs}
     index = {j.name: i for i, j in enumerate(jobs)}

@@ -282,6 +282,34 @@ def target_runs(config, own: str | os.PathLike, shared: str | os.PathLike,
     return _target_runs(d, get, pathlib.Path(own).absolute(), pathlib.Path(shared).absolute())
 
 
+def plan_jobs(runs: Sequence[PlannedRun], root: str | os.PathLike) -> list:
+    """The scheduler's jobs (rat_jax.schedule.Job) of planned runs, named by their folders
+    relative to `root`: every run, a selection per (target folder, test env) right after its
+    trials (its cost: the members' forward passes over the test env, as the lean records'), and
+    a table per target folder after its selections. What a run, a sweep and --plan schedule."""
+    from rat_jax.schedule import Job
+    root = pathlib.Path(root).absolute()
+    name = lambda path: os.path.relpath(path, root)
+    jobs = [Job(name(r.path), "run", tuple(name(d) for d in r.deps), r.members, r.cost(), r)
+            for r in runs]
+    by_target: dict = {}
+    for j in jobs:
+        if j.run.role[0] == "target":
+            own = j.run.path.parent.parent
+            by_target.setdefault(own, {}).setdefault(j.run.role[1], []).append(j)
+    for own, by_env in by_target.items():
+        selections = []
+        for k, trials in by_env.items():
+            cost = FORWARD_COST * sum(t.run.members * t.run.final_images for t in trials)
+            sel = Job(name(own / "models" / f"env{k}"), "selection",
+                      tuple(t.name for t in trials), cost=cost, env=k)
+            jobs.insert(jobs.index(trials[-1]) + 1, sel)
+            selections.append(sel)
+        jobs.insert(jobs.index(selections[-1]) + 1,
+                    Job(name(own / "results.json"), "table", tuple(s.name for s in selections)))
+    return jobs
+
+
 def planned_runs(config, root: str | os.PathLike,
                  info: Callable[[dict, dict], DatasetInfo] = dataset_info) -> list[PlannedRun]:
     """Every members run `config` (ConfigDict or config.json's dict) implies under `root`, each
@@ -649,6 +677,8 @@ def plan(config, workdir: str | os.PathLike, rate: float = 0.0, devices: int = 0
     print(md + "\n")
     print(_rate_note(speed, typical))
     numbers["rate"] = speed
+    numbers["schedule"] = _schedule(config, runs, root, speed, devices)
+    print(_schedule_note(numbers["schedule"]))
     if config.get("aux_checkpoints", ()):
         print("config.aux_checkpoints: brought auxiliary checkpoints are not in the plan.")
     mem = memory_check(settings, runs)
@@ -661,6 +691,42 @@ def plan(config, workdir: str | os.PathLike, rate: float = 0.0, devices: int = 0
         raise SystemExit(_no_fit_message(mem))
     check_host_memory(host)
     return numbers
+
+
+def _schedule(config, runs: Sequence[PlannedRun], root: pathlib.Path, speed: dict,
+              devices: int) -> dict:
+    """The simulated schedule of the plan's jobs (schedule.simulate) on the devices (`devices`,
+    or the current ones), in the mode config.engine.schedule gives here, and in parallel: a job
+    of cost c on d devices takes c / (d x the per-device rate) seconds; tables take none."""
+    import jax
+    from rat_jax import schedule
+    jobs = plan_jobs(runs, root)
+    n_dev = devices or len(jax.devices())
+    per_device = speed["images_per_s"]
+    seconds = lambda job, d: 0.0 if job.kind == "table" else job.cost / (per_device * d)
+    parallel = schedule.resolve_mode(config.engine.get("schedule", "auto"),
+                                     jax.devices()[0].platform, jax.process_count())
+    out = {"devices": n_dev, "mode": "parallel" if parallel else "serial", "jobs": len(jobs)}
+    for mode in dict.fromkeys((parallel, True)):
+        sim = schedule.simulate(jobs, n_dev, seconds, parallel=mode)
+        out["parallel" if mode else "serial"] = {"makespan_s": sim["makespan"],
+                                                  "busy": sim["busy"]}
+    return out
+
+
+def _schedule_note(sched: dict) -> str:
+    def one(key):
+        s = sched[key]
+        busy = s["busy"]
+        return (f"{key}: makespan {report.duration(s['makespan_s'])}, devices busy "
+                f"{100 * sum(busy) / len(busy):.1f} % on average (least {100 * min(busy):.1f} %)")
+    head = (f"Schedule of the {sched['jobs']} jobs (members runs, selections, tables; "
+            f"rat_jax.schedule) on {sched['devices']} device(s), estimated from the rate above "
+            "(checkpoint saves not counted): ")
+    if sched["mode"] == "parallel":
+        return head + one("parallel") + "."
+    return (head + one("serial") + " (config.engine.schedule resolves to serial here); "
+            "with --config.engine.schedule=parallel, " + one("parallel") + ".")
 
 
 def _typical_images_per_step(runs: Sequence[PlannedRun]) -> int:
