@@ -273,12 +273,15 @@ def eval_row(engines: Engines, shape: Shape, dataset, cache: str, eval_batch: in
     """One ID-val evaluation pass (the training envs' out splits, augmented as the reference),
     seconds: the first pass (compiles) and a second one."""
     from rat_jax import stages
+    from rat_jax.data import MemberStream
     from rat_jax.engine.loop import evaluate, id_val_names
     settings = stages.TrainSettings(arch=shape.arch, image_size=shape.image,
                                     eval_batch_size=eval_batch, cache_dir=cache,
                                     conv_impl=shape.conv_impl, compute_dtype=shape.dtype)
     run = stages.GroupRun(test_envs=[0], trial=0, steps=1, checkpoint_freq=1)
-    sets, _ = stages.eval_sets(dataset, run, settings, seeds=list(range(shape.members)))
+    stream = MemberStream(dataset, list(range(1, dataset.num_envs)), list(range(shape.members)),
+                          0, settings.stream_spec())
+    sets, _ = stages.eval_sets(dataset, run, settings, stream)
     sets = {n: sets[n] for n in id_val_names(dataset.num_envs, [0])}
     live = engines.live(shape)
     times = []

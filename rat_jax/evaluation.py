@@ -138,15 +138,40 @@ class EvalSplit:
         self._map(one, len(seeds) * len(rows))
         return out
 
+    def member_batch(self, rows, stream, step: int | None = None) -> dict:
+        """Each member's own draw of `rows` as a training batch of `stream` (a MemberStream:
+        its members' seeds, image size, training cache and augmentation mode) holds it: uint8
+        images [M, n, ...] and labels [M, n]; in the device mode crop windows on canvases with
+        their `augment` parameters, finished on the device by the evaluation program as the
+        train step finishes them. The draws are load_members'."""
+        rows = np.asarray(rows, np.int64)
+        m, n = stream.num_members, len(rows)
+        images = np.zeros((m, n, stream.side, stream.side, 3), np.uint8)
+        labels = np.zeros((m, n), np.int32)
+        params = ({k: np.zeros(dims, dtype) for k, dtype, dims in stream.param_fields(n)}
+                  if stream.spec.device else None)
+        items = [(i, j, int(self.envs[r]), int(self.index[r]),
+                  self.draw_key(int(r), stream.seeds[i], step))
+                 for i in range(m) for j, r in enumerate(rows)]
+        self._map(lambda k: stream.fill(self.store, items[k], images, labels, params),
+                  len(items))
+        if params is None:
+            return {"images": images, "labels": labels}
+        return {"images": images, "labels": labels, "augment": params,
+                "image_size": stream.spec.image_size}
+
     def batches(self, batch_size: int, seeds: Sequence[int] | None = None,
-                step: int | None = None) -> Iterator[dict]:
+                step: int | None = None, stream=None) -> Iterator[dict]:
         """dict(images, labels) batches of `batch_size` rows (the last one short), in row
         order: the evaluation transform shared by every member ([B, ...], labels [B]), or with
         `seeds` each member's own augmented draw at evaluation step `step` ([M, B, ...],
-        labels [M, B])."""
+        labels [M, B]); with `stream` instead of seeds, its members' draws as its training
+        batches hold them (member_batch)."""
         for start in range(0, len(self), batch_size):
             rows = np.arange(start, min(start + batch_size, len(self)))
-            if seeds is None:
+            if stream is not None:
+                yield self.member_batch(rows, stream, step)
+            elif seeds is None:
                 yield {"images": self.load(rows), "labels": self.labels[rows]}
             else:
                 yield {"images": self.load_members(rows, seeds, step),

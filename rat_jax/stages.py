@@ -341,24 +341,28 @@ def new_head(arch: str, num_classes: int, seed: int = 0) -> dict:
             "bias": np.asarray(init(k2, (num_classes,)))}
 
 
-def _eval_source(data: EvalSplit, batch_size: int, seeds: Sequence[int] | None):
-    """One eval set's batches as a callable of the evaluation step: with `seeds` (an augmented
-    set) each member's own draw, seeded by its seed and `step`, so every evaluation point sees
-    a fresh draw, the same in every run, after a resume and whatever members share the run; a
-    clean set is shared by the members and ignores the step."""
+def _eval_source(data: EvalSplit, batch_size: int, stream=None):
+    """One eval set's batches as a callable of the evaluation step: with `stream` (an augmented
+    set; the run's MemberStream) each member's own draw, seeded by its seed and `step`, so
+    every evaluation point sees a fresh draw, the same in every run, after a resume and whatever
+    members share the run, prepared as the training batches are (host or device augmentation);
+    a clean set is shared by the members and ignores the step."""
     def batches(step: int | None = None):
-        return data.batches(batch_size, seeds, step if seeds is not None else None)
+        if stream is None:
+            return data.batches(batch_size)
+        return data.batches(batch_size, step=step, stream=stream)
     return batches
 
 
 def eval_sets(dataset: DomainDataset, run: "GroupRun", settings: TrainSettings,
-              seeds: Sequence[int], store: ImageStore | None = None) -> tuple[dict, dict]:
+              stream, store: ImageStore | None = None) -> tuple[dict, dict]:
     """(eval_sets, final_sets) of a members run, streamed in `eval_batch_size` batches.
     eval_sets, at every evaluation point: the train envs' out splits (the ID-val score; with
     `validation_augment` each member's own augmented draw, as the reference); with
     `eval_all_splits` every env's in/out split (DomainBed's full records). final_sets, once
     after the run on each member's best and final params (lean records): the test envs' in/out
-    splits. Every split is the rows selection reads (SplitSpec.of: the same evaluation cap)."""
+    splits. Every split is the rows selection reads (SplitSpec.of: the same evaluation cap).
+    `stream`: the run's training stream (MemberStream: the members' seeds and augmentation)."""
     store = store or ImageStore(dataset, **settings.cache_kw())
     sets, final = {}, {}
     for env in range(dataset.num_envs):
@@ -367,7 +371,7 @@ def eval_sets(dataset: DomainDataset, run: "GroupRun", settings: TrainSettings,
             data = eval_split(dataset, SplitSpec.of(settings, trial_seed=run.trial, envs=[env],
                                                     split=split), store=store)
             augment = settings.validation_augment and not is_test
-            source = _eval_source(data, settings.eval_batch_size, seeds if augment else None)
+            source = _eval_source(data, settings.eval_batch_size, stream if augment else None)
             if settings.eval_all_splits or (not is_test and split == "out"):
                 sets[f"env{env}_{split}"] = source
             elif is_test:
@@ -413,7 +417,7 @@ def train_group(dataset: DomainDataset, inits: Sequence[Any],
         lp_steps=[m.lp_steps for m in members], seed=seeds)
     loader = MemberLoader(dataset, train_envs, seeds, trial_seeds=run.trial,
                           spec=settings.stream_spec(), feed=FeedOptions(**settings.cache_kw()))
-    sets, final_sets = eval_sets(dataset, run, settings, seeds, loader.store)
+    sets, final_sets = eval_sets(dataset, run, settings, loader.stream, loader.store)
     per_step = settings.batch_size * len(train_envs)
     n_train = sum(len(dataset.samples[e]) for e in train_envs) * (1 - settings.holdout_fraction)
     loop = LoopConfig(run.steps, run.checkpoint_freq, eval_sets=sets, final_sets=final_sets,

@@ -10,6 +10,8 @@ import struct
 
 import jax
 import numpy as np
+
+from rat_jax.data import MemberStream, StreamSpec
 import pytest
 
 import rat_jax as rj
@@ -205,7 +207,8 @@ def test_augmented_id_val_draws_afresh_per_member_and_evaluation_step():
     settings = rj.TrainSettings(arch="resnet_tiny", image_size=16, eval_batch_size=16,
                                 max_eval_images=16)
     run = stages.GroupRun(test_envs=[0], trial=0, steps=1, checkpoint_freq=1)
-    sets, final = stages.eval_sets(ds, run, settings, seeds=[5, 9])
+    stream = lambda seeds: MemberStream(ds, [1, 2], seeds, 0, StreamSpec(image_size=16))
+    sets, final = stages.eval_sets(ds, run, settings, stream([5, 9]))
 
     def images(name, step, table=sets):
         return np.concatenate([b["images"] for b in table[name](step=step)], axis=-4)
@@ -213,7 +216,7 @@ def test_augmented_id_val_draws_afresh_per_member_and_evaluation_step():
     assert a0.shape[:2] == (2, 16) and not np.array_equal(a0, a2)
     assert not np.array_equal(a0[0], a0[1])                # each member its own draw
     np.testing.assert_array_equal(a2, a2_again)            # seeded: the same after a resume
-    alone, _ = stages.eval_sets(ds, run, settings, seeds=[9])
+    alone, _ = stages.eval_sets(ds, run, settings, stream([9]))
     np.testing.assert_array_equal(images("env1_out", 2, alone)[0], a2[1])  # independent members
     assert sorted(final) == ["env0_in", "env0_out"] and "env0_out" not in sets
     np.testing.assert_array_equal(images("env0_out", 0, final), images("env0_out", 2, final))

@@ -116,3 +116,26 @@ def test_accuracy_and_loss():
     ref = float(np.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels)))
     assert abs(E.mean_loss(logits, labels) - ref) < 1e-6
     assert np.isnan(E.accuracy(np.zeros((0, 3)), np.zeros((0,), int)))
+
+
+@pytest.mark.parametrize("canvas", [None, 16])
+def test_member_batches_in_the_device_mode_finish_to_the_host_draws(tiny, canvas):
+    """A run's per-member ID-val batch as its training stream prepares it (MemberStream): in
+    the device mode, crop windows and parameters finished on the device by augment.model_input
+    (as the evaluation program does) are the host mode's images bit for bit, and the host mode
+    is load_members' draw."""
+    from rat_jax.data import MemberStream, StreamSpec, augment
+    data = E.eval_split(tiny, E.SplitSpec(trial_seed=1, envs=[0, 2], split="out",
+                                          image_size=SIZE), cache_dir=None)
+    rows = np.arange(len(data))
+    stream = lambda mode: MemberStream(tiny, [0, 2], [3, 4], 1, StreamSpec(
+        image_size=SIZE, augment_on=mode, canvas=canvas))
+    host = data.member_batch(rows, stream("host"), step=5)
+    np.testing.assert_array_equal(host["images"], data.load_members(rows, [3, 4], step=5))
+    np.testing.assert_array_equal(host["labels"], np.stack([data.labels] * 2))
+    dev = data.member_batch(rows, stream("device"), step=5)
+    assert dev["image_size"] == SIZE and sorted(dev["augment"]) == sorted(augment.WINDOW_PARAMS)
+    finish = jax.jit(jax.vmap(jax.vmap(lambda x, a: augment.model_input(x[None], jax.tree.map(
+        lambda v: v[None], a), SIZE)[0])))
+    np.testing.assert_array_equal(np.asarray(finish(dev["images"], dev["augment"])),
+                                  normalize(host["images"]))

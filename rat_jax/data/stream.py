@@ -136,9 +136,11 @@ class MemberStream:
                 "image_size": s.image_size, "augment": s.augment,
                 "dataset": self.dataset.identity}
 
-    def param_fields(self) -> list:
-        """[(name, dtype, shape)] of the device mode's augment parameter arrays of a batch."""
-        return [(k, _PARAM_DTYPES.get(k, np.int32), (self.num_members, self.rows)
+    def param_fields(self, rows: int | None = None) -> list:
+        """[(name, dtype, shape)] of the device mode's augment parameter arrays of a batch
+        (of `rows` images per member; default a training step's)."""
+        rows = self.rows if rows is None else rows
+        return [(k, _PARAM_DTYPES.get(k, np.int32), (self.num_members, rows)
                  + (4,) * (k == "order")) for k in T.WINDOW_PARAMS]
 
     def plan(self, step: int) -> list:
