@@ -697,12 +697,13 @@ def _schedule(config, runs: Sequence[PlannedRun], root: pathlib.Path, speed: dic
               devices: int) -> dict:
     """The simulated schedule of the plan's jobs (schedule.simulate) on the devices (`devices`,
     or the current ones), in the mode config.engine.schedule gives here, and in parallel: a job
-    of cost c on d devices takes c / (d x the per-device rate) seconds; tables take none."""
+    of cost c on d devices takes c / (d x the machine's rate / the devices) seconds; tables take
+    none."""
     import jax
     from rat_jax import schedule
     jobs = plan_jobs(runs, root)
     n_dev = devices or len(jax.devices())
-    per_device = speed["images_per_s"]
+    per_device = speed["machine_images_per_s"] / n_dev   # emulated CPU devices share the cores
     seconds = lambda job, d: 0.0 if job.kind == "table" else job.cost / (per_device * d)
     parallel = schedule.resolve_mode(config.engine.get("schedule", "auto"),
                                      jax.devices()[0].platform, jax.process_count())
