@@ -25,7 +25,8 @@ After initialization `jax.devices()` lists the devices of every process, so the 
 ('model', 'data') spans all hosts. Helpers: `is_main_process()`, `log0()`/`print0()` (process 0
 only), `barrier()`, `process_indices()` (which members / rows of a global batch this process must
 load), `global_batch()` (a global array from each process's own part), `local_part()` (that part of
-a host array every process holds) and `to_host()` (a global array as numpy on every process).
+a host array every process holds), `to_host()` (a global array as numpy on every process) and
+`AnyProcess` (flags OR-ed over the processes, so that all take the same decision).
 """
 from __future__ import annotations
 
@@ -378,10 +379,49 @@ def to_host(tree: Any) -> Any:
     return jax.tree.map(fetch, tree)
 
 
+class AnyProcess:
+    """Flags that every process must agree on (save now, stop now), OR-ed over the processes
+    without stalling the device queue: `submit(tag, flags)` queues a small all-reduce over every
+    device of every process and returns at once; `collect()` gives `(tag, flags)` of the oldest
+    submit not yet collected (None if there is none), combined over the processes. A loop that
+    submits after queueing step s and collects after queueing step s + 1 finds it done, since the
+    step s - 1 it waits for was queued before it. Every process must submit and collect at the same
+    points (it is a collective). One process: no device work, the flags come back as submitted."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._queue: list = []
+        self._reduce = None
+        if jax.process_count() > 1:
+            devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+            mesh = Mesh(np.asarray(devices), ("p",))
+            self._rows = NamedSharding(mesh, PartitionSpec("p"))
+            self._reduce = jax.jit(lambda x: x.max(axis=0),
+                                   out_shardings=NamedSharding(mesh, PartitionSpec()))
+
+    def submit(self, tag: Any, flags: Sequence[bool]) -> None:
+        flags = np.asarray(flags, np.int32).reshape(self.size)
+        if self._reduce is None:
+            self._queue.append((tag, flags))
+            return
+        local = np.ascontiguousarray(np.broadcast_to(flags, (jax.local_device_count(), self.size)))
+        rows = jax.make_array_from_process_local_data(self._rows, local,
+                                                      (jax.device_count(), self.size))
+        self._queue.append((tag, self._reduce(rows)))
+
+    def collect(self) -> tuple[Any, np.ndarray] | None:
+        if not self._queue:
+            return None
+        tag, flags = self._queue.pop(0)
+        if isinstance(flags, jax.Array):
+            flags = np.asarray(flags.addressable_data(0))
+        return tag, np.asarray(flags, bool)
+
+
 def info() -> dict | None:
     """What `initialize()` did in this process (None: single process / not initialized by us)."""
     return _info
 
 
 __all__ = ["initialize", "plan", "settings", "is_main_process", "log0", "print0", "barrier",
-           "global_batch", "process_indices", "local_part", "to_host", "info"]
+           "global_batch", "process_indices", "local_part", "to_host", "info", "AnyProcess"]
