@@ -1,15 +1,20 @@
 """The members loop: evaluation schedule, records, strict best-so-far selection, progress, resume."""
 import io
 import json
+import os
+import signal
+import time
 
 import jax
 import numpy as np
 import pytest
 
-from rat_jax import trees
+from rat_jax import distributed, trees
 from rat_jax.engine import loop as loop_lib
+from rat_jax.engine import savepoints
 from rat_jax.engine import members as members_lib
 from rat_jax.engine.progress import Progress
+from rat_jax.engine.resume import RunCheckpoints
 from members_helpers import (IMAGE, NUM_CLASSES, ListLoader, engine_for, max_abs_diff,
                              member_inits, run_engine, synthetic_batches, tiny_model, unstack)
 
@@ -38,12 +43,12 @@ def _engine(s):
     return engine_for(s["model"], s["bs"], M, 1, "map")
 
 
-def _run(s, workdir=None, loader=None, num_steps=6, engine=None, save_every=None):
+def _run(s, workdir=None, loader=None, num_steps=6, engine=None, save_every=None, **loop_kw):
     eng = engine or _engine(s)
     state = members_lib.init_state(trees.stack(s["params"]))
     loop = loop_lib.LoopConfig(num_steps, 2, eval_sets=s["eval_sets"],
                                val_names=loop_lib.id_val_names(3, [2]), save_every=save_every,
-                               steps_per_epoch=4.0)
+                               steps_per_epoch=4.0, **loop_kw)
     output = loop_lib.RunOutput(workdir=workdir, quiet=True,
                                 member_info=[{"args": {"i": 0}}, {"args": {"i": 1}}])
     return loop_lib.run_loop(eng, state, s["hp"], loader or ListLoader(s["batches"]), loop,
@@ -128,6 +133,156 @@ def test_crash_and_resume_in_process_is_bit_identical(setup, tmp_path):
         assert strip(resumed.records[i]) == strip(full.records[i])
     again = _run(s, workdir=tmp_path / "crash", save_every=3)  # finished: nothing left to do
     assert max_abs_diff(again.state, full.state) == 0.0 and len(again.records[0]) == 4
+
+
+class _Clock:
+    """A wall clock that the loader below moves (LoopConfig.clock)."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+class _ClockedLoader(ListLoader):
+    """Step s runs at minute s of `clock`; a crash or a SIGTERM (as from a scheduler) while the
+    batch of step `crash_at` / `sigterm_at` is fetched."""
+
+    def __init__(self, batches, clock, crash_at=None, sigterm_at=None):
+        super().__init__(batches)
+        self.clock, self.crash_at, self.sigterm_at = clock, crash_at, sigterm_at
+
+    def __next__(self):
+        if self.pos == self.crash_at:
+            raise RuntimeError("simulated crash")
+        if self.pos == self.sigterm_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        self.clock.t = 60.0 * self.pos
+        return super().__next__()
+
+
+def _saved_steps(workdir):
+    return sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+def _assert_same_run(got, want):
+    assert max_abs_diff(got.state, want.state) == 0.0
+    strip = lambda recs: [{k: v for k, v in r.items() if k != "step_time"} for r in recs]
+    for i in range(M):
+        assert strip(got.records[i]) == strip(want.records[i])
+
+
+def test_clock_saves_every_period_and_resumes_bit_identically(setup, tmp_path):
+    """save_minutes=1.5 with step s at minute s and no step period: checkpoints after steps 2
+    and 4 (90 s since the last save) and after the last step; a run that crashes at step 4
+    resumes from the checkpoint of step 2 (written in the background, complete once the error
+    left the run) and ends with the bits and records of a run that saved nothing."""
+    s = setup
+    ref = _run(s)  # no workdir: no checkpoint at all
+    clock = _Clock()
+    full = _run(s, workdir=tmp_path / "full", loader=_ClockedLoader(s["batches"], clock),
+                save_minutes=1.5, clock=clock, max_to_keep=10)
+    assert _saved_steps(tmp_path / "full") == [2, 4, 5]
+    _assert_same_run(full, ref)
+    clock = _Clock()
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(s, workdir=tmp_path / "crash", save_minutes=1.5, clock=clock, max_to_keep=10,
+             loader=_ClockedLoader(s["batches"], clock, crash_at=4))
+    assert _saved_steps(tmp_path / "crash") == [2]
+    clock = _Clock()
+    resumed = _run(s, workdir=tmp_path / "crash", save_minutes=1.5, clock=clock,
+                   loader=_ClockedLoader(s["batches"], clock))
+    _assert_same_run(resumed, ref)
+
+
+def test_sigterm_saves_the_step_under_way_then_a_rerun_resumes(setup, tmp_path, capsys):
+    """SIGTERM while step 3's batch is fetched: the run ends step 3, saves it (the only
+    checkpoint: no period elapsed), says where, and raises Preempted (exit code 143); the
+    handler is the run's only; the same call again resumes to the bits of a run never stopped."""
+    s = setup
+    ref = _run(s)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(savepoints.Preempted) as stop:
+        _run(s, workdir=tmp_path, loader=_ClockedLoader(s["batches"], _Clock(), sigterm_at=3))
+    assert stop.value.code == savepoints.EXIT_CODE == 143
+    assert _saved_steps(tmp_path) == [3]
+    err = capsys.readouterr().err
+    assert (f"SIGTERM: stopped after step 3 of 6; its checkpoint of step 3 is in "
+            f"{tmp_path / 'checkpoints'}; rerun the same command to resume") in err
+    assert signal.getsignal(signal.SIGTERM) is before
+    resumed = _run(s, workdir=tmp_path)
+    _assert_same_run(resumed, ref)
+
+
+def test_sigterm_guard_hands_an_unanswered_sigterm_to_the_previous_handler():
+    got = []
+    previous = signal.signal(signal.SIGTERM, lambda *args: got.append("previous"))
+    try:
+        with savepoints.sigterm_guard():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+            assert savepoints.sigterm_requested() and got == []
+        time.sleep(0.01)
+        assert got == ["previous"] and not savepoints.sigterm_requested()
+        with pytest.raises(savepoints.Preempted):
+            with savepoints.sigterm_guard():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.01)
+                raise savepoints.Preempted("answered")
+        time.sleep(0.01)
+        assert got == ["previous"]  # a run answered that one
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_save_points_with_and_without_the_processes_vote(monkeypatch):
+    """One process decides at the step; with the vote of several processes (AnyProcess, here its
+    one-process form driven the same way) a clock or SIGTERM flag acts one step later, at the
+    same step everywhere, and a save is not repeated for a flag it already answered."""
+    def saves(vote, sigterm_from=None):
+        clock = _Clock()
+        points = savepoints.SavePoints(10, save_minutes=1.0, clock=clock)
+        if vote:
+            points.vote = distributed.AnyProcess(3)
+        monkeypatch.setattr(savepoints, "sigterm_requested",
+                            lambda: sigterm_from is not None and step >= sigterm_from)
+        out = []
+        for step in range(10):
+            clock.t = 25.0 * step  # 60 s elapse after 3 steps
+            due = points.at(step)
+            if due.save:
+                points.saved(step)
+                out.append(step)
+            if due.stop:
+                out.append("stop")
+                break
+        return out
+    assert saves(vote=False) == [3, 6, 9]
+    assert saves(vote=True) == [4, 8, 9]
+    assert saves(vote=False, sigterm_from=5) == [3, 5, "stop"]
+    assert saves(vote=True, sigterm_from=5) == [4, 6, "stop"]
+
+
+def test_async_save_holds_its_own_copy(tmp_path):
+    """RunCheckpoints.save (asynchronous) returns once the arrays are copied to the host: deleting
+    them at once (as the next train step donates them) leaves the checkpoint intact."""
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:2]), ("model",))
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("model"))
+    want = {"w": np.arange(2 * 300_000, dtype=np.float32).reshape(2, -1),
+            "step": np.array([3, 4], np.int32)}
+    state = jax.device_put(want, split)
+    ckpts = RunCheckpoints(tmp_path)
+    ckpts.save(7, state, {"step": 7})
+    for x in jax.tree.leaves(state):
+        x.delete()
+    ckpts.wait()
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=split), want)
+    got, meta = ckpts.restore(7, target)
+    ckpts.close()
+    assert meta == {"step": 7}
+    for k in want:
+        np.testing.assert_array_equal(np.asarray(got[k]), want[k])
 
 
 def test_resume_refuses_other_settings(setup, tmp_path):

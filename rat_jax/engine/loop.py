@@ -27,6 +27,7 @@ import json
 import math
 import os
 import pathlib
+import sys
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -36,9 +37,11 @@ import numpy as np
 import rat_jax.distributed as distributed
 import rat_jax.files as files
 import rat_jax.trees as trees
+from rat_jax.engine import savepoints
 from rat_jax.engine.members import EngineConfig, MemberEngine, init_state
 from rat_jax.engine.progress import Progress, ScalarWriter
 from rat_jax.engine.resume import RunCheckpoints, decode_state, encode_state
+from rat_jax.engine.savepoints import Preempted, SavePoints
 
 RESULTS_FILE = "results.jsonl"
 
@@ -268,19 +271,23 @@ class LoopConfig:
     `val_names` average into the ID-val score; `final_sets` (same form) are evaluated once
     after the last step, on each member's best params and on its final params, and fill the
     records of its best step and of the last step (every record carries their keys, null
-    elsewhere: DomainBed's readers find the test env's accuracy at the step they select);
-    checkpoints every `save_every` steps (default `checkpoint_freq`) and at the end,
-    `max_to_keep` of them (`async_checkpoints`: written in the background). `steps_per_epoch`
+    elsewhere: DomainBed's readers find the test env's accuracy at the step they select).
+    Resume checkpoints (rat_jax.engine.savepoints): every `save_minutes` of wall-clock time
+    (`clock`, seconds: time.monotonic), every `save_every` steps when > 0, after the last step
+    and on SIGTERM (then the run stops: `Preempted`, exit code 143); `max_to_keep` of them,
+    written in the background (`async_checkpoints=False`: before the next step). `steps_per_epoch`
     adds an `epoch` to the records."""
     num_steps: int
     checkpoint_freq: int
     eval_sets: Mapping[str, Any] | None = None
     final_sets: Mapping[str, Any] | None = None
     val_names: Sequence[str] | None = None
-    save_every: int | None = None
+    save_every: int | None = 0
+    save_minutes: float | None = savepoints.SAVE_MINUTES
     steps_per_epoch: float | None = None
     max_to_keep: int = 1
-    async_checkpoints: bool = False
+    async_checkpoints: bool = True
+    clock: Callable[[], float] = time.monotonic
 
     def replace(self, **changes) -> "LoopConfig":
         return dataclasses.replace(self, **changes)
@@ -323,7 +330,7 @@ class _Run:
         if missing:
             raise ValueError(f"val_names {missing} are not among eval_sets "
                              f"{sorted(self.eval_sets)}")
-        self.save_every = loop.save_every or loop.checkpoint_freq
+        self.points = SavePoints(loop.num_steps, loop.save_minutes, loop.save_every, loop.clock)
         self.workdir = pathlib.Path(out.workdir).absolute() if out.workdir is not None else None
         self.writer = RecordWriter(m, self.workdir, out.member_dirs)
         self.hp_meta = _hparams_meta(hparams)
@@ -444,14 +451,34 @@ class _Run:
                 "loader": encode_state(stateful.get_state()) if stateful is not None else None,
                 "loss_sum": self.loss_sum.tolist(), "time_sum": self.time_sum,
                 "count": self.count}
+        # async: returns once the arrays are copied to host memory (resume.RunCheckpoints), so
+        # the next step may donate the buffers it read
         self.ckpts.save(step, state, meta)
+        self.points.saved(step)
 
-    def close(self) -> None:
+    def stopped(self, step: int) -> None:
+        """SIGTERM: wait for the checkpoint of `step`, say where it is, raise Preempted."""
+        if self.ckpts is not None:
+            self.ckpts.wait()
+            where = (f"its checkpoint of step {step} is in {self.ckpts.directory}; rerun the "
+                     "same command to resume from there")
+        else:
+            where = "it had no workdir, so it keeps no checkpoint"
+        text = (f"[{self.out.stage}] SIGTERM: stopped after step {step} of "
+                f"{self.loop.num_steps}; {where} (exit code {savepoints.EXIT_CODE})")
+        if distributed.is_main_process():
+            live_line = self.progress is not None and self.progress.tty and not self.progress.quiet
+            print(("\n" if live_line else "") + text, file=sys.stderr, flush=True)
+        raise Preempted(text)
+
+    def close(self, finished: bool) -> None:
+        """Wait for the saves in flight (also after an error); the last progress line when
+        `finished`."""
         if self.ckpts is not None:
             self.ckpts.close()
         if self.board is not None:
             self.board.close()
-        if self.start < self.loop.num_steps:
+        if finished and self.start < self.loop.num_steps:
             self.progress.close(self.loop.num_steps, self.last_losses)
 
 
@@ -460,9 +487,25 @@ def run_loop(engine: MemberEngine, state: dict, hparams: dict, train_batches: It
     """Train the engine's members for `loop.num_steps` updates (resuming from the output's
     workdir if it holds a checkpoint of this run), evaluating every `loop.checkpoint_freq`
     steps (LoopConfig, RunOutput). `state` / `hparams` are the stacked state and [M] settings
-    (host or placed). Returns the final stacked state and per-member records.
+    (host or placed). Returns the final stacked state and per-member records. A SIGTERM
+    during the run stops it once a checkpoint is saved (`Preempted`, rat_jax.engine.savepoints).
     """
     run = _Run(engine, hparams, loop, output or RunOutput())
+    finished = False
+    with savepoints.sigterm_guard():
+        try:
+            result = _train(run, engine, state, hparams, train_batches)
+            finished = True
+        finally:
+            run.close(finished)  # the run's end waits for its checkpoint to be on disk
+        if run.points.stop_requested():  # SIGTERM after the last step's decision
+            run.stopped(loop.num_steps - 1)
+    return result
+
+
+def _train(run: _Run, engine: MemberEngine, state: dict, hparams: dict,
+           train_batches: Iterable) -> TrainResult:
+    loop = run.loop
     state = engine.place(state)
     hparams_dev = engine.place(jax.tree.map(np.asarray, hparams))
     iterator = iter(train_batches)
@@ -490,9 +533,9 @@ def run_loop(engine: MemberEngine, state: dict, hparams: dict, train_batches: It
         run.pending.append(metrics["loss"])
         run.count += 1
         is_eval = step % loop.checkpoint_freq == 0 or step == loop.num_steps - 1
-        is_save = run.ckpts is not None and ((step + 1) % run.save_every == 0
-                                             or step == loop.num_steps - 1)
-        if is_eval or is_save or progress.due():
+        due = run.points.at(step, progress.due())
+        is_save = run.ckpts is not None and due.save
+        if is_eval or is_save or due.flush:
             run.flush_losses()
         run.time_sum += time.perf_counter() - t0
         if is_eval or is_save:
@@ -502,6 +545,8 @@ def run_loop(engine: MemberEngine, state: dict, hparams: dict, train_batches: It
         if is_save:
             run.save(step, state, stateful)
         state = {**state, "members": None}  # not kept while the live members train on
+        if due.stop:
+            run.stopped(step)
         if step == run.start:  # rate and ETA from here on: compilation and first evaluation out
             progress.restart(step + 1)
         else:
@@ -510,7 +555,6 @@ def run_loop(engine: MemberEngine, state: dict, hparams: dict, train_batches: It
     state = {**state, "members": live.stacked()}
     run.fill_final(state)
     jax.block_until_ready(state)
-    run.close()
     return TrainResult(state=state, records=run.writer.records)
 
 

@@ -4,6 +4,14 @@ One checkpoint = the stacked state (members' params and Adam state, best params/
 with `StandardSave`, plus a JSON item with the loop position, loader state and record accumulators.
 CheckpointManager writes into a temporary folder and renames it when complete, so a run killed at any
 moment resumes from the last complete checkpoint.
+
+Saves are asynchronous by default (Orbax's async checkpointing): `save` returns once every array
+is copied to host memory (the blocking part of Orbax's async save: its device-to-host transfer
+completes before `save` returns) and the files are written by a background thread. The caller may
+therefore donate or overwrite the device buffers it saved as soon as `save` returns; the members
+loop does, and tests/test_members_loop.py checks it by deleting the arrays right after `save`. The
+host copy lives until the files are written (the plan's `checkpoint_copies`). A `save` waits for
+the one in flight first; `wait()` and `close()` wait for it.
 """
 from __future__ import annotations
 
@@ -43,10 +51,11 @@ def decode_state(obj: Any) -> Any:
 
 
 class RunCheckpoints:
-    """Periodic, atomic checkpoints of a members run under `directory`."""
+    """Atomic checkpoints of a members run under `directory`, written in the background unless
+    `async_save=False`."""
 
     def __init__(self, directory: str | pathlib.Path, max_to_keep: int = 1,
-                 async_save: bool = False):
+                 async_save: bool = True):
         self.directory = pathlib.Path(directory).absolute()
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
@@ -57,6 +66,7 @@ class RunCheckpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict) -> None:
+        """Save `state` (arrays, copied to the host before this returns) and `meta` (JSON)."""
         self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -67,6 +77,7 @@ class RunCheckpoints:
         return out["state"], out["meta"]
 
     def wait(self) -> None:
+        """Until the save in flight is on disk (its step folder renamed into place)."""
         self.manager.wait_until_finished()
 
     def close(self) -> None:
