@@ -86,7 +86,10 @@ def base() -> ml_collections.ConfigDict:
         schedule="auto",              # runs side by side on device subsets (rat_jax.schedule):
                                       # auto (accelerators), parallel or serial
     ))
-    c.save_every = 500                # engine checkpoint period (steps) for resume
+    c.save_minutes = 20.0             # resume checkpoint of a run every so many minutes of
+                                      # wall-clock time (written in the background), after its
+                                      # last step and on SIGTERM (docs/running.md)
+    c.save_every = 0                  # > 0: also every so many steps (fixed save points)
     c.quiet = False                   # no training progress output
     c.tensorboard = False             # per-member loss and ID-val scalars in workdir/tensorboard
     c.target = dataset("PACS")        # the target task; its test_envs are held out in turn
@@ -165,7 +168,6 @@ def gpu_quick(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.target.test_envs = c.target.test_envs[:1]
     c.target.steps, c.target.checkpoint_freq = 600, 200
     c.aux = embedded_aux(steps=200, checkpoint_freq=100)
-    c.save_every = 200
     return c
 
 
@@ -179,7 +181,6 @@ def smoke(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                   validation_augment=False))
     c.target = dataset("digits", test_envs=(0,), steps=4, checkpoint_freq=2)
     c.aux = embedded_aux(steps=3, checkpoint_freq=2)
-    c.save_every = 1000
     c.quiet = True
     return c
 
@@ -203,5 +204,7 @@ def cpu(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.max_eval_images = 400
     c.target.steps, c.target.checkpoint_freq = 100, 50
     c.aux = embedded_aux(steps=40, checkpoint_freq=20)
-    c.save_every = 50
+    c.save_every = 50                 # besides the clock: a killed CPU run (and the demo, which
+                                      # is this variant) resumes from a fixed step, whatever the
+                                      # machine's speed
     return c

@@ -29,6 +29,7 @@ from rat_jax.engine import (EngineConfig, LoopConfig, RunOutput, TrainResult, id
                             make_hparams, train_members)
 from rat_jax.evaluation import EvalSplit, SplitSpec, eval_split
 from rat_jax.engine.progress import NO_WRITER, Console, have_tensorboard
+from rat_jax.engine.savepoints import SAVE_MINUTES
 from rat_jax.files import fingerprint, write_json_atomic
 from rat_jax.foundation import load_foundation
 from rat_jax.models import create_model
@@ -69,7 +70,8 @@ class TrainSettings:
     remat: bool | str = False
     data_parallel: str | bool = "auto"
     cpu_ynn: str = "auto"
-    save_every: int = 500
+    save_minutes: float = SAVE_MINUTES    # resume checkpoint every so many minutes (and on SIGTERM)
+    save_every: int = 0                   # > 0: also every so many steps
     cache_dir: str = ""                   # decoded-image cache ("" = the default location)
     augment_on: str = "auto"              # training augmentation: "host", "device" or "auto"
     train_cache_side: int = 0             # 0: crops from the original images; S: cached capped
@@ -98,7 +100,9 @@ class TrainSettings:
                    max_eval_images=config.max_eval_images, lr_scale=config.lr_scale,
                    conv_impl=config.conv_impl, compute_dtype=e.compute_dtype,
                    strategy=e.strategy, remat=e.remat, data_parallel=e.data_parallel,
-                   cpu_ynn=e.get("cpu_ynn", "auto"), save_every=config.save_every,
+                   cpu_ynn=e.get("cpu_ynn", "auto"),
+                   save_minutes=float(config.get("save_minutes", SAVE_MINUTES)),
+                   save_every=int(config.get("save_every", 0) or 0),
                    cache_dir=config.cache_dir, quiet=config.quiet,
                    tensorboard=bool(config.get("tensorboard", False)),
                    augment_on=config.get("augment_on", "auto"),
@@ -423,7 +427,8 @@ def train_group(dataset: DomainDataset, inits: Sequence[Any],
     loop = LoopConfig(run.steps, run.checkpoint_freq, eval_sets=sets, final_sets=final_sets,
                       val_names=[n for n in id_val_names(dataset.num_envs, run.test_envs)
                                  if n in sets],
-                      save_every=settings.save_every, steps_per_epoch=n_train / per_step)
+                      save_minutes=settings.save_minutes, save_every=settings.save_every,
+                      steps_per_epoch=n_train / per_step)
     output = RunOutput(workdir=workdir, member_info=_member_info(dataset, members, run, settings),
                        stage=run.stage, quiet=settings.quiet,
                        tensorboard_dir=_tensorboard_dir(settings, run, workdir, tensorboard))
