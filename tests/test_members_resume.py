@@ -1,5 +1,5 @@
-"""Kill -9 a members run after its first checkpoint, rerun the same command: it resumes and ends
-with the same bits as an uninterrupted run."""
+"""Kill -9 a members run after its first checkpoint, or stop it with SIGTERM (a preemption), and
+rerun the same command: it resumes and ends with the same bits as an uninterrupted run."""
 import os
 import pathlib
 import signal
@@ -55,7 +55,7 @@ def loader(mode, sleep):
                             sleep=sleep)
 
 
-def run(workdir, sleep=0.0, mode="synthetic"):
+def run(workdir, sleep=0.0, mode="synthetic", save_every=3):
     model = StandInNet(5)
     params, bs = member_inits(model, 2)
     batches = loader(mode, sleep)
@@ -64,7 +64,8 @@ def run(workdir, sleep=0.0, mode="synthetic"):
                         "labels": rng.randint(0, 5, 6)}]}
     hp = make_hparams(2, lr=[1e-2, 2e-2], dropout=[0.5, 0.1], lp_steps=[-1, 3], seed=[1, 2])
     res = train_members(model, params, bs, hp, batches,
-                        LoopConfig(12, 4, eval_sets=ev, val_names=["env0_out"], save_every=3),
+                        LoopConfig(12, 4, eval_sets=ev, val_names=["env0_out"],
+                                   save_every=save_every),
                         RunOutput(workdir=workdir, quiet=True),
                         EngineConfig(batch_size=8, devices=jax.devices()[:2]))
     flat = {f"final/{i}": x for i, x in enumerate(jax.tree.leaves(res.final_params))}
@@ -77,14 +78,16 @@ if __name__ == "__main__":
     jax.config.update("jax_num_cpu_devices", 2)
     jax.config.update("jax_compilation_cache_dir", sys.argv[2])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    np.savez(sys.argv[1] + ".npz", **run(sys.argv[1], sleep=float(sys.argv[5]), mode=sys.argv[3]))
+    np.savez(sys.argv[1] + ".npz", **run(sys.argv[1], sleep=float(sys.argv[5]), mode=sys.argv[3],
+                                         save_every=int(sys.argv[6])))
     print("DONE", flush=True)
 '''
 
 
-def _cmd(tmp_path, name, mode="synthetic", sleep=0.0):
+def _cmd(tmp_path, name, mode="synthetic", sleep=0.0, save_every=3):
     """The run as a command; `sleep` (seconds per batch) leaves time to kill it between
-    checkpoints: only the run that is killed needs it (it changes no bits)."""
+    checkpoints: only the run that is killed needs it (it changes no bits). `save_every`: its
+    step period (0: checkpoints only at the end, on the clock and on SIGTERM)."""
     script = tmp_path / "run.py"
     script.write_text(SCRIPT)
     images = tmp_path / "images"
@@ -99,7 +102,7 @@ def _cmd(tmp_path, name, mode="synthetic", sleep=0.0):
                     Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
                         images / e / c / f"{i}.png")
     return [sys.executable, str(script), str(tmp_path / name), str(tmp_path / "jax_cache"),
-            mode, str(images), str(sleep)]
+            mode, str(images), str(sleep), str(save_every)]
 
 
 def _env():
@@ -116,6 +119,17 @@ def _committed_steps(workdir: pathlib.Path):
 def _run(cmd):
     done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _assert_same_as(tmp_path, name, ref):
+    got = np.load(tmp_path / f"{name}.npz")
+    assert sorted(got.files) == sorted(ref)
+    for k in got.files:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
+    strip = lambda p: [l.split('"step_time"')[0] for l in p.read_text().splitlines()]
+    for i in range(2):
+        rel = pathlib.Path(f"member_{i}") / "results.jsonl"
+        assert strip(tmp_path / "ref" / rel) == strip(tmp_path / name / rel)
 
 
 @pytest.mark.parametrize("mode", ["synthetic", "device"])
@@ -144,13 +158,33 @@ def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path, mode):
     killed_at = _committed_steps(tmp_path / "killed")
     assert killed_at and killed_at[-1] < 11
 
-    rerun = subprocess.run(_cmd(tmp_path, "killed", mode), env=_env(), capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    got = np.load(tmp_path / "killed.npz")
-    assert sorted(got.files) == sorted(ref)
-    for k in got.files:
-        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
-    strip = lambda p: [l.split('"step_time"')[0] for l in p.read_text().splitlines()]
-    for i in range(2):
-        rel = pathlib.Path(f"member_{i}") / "results.jsonl"
-        assert strip(tmp_path / "ref" / rel) == strip(tmp_path / "killed" / rel)
+    _run(_cmd(tmp_path, "killed", mode))
+    _assert_same_as(tmp_path, "killed", ref)
+
+
+def test_sigterm_then_rerun_matches_uninterrupted_run(tmp_path):
+    """SIGTERM (a scheduler's preemption) mid-run, no step period: the run saves the step under
+    way, exits with code 143 and a line naming its checkpoint; rerunning the same command
+    resumes from it and ends with the bits and records of an uninterrupted run."""
+    _run(_cmd(tmp_path, "ref"))
+    ref = dict(np.load(tmp_path / "ref.npz"))
+    workdir = tmp_path / "stopped"
+    proc = subprocess.Popen(_cmd(tmp_path, "stopped", sleep=0.25, save_every=0), env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    records = workdir / "member_0" / "results.jsonl"  # step 0's record: the run is training
+    deadline = time.time() + 300
+    while not (records.exists() and records.stat().st_size) and proc.poll() is None:
+        assert time.time() < deadline, "the run did not start"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, err[-3000:]
+    stopped = _committed_steps(workdir)
+    assert len(stopped) == 1 and stopped[0] < 11, stopped  # the SIGTERM checkpoint, before the end
+    assert (f"SIGTERM: stopped after step {stopped[0]} of 12; its checkpoint of step "
+            f"{stopped[0]} is in {workdir / 'checkpoints'}; rerun the same command to resume "
+            "from there (exit code 143)") in err, err[-3000:]
+    assert not (tmp_path / "stopped.npz").exists()
+
+    _run(_cmd(tmp_path, "stopped", save_every=0))
+    _assert_same_as(tmp_path, "stopped", ref)
