@@ -297,18 +297,22 @@ def eval_row(engines: Engines, shape: Shape, dataset, cache: str, eval_batch: in
 
 
 def checkpoint_row(engines: Engines, shape: Shape, directory: pathlib.Path) -> dict:
-    """One save of the members' stacked state (params, Adam state) as the training loop saves."""
+    """One save of the members' stacked state (params, Adam state) as the training loop saves
+    (asynchronous): the blocking part (the copy to host memory: what training waits for) and the
+    time until the files are on disk."""
     import jax
     from rat_jax.engine.resume import RunCheckpoints
     state = jax.block_until_ready(engines.live(shape).stacked())
     ckpts = RunCheckpoints(directory)
     t0 = time.perf_counter()
     ckpts.save(0, {"members": state}, {"step": 0})
+    blocking = time.perf_counter() - t0
     ckpts.close()
     seconds = time.perf_counter() - t0
     mb = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file()) / 2 ** 20
-    return dict(seconds=seconds, mb=mb, value=f"{seconds:.2f} s",
-                detail=f"{mb:.0f} MiB, {shape.members} members")
+    return dict(seconds=seconds, blocking_s=blocking, mb=mb, value=f"{seconds:.2f} s",
+                detail=f"{mb:.0f} MiB, {shape.members} members, training blocked "
+                       f"{blocking:.2f} s")
 
 
 # ----------------------------------------------------------------------------------------------
