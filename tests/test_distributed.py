@@ -48,6 +48,9 @@ def _worker(argv):
     ap.add_argument("--out", default="")
     ap.add_argument("--workdir", default="")
     ap.add_argument("--ready", default="")
+    ap.add_argument("--steps", type=int, default=4)     # loop: updates
+    ap.add_argument("--sleep", type=float, default=0.0)  # loop: seconds per batch
+    ap.add_argument("--progress", action="store_true")  # loop: progress line at every step
     args = ap.parse_args(argv)
     sys.path.insert(0, str(REPO))
     import jax
@@ -185,7 +188,9 @@ def _train(args, distributed):
 
 def _loop(args, distributed):
     """rat_jax.engine.loop.train_members as the pipeline calls it (host batches on every process),
-    with evaluation, best-so-far selection, records and Orbax checkpoints in --workdir."""
+    with evaluation, best-so-far selection, records and Orbax checkpoints in --workdir; --steps
+    updates over 4 batches in turn (the loader's position is checkpointed), --sleep seconds per
+    batch, --progress: process 0's progress line at every step."""
     import jax
     from rat_jax.models import create_model
     from rat_jax.engine import loop as loop_lib
@@ -203,24 +208,38 @@ def _loop(args, distributed):
                                        seed=list(range(M)))
     class OwnShard:  # the loader contract: load_only(members) -> the others' rows are not read
         local = None
+        pos = 0
 
         def load_only(self, members):
             self.local = [int(i) for i in members]
 
         def __iter__(self):
-            for b in batches:
-                if self.local is None:
-                    yield b
-                else:
-                    keep = np.zeros((M,), bool)
-                    keep[self.local] = True
-                    yield {"images": np.where(keep[:, None, None, None, None], b["images"], np.nan),
-                           "labels": np.where(keep[:, None], b["labels"], -1)}
+            return self
+
+        def get_state(self):
+            return {"pos": self.pos}
+
+        def set_state(self, state):
+            self.pos = int(state["pos"])
+
+        def __next__(self):
+            time.sleep(args.sleep)
+            b = batches[self.pos % len(batches)]
+            self.pos += 1
+            if self.local is None:
+                return b
+            keep = np.zeros((M,), bool)
+            keep[self.local] = True
+            return {"images": np.where(keep[:, None, None, None, None], b["images"], np.nan),
+                    "labels": np.where(keep[:, None], b["labels"], -1)}
     source = OwnShard()
     result = loop_lib.train_members(
         model, [v["params"] for v in variables], variables[0]["batch_stats"], hparams, source,
-        loop_lib.LoopConfig(4, 2, eval_sets=eval_sets, val_names=["env0_out", "env1_out"]),
-        loop_lib.RunOutput(workdir=args.workdir, quiet=True), EngineConfig(batch_size=N))
+        loop_lib.LoopConfig(args.steps, 2, eval_sets=eval_sets,
+                            val_names=["env0_out", "env1_out"]),
+        loop_lib.RunOutput(workdir=args.workdir, quiet=not args.progress,
+                           progress_interval=0.0 if args.progress else None),
+        members_lib.EngineConfig(batch_size=N))
     if jax.process_count() > 1:  # each process was told to load only its half of the members
         assert source.local is not None and len(source.local) == M // 2, source.local
     # every property is a to_host() of member-sharded arrays: a collective, so on every process
@@ -466,6 +485,57 @@ def test_two_processes_run_loop_like_one(tmp_path):
                 for run in ("one", "two")]
         assert recs[0] == recs[1] and len(recs[0]) == 3  # steps 0, 2, 3
     assert (tmp_path / "two" / "checkpoints").is_dir()
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+    """SIGTERM to process 1 only, process 0 showing its progress line at every step (its fold of
+    the losses is a collective): both processes stop after the same step, once its checkpoint is
+    on disk, with exit code 143 and the line naming it; the same command again resumes and ends
+    with one process's numbers and records."""
+    import json
+    import signal
+    steps = 8
+    logs = [tmp_path / f"{name}.log" for name in ("p0", "p1", "one", "r0", "r1")]
+    ref = _start(["loop", "--devices", 8, "--steps", steps, "--out", tmp_path / "one.npz",
+                  "--workdir", tmp_path / "one"], logs[2])
+    args = ["loop", "--devices", 4, "--steps", steps, "--progress", "--out",
+            tmp_path / "two.npz", "--workdir", tmp_path / "two"]
+    port = free_port()
+    procs = [_start(args + ["--sleep", 0.5], logs[i], **env)
+             for i, env in enumerate(_cluster(2, port))]
+    records = tmp_path / "two" / "member_0" / "results.jsonl"  # step 0's record: training
+    try:
+        deadline = time.time() + 300
+        while not (records.exists() and records.stat().st_size):
+            if time.time() > deadline or any(p.poll() is not None for p in procs):
+                pytest.fail("workers did not start:\n" + "\n".join(_tail(l) for l in logs[:2]))
+            time.sleep(0.1)
+        procs[1].send_signal(signal.SIGTERM)
+        for p in procs:
+            p.wait(timeout=300)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [143, 143], "\n".join(_tail(l) for l in logs[:2])
+    ckpts = tmp_path / "two" / "checkpoints"
+    saved = sorted(int(d.name) for d in ckpts.iterdir() if d.name.isdigit())
+    assert len(saved) == 1 and saved[0] < steps - 1, saved
+    assert (f"SIGTERM: stopped after step {saved[0]} of {steps}; its checkpoint of step "
+            f"{saved[0]} is in {ckpts}") in logs[0].read_text()
+    port = free_port()
+    procs = [_start(args, logs[3 + i], **env) for i, env in enumerate(_cluster(2, port))]
+    _finish(procs + [ref], [logs[3], logs[4], logs[2]], timeout=900)
+    assert f"resuming from the checkpoint of step {saved[0]}" in logs[3].read_text()
+    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    for k in one.files:
+        np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    for i in range(M):
+        recs = [[{k: v for k, v in json.loads(line).items() if k != "step_time"}
+                 for line in (tmp_path / run / f"member_{i}" / "results.jsonl").open()]
+                for run in ("one", "two")]
+        assert recs[0] == recs[1] and len(recs[0]) == steps // 2 + 1
 
 
 @pytest.mark.parametrize("victim", [1, 0])
