@@ -258,6 +258,11 @@ def initialize(config: Any = None) -> dict | None:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     except Exception:  # pragma: no cover - a jax without the flag
         pass
+    try:  # SIGTERM is rat_jax's (engine.savepoints), as in one process: JAX's preemption
+        # service would take it for the whole process at the C level
+        jax.config.update("jax_enable_preemption_service", False)
+    except Exception:  # pragma: no cover - a jax without the flag
+        pass
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     # JAX aborts the process (SIGABRT, "Terminating process because the JAX distributed service
     # detected fatal errors") when a peer never connects or dies later: say first what it means.

@@ -460,6 +460,8 @@ class _Run:
         """SIGTERM: wait for the checkpoint of `step`, say where it is, raise Preempted."""
         if self.ckpts is not None:
             self.ckpts.wait()
+            # no process exits (a launcher may then stop the others) before all are past here
+            distributed.barrier("rat_jax_sigterm_saved")
             where = (f"its checkpoint of step {step} is in {self.ckpts.directory}; rerun the "
                      "same command to resume from there")
         else:
