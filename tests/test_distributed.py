@@ -468,7 +468,6 @@ def test_local_sh_starts_processes_through_runtime_setup(tmp_path):
 def test_two_processes_run_loop_like_one(tmp_path):
     """train_members end to end in two processes: same final/best params and scores as one
     process, and the same results.jsonl records (written once, by process 0)."""
-    import json
     port = free_port()
     logs = [tmp_path / f"loop_{i}.log" for i in range(3)]
     ref = _start(["loop", "--devices", 8, "--out", tmp_path / "one.npz", "--workdir",
@@ -476,6 +475,14 @@ def test_two_processes_run_loop_like_one(tmp_path):
     procs = [_start(["loop", "--devices", 4, "--out", tmp_path / "two.npz", "--workdir",
                      tmp_path / "two"], logs[i], **env) for i, env in enumerate(_cluster(2, port))]
     _finish(procs + [ref], logs, timeout=900)
+    _assert_loops_agree(tmp_path, records=3)  # steps 0, 2, 3
+    assert (tmp_path / "two" / "checkpoints").is_dir()
+
+
+def _assert_loops_agree(tmp_path, records):
+    """The loop workers of one process (one.npz, one/) and two (two.npz, two/): same params and
+    scores, the same records (`records` per member; step_time aside)."""
+    import json
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     for k in one.files:
         np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
@@ -483,8 +490,7 @@ def test_two_processes_run_loop_like_one(tmp_path):
         recs = [[{k: v for k, v in json.loads(line).items() if k != "step_time"}
                  for line in (tmp_path / run / f"member_{i}" / "results.jsonl").open()]
                 for run in ("one", "two")]
-        assert recs[0] == recs[1] and len(recs[0]) == 3  # steps 0, 2, 3
-    assert (tmp_path / "two" / "checkpoints").is_dir()
+        assert recs[0] == recs[1] and len(recs[0]) == records
 
 
 @pytest.mark.slow
@@ -493,7 +499,6 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     the losses is a collective): both processes stop after the same step, once its checkpoint is
     on disk, with exit code 143 and the line naming it; the same command again resumes and ends
     with one process's numbers and records."""
-    import json
     import signal
     steps = 8
     logs = [tmp_path / f"{name}.log" for name in ("p0", "p1", "one", "r0", "r1")]
@@ -528,14 +533,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
     procs = [_start(args, logs[3 + i], **env) for i, env in enumerate(_cluster(2, port))]
     _finish(procs + [ref], [logs[3], logs[4], logs[2]], timeout=900)
     assert f"resuming from the checkpoint of step {saved[0]}" in logs[3].read_text()
-    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
-    for k in one.files:
-        np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
-    for i in range(M):
-        recs = [[{k: v for k, v in json.loads(line).items() if k != "step_time"}
-                 for line in (tmp_path / run / f"member_{i}" / "results.jsonl").open()]
-                for run in ("one", "two")]
-        assert recs[0] == recs[1] and len(recs[0]) == steps // 2 + 1
+    _assert_loops_agree(tmp_path, records=steps // 2 + 1)
 
 
 @pytest.mark.parametrize("victim", [1, 0])
