@@ -1,9 +1,18 @@
-"""Orbax in one place: standalone pytree checkpoints with JSON metadata, written atomically."""
+"""Orbax in one place: standalone pytree checkpoints with JSON metadata, written atomically, and
+`exclusive()`, which every Orbax operation of rat_jax holds.
+
+Orbax numbers its operations process-wide (one current operation id, which an asynchronous save's
+background thread still reads), so two threads' Orbax operations must not overlap, jobs of a
+parallel schedule included (rat_jax.schedule): `exclusive()` lets one thread in at a time and
+first waits for the asynchronous save in flight, if any (`in_flight`).
+"""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
+import threading
 from typing import Any
 
 import jax
@@ -13,13 +22,32 @@ from rat_jax.files import write_json_atomic
 
 METADATA_FILE = "rat_jax_metadata.json"
 
+_lock = threading.RLock()
+_in_flight: list = []
+
+
+@contextlib.contextmanager
+def exclusive():
+    """Hold around an Orbax operation (module docstring): one thread at a time, after the
+    asynchronous save in flight is written."""
+    with _lock:
+        while _in_flight:
+            _in_flight.pop().wait()
+        yield
+
+
+def in_flight(save) -> None:
+    """Inside `exclusive()`, after starting an asynchronous save: `save.wait()` is called before
+    the next Orbax operation of any thread."""
+    _in_flight.append(save)
+
 
 def save_pytree(directory: str | os.PathLike, tree: Any, metadata: dict | None = None,
                 force: bool = False) -> pathlib.Path:
     """Save `tree` under `directory/state` (Orbax, atomic) and `metadata` as JSON beside it."""
     directory = pathlib.Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
+    with exclusive(), ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory / "state", tree, force=force)
         ckptr.wait_until_finished()
     if metadata is not None:
@@ -39,7 +67,7 @@ def restore_pytree(directory: str | os.PathLike, target: Any | None = None) -> A
         raise FileNotFoundError(
             f"No rat_jax checkpoint at {directory}: expected a 'state' folder written by "
             "rat_jax.checkpoint.save_pytree (convert a torch file with `python -m rat_jax.convert`).")
-    with ocp.StandardCheckpointer() as ckptr:
+    with exclusive(), ocp.StandardCheckpointer() as ckptr:
         if target is None:
             return ckptr.restore(path)
         abstract = jax.tree.map(

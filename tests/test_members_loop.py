@@ -3,6 +3,7 @@ import io
 import json
 import os
 import signal
+import threading
 import time
 
 import jax
@@ -283,6 +284,36 @@ def test_async_save_holds_its_own_copy(tmp_path):
     assert meta == {"step": 7}
     for k in want:
         np.testing.assert_array_equal(np.asarray(got[k]), want[k])
+
+
+def test_async_saves_of_runs_side_by_side(tmp_path):
+    """Two runs' checkpoints saved from two threads (a parallel schedule) beside standalone
+    pytree saves: Orbax numbers its operations process-wide, so rat_jax.checkpoint.exclusive()
+    keeps them apart; every checkpoint restores to what was saved."""
+    from rat_jax import checkpoint
+    errors = []
+
+    def run(name):
+        try:
+            ckpts = RunCheckpoints(tmp_path / name, max_to_keep=10)
+            for step in range(4):
+                ckpts.save(step, {"w": jax.numpy.full((50_000,), step, np.float32)},
+                           {"step": step})
+                checkpoint.save_pytree(tmp_path / f"{name}_tree{step}", {"v": np.arange(step + 1)})
+            ckpts.wait()
+            for step in range(4):
+                got, meta = ckpts.restore(step, {"w": jax.ShapeDtypeStruct((50_000,), np.float32)})
+                assert meta == {"step": step} and float(got["w"][0]) == step
+            ckpts.close()
+        except BaseException as err:  # noqa: BLE001 -- reported by the test
+            errors.append(err)
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads)
 
 
 def test_resume_refuses_other_settings(setup, tmp_path):

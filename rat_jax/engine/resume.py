@@ -11,7 +11,10 @@ completes before `save` returns) and the files are written by a background threa
 therefore donate or overwrite the device buffers it saved as soon as `save` returns; the members
 loop does, and tests/test_members_loop.py checks it by deleting the arrays right after `save`. The
 host copy lives until the files are written (the plan's `checkpoint_copies`). A `save` waits for
-the one in flight first; `wait()` and `close()` wait for it.
+the one in flight first; `wait()` and `close()` wait for it. Every Orbax call here holds
+rat_jax.checkpoint.exclusive(): Orbax's operations must not overlap across threads (the runs of
+a parallel schedule), so a run's save, restore or start also waits for another run's save in
+flight.
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from rat_jax.checkpoint import exclusive, in_flight
 
 
 def _abstract(tree: Any) -> Any:
@@ -60,20 +65,25 @@ class RunCheckpoints:
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        with exclusive():
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, meta: dict) -> None:
         """Save `state` (arrays, copied to the host before this returns) and `meta` (JSON)."""
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+        with exclusive():
+            self.manager.save(step, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+            in_flight(self)
 
     def restore(self, step: int, target_state: Any) -> tuple[Any, dict]:
         """Restore onto the shardings of `target_state` (arrays or ShapeDtypeStructs)."""
-        out = self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(_abstract(target_state)), meta=ocp.args.JsonRestore()))
+        with exclusive():
+            out = self.manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(_abstract(target_state)),
+                meta=ocp.args.JsonRestore()))
         return out["state"], out["meta"]
 
     def wait(self) -> None:
@@ -82,4 +92,5 @@ class RunCheckpoints:
 
     def close(self) -> None:
         self.manager.wait_until_finished()
-        self.manager.close()
+        with exclusive():
+            self.manager.close()
