@@ -157,14 +157,32 @@ def run_jobs(jobs: Sequence[Job], fns: Mapping[str, Callable[[tuple], object]], 
     free devices of its size; with `parallel`, every job whose inputs exist and whose devices
     are free runs at once (one thread each), else one at a time on all `devices` in `order`.
     Returns {name: what its function returned}. A failing job stops the scheduling of new
-    ones; the jobs already running finish, and JobFailed names the failed job (the first one)."""
+    ones; the jobs already running finish, and JobFailed names the failed job (the first one).
+    SIGTERM (rat_jax.engine.savepoints) starts no new job either: the members runs under way
+    stop after their current step with a checkpoint, and `Preempted` (exit code 143) goes on."""
+    from rat_jax.engine import savepoints  # here: this module imports no JAX (status, --plan)
     check_graph(jobs)
     devices = tuple(devices)
-    results: dict = {}
-    if not parallel:
-        for job in order(jobs):
-            results[job.name] = _call(job, fns[job.name], devices)
+    with savepoints.sigterm_guard():
+        if not parallel:
+            results: dict = {}
+            for job in order(jobs):
+                if savepoints.sigterm_agreed():
+                    savepoints.stop_between_jobs(len(jobs) - len(results))
+                results[job.name] = _call(job, fns[job.name], devices)
+            stop = savepoints.sigterm_agreed()
+        else:
+            results = _run_parallel(jobs, fns, devices, savepoints)
+            stop = savepoints.sigterm_requested()
+        if stop:  # after the last job: the same exit, with nothing left to do
+            savepoints.stop_between_jobs(len(jobs) - len(results))
         return results
+
+
+def _run_parallel(jobs: Sequence[Job], fns: Mapping[str, Callable[[tuple], object]],
+                  devices: tuple, savepoints) -> dict:
+    """run_jobs with `parallel` (one thread per running job)."""
+    results: dict = {}
     by_name = {j.name: j for j in jobs}
     index = {j.name: i for i, j in enumerate(jobs)}
     remaining = {j.name: set(j.deps) for j in jobs}
@@ -177,7 +195,7 @@ def run_jobs(jobs: Sequence[Job], fns: Mapping[str, Callable[[tuple], object]], 
     def work(job: Job, devs: tuple):
         try:
             out = _call(job, fns[job.name], devs)
-        except JobFailed as err:
+        except (JobFailed, savepoints.Preempted) as err:
             out, failure = None, err
         else:
             failure = None
@@ -197,7 +215,7 @@ def run_jobs(jobs: Sequence[Job], fns: Mapping[str, Callable[[tuple], object]], 
 
     with cond:
         while True:
-            if not errors:
+            if not errors and not savepoints.sigterm_requested():
                 ready.sort(key=lambda j: priority(j, index[j.name]))
                 for job in list(ready):
                     want = job.devices_wanted(len(devices))

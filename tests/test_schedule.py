@@ -1,11 +1,14 @@
 """The device scheduler (rat_jax.schedule): dependency order, device sizing, parallel execution on
 device subsets, failures named, and the simulated schedule of --plan."""
+import os
+import signal
 import threading
 import time
 
 import pytest
 
 from rat_jax import schedule
+from rat_jax.engine import savepoints
 from rat_jax.schedule import Job
 
 
@@ -100,3 +103,42 @@ def test_mode():
     assert not schedule.resolve_mode("parallel", "gpu", 2)       # processes: one job at a time
     with pytest.raises(ValueError, match="config.engine.schedule"):
         schedule.resolve_mode("fast", "gpu", 1)
+
+
+def _job(name, calls, sigterm=False, trains=False):
+    """A job that records its start; `sigterm`: sends SIGTERM to this process (as a scheduler's
+    preemption); `trains`: polls the flag at every "step" and stops with Preempted, as a members
+    run does; else it returns (a selection, a table)."""
+    def run(devices):
+        calls.append(name)
+        if sigterm:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+        for _ in range(500 if trains else 0):
+            if savepoints.sigterm_requested():
+                raise savepoints.Preempted(f"{name} stopped")
+            time.sleep(0.01)
+        return name
+    return run
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_sigterm_starts_no_new_job_and_exits_with_143(parallel, capsys):
+    """SIGTERM during job a: in parallel, the run b under way stops (Preempted) and c, waiting
+    for a device, never starts; serially b never starts. Either way Preempted (exit code 143)
+    goes on and the SIGTERM handler is the one from before."""
+    before = signal.getsignal(signal.SIGTERM)
+    calls = []
+    jobs = [Job("a", "selection"), Job("b", "run", members=1), Job("c", "run", members=1)]
+    fns = {"a": _job("a", calls, sigterm=True), "b": _job("b", calls, trains=True),
+           "c": _job("c", calls, trains=True)}
+    devices = [0, 1] if parallel else [0]
+    if parallel:  # a and b side by side on the two devices, c waits for one
+        jobs[0] = Job("a", "run", members=1, cost=2)
+    with pytest.raises(savepoints.Preempted) as stop:
+        schedule.run_jobs(jobs, fns, devices, parallel)
+    assert stop.value.code == savepoints.EXIT_CODE == 143
+    assert sorted(calls) == (["a", "b"] if parallel else ["a"])
+    if not parallel:
+        assert "[schedule] SIGTERM: stopped with 2 job(s) not done" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before and not savepoints.sigterm_requested()

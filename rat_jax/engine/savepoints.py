@@ -16,6 +16,8 @@ background by Orbax) after a step when
 and puts the previous handler back afterwards; a SIGTERM that no run acted on (it came after the
 run's last check) is then delivered again, to that handler. A program that runs members loops in
 other threads enters `sigterm_guard()` in its main thread around them: the loops read its flag.
+The scheduler (rat_jax.schedule.run_jobs) does, around all its jobs: on SIGTERM it starts no new
+job, the runs under way stop as above, and a stop between jobs raises `Preempted` as well.
 
 Several processes (jax.distributed): a save is a collective, so every process must decide the same.
 The clock and SIGTERM flags of all processes are OR-ed (distributed.AnyProcess) and take effect one
@@ -29,6 +31,7 @@ import contextlib
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Callable, NamedTuple
@@ -40,8 +43,8 @@ import rat_jax.distributed as distributed
 SAVE_MINUTES = 20.0   # the default wall-clock period of resume checkpoints
 EXIT_CODE = 143       # 128 + SIGTERM
 
-__all__ = ["EXIT_CODE", "SAVE_MINUTES", "Decision", "Preempted", "SavePoints", "sigterm_guard",
-           "sigterm_requested"]
+__all__ = ["EXIT_CODE", "SAVE_MINUTES", "Decision", "Preempted", "SavePoints", "sigterm_agreed",
+           "sigterm_guard", "sigterm_requested", "stop_between_jobs"]
 
 
 class Preempted(SystemExit):
@@ -67,6 +70,31 @@ def _on_sigterm(signum, frame) -> None:
 def sigterm_requested() -> bool:
     """Whether this process received SIGTERM inside `sigterm_guard()`."""
     return _requested.is_set()
+
+
+_votes: list = []
+
+
+def sigterm_agreed() -> bool:
+    """Whether any process received SIGTERM, the same answer on every process (several
+    processes: a blocking collective, so every process asks at the same points, e.g. between the
+    jobs of a serial schedule)."""
+    if jax.process_count() == 1:
+        return sigterm_requested()
+    if not _votes:
+        _votes.append(distributed.AnyProcess(1))
+    _votes[0].submit(None, (sigterm_requested(),))
+    return bool(_votes[0].collect()[1][0])
+
+
+def stop_between_jobs(left: int) -> None:
+    """SIGTERM between the jobs of a schedule (rat_jax.schedule): say so and raise Preempted."""
+    text = (f"[schedule] SIGTERM: stopped with {left} job(s) not done; finished runs are kept and "
+            "an interrupted one resumes from its checkpoint: rerun the same command to continue "
+            f"(exit code {EXIT_CODE})")
+    if distributed.is_main_process():
+        print(text, file=sys.stderr, flush=True)
+    raise Preempted(text)
 
 
 @contextlib.contextmanager
