@@ -121,24 +121,35 @@ def _run(cmd):
     assert done.returncode == 0, done.stderr[-3000:]
 
 
-def _assert_same_as(tmp_path, name, ref):
-    got = np.load(tmp_path / f"{name}.npz")
-    assert sorted(got.files) == sorted(ref)
+def _assert_same_as(tmp_path, name, ref_dir):
+    """Run `name` in tmp_path ended with the params and records of the run `ref` in ref_dir."""
+    got, ref = np.load(tmp_path / f"{name}.npz"), np.load(ref_dir / "ref.npz")
+    assert sorted(got.files) == sorted(ref.files)
     for k in got.files:
         np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
     strip = lambda p: [l.split('"step_time"')[0] for l in p.read_text().splitlines()]
     for i in range(2):
         rel = pathlib.Path(f"member_{i}") / "results.jsonl"
-        assert strip(tmp_path / "ref" / rel) == strip(tmp_path / name / rel)
+        assert strip(ref_dir / "ref" / rel) == strip(tmp_path / name / rel)
+
+
+@pytest.fixture(scope="module")
+def synthetic_ref(tmp_path_factory):
+    """The uninterrupted run on synthetic batches: the same command in its own process (same
+    device count and thread pools as the interrupted ones, so the same reduction orders)."""
+    ref_dir = tmp_path_factory.mktemp("synthetic_ref")
+    _run(_cmd(ref_dir, "ref"))
+    return ref_dir
 
 
 @pytest.mark.parametrize("mode", ["synthetic", "device"])
-def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path, mode):
-    # the uninterrupted run: the same command in its own process (same device count and thread
-    # pools as the killed one, so the same reduction orders)
-    _run(_cmd(tmp_path, "ref", mode))
-    ref = dict(np.load(tmp_path / "ref.npz"))
-    if mode == "device":
+def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path, mode, request):
+    if mode == "synthetic":
+        ref_dir = request.getfixturevalue("synthetic_ref")
+    else:
+        ref_dir = tmp_path
+        _run(_cmd(tmp_path, "ref", mode))
+        ref = np.load(tmp_path / "ref.npz")
         # the images of the device mode are those of the host (PIL) mode: same training bits
         _run(_cmd(tmp_path, "host", "host"))
         host = np.load(tmp_path / "host.npz")
@@ -159,15 +170,13 @@ def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path, mode):
     assert killed_at and killed_at[-1] < 11
 
     _run(_cmd(tmp_path, "killed", mode))
-    _assert_same_as(tmp_path, "killed", ref)
+    _assert_same_as(tmp_path, "killed", ref_dir)
 
 
-def test_sigterm_then_rerun_matches_uninterrupted_run(tmp_path):
+def test_sigterm_then_rerun_matches_uninterrupted_run(tmp_path, synthetic_ref):
     """SIGTERM (a scheduler's preemption) mid-run, no step period: the run saves the step under
     way, exits with code 143 and a line naming its checkpoint; rerunning the same command
     resumes from it and ends with the bits and records of an uninterrupted run."""
-    _run(_cmd(tmp_path, "ref"))
-    ref = dict(np.load(tmp_path / "ref.npz"))
     workdir = tmp_path / "stopped"
     proc = subprocess.Popen(_cmd(tmp_path, "stopped", sleep=0.25, save_every=0), env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -187,4 +196,4 @@ def test_sigterm_then_rerun_matches_uninterrupted_run(tmp_path):
     assert not (tmp_path / "stopped.npz").exists()
 
     _run(_cmd(tmp_path, "stopped", save_every=0))
-    _assert_same_as(tmp_path, "stopped", ref)
+    _assert_same_as(tmp_path, "stopped", synthetic_ref)
