@@ -33,11 +33,11 @@ def main(argv):
     from rat_jax import runtime
     runtime.setup(config)  # before any JAX device use: CPU device emulation, distributed init
     logging.getLogger("rat_jax").setLevel(logging.INFO)
-    from rat_jax import sweep
+    from rat_jax import runs, sweep
     if flags.FLAGS.plan:
         sweep.plan(config, flags.FLAGS.workdir, rate=flags.FLAGS.plan_rate,
                    devices=flags.FLAGS.plan_devices)
-    elif sweep.is_sweep(config):
+    elif runs.is_sweep(config):
         sweep.run_sweep(config, flags.FLAGS.workdir)
     else:
         from rat_jax.pipeline import train_and_evaluate

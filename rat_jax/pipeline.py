@@ -17,7 +17,7 @@ import threading
 from flax.traverse_util import flatten_dict
 
 from rat_jax import aux_checkpoints, distributed, report, runtime, schedule, selection, stages
-from rat_jax import sweep
+from rat_jax import runs
 from rat_jax.data import DomainDataset, load_dataset
 from rat_jax.export import SoupWriter
 from rat_jax.files import write_json_atomic
@@ -125,12 +125,12 @@ class Pipeline:
             resolve_dataset=self._resolve_dataset, store=self.store)
 
     def jobs(self, root: pathlib.Path) -> tuple[list[schedule.Job], dict]:
-        """This target's jobs (sweep.plan_jobs of its planned runs: the members runs, a
+        """This target's jobs (runs.plan_jobs of its planned runs: the members runs, a
         selection per test env, the table), named by their folders relative to `root`, and
         their functions of the devices they get."""
         self.prepare()
-        runs = sweep.target_runs(self.c, self.workdir, self.shared_root or self.workdir)
-        jobs = sweep.plan_jobs(runs, root)
+        planned = runs.target_runs(self.c, self.workdir, self.shared_root or self.workdir)
+        jobs = runs.plan_jobs(planned, root)
         return jobs, {j.name: self._job_fn(j) for j in jobs}
 
     def _job_fn(self, job: schedule.Job):

@@ -26,7 +26,7 @@ import os
 import pathlib
 import sys
 
-from rat_jax import status, sweep
+from rat_jax import runs, status, sweep
 from rat_jax.files import write_text_atomic
 
 RESULTS = "results.jsonl"
@@ -78,7 +78,7 @@ def workdir_entries(workdir: str | os.PathLike) -> tuple[list, list[str]]:
                          "--workdir a run or sweep wrote")
     cfg = status.load_config(root)
     entries, unfinished = [], []
-    for target_dir in sweep.target_dirs(cfg, root).values():
+    for target_dir in runs.target_dirs(cfg, root).values():
         for run_dir in sorted((target_dir / "target").glob("*")):
             if not run_dir.is_dir():
                 continue

@@ -1,10 +1,10 @@
 """The device scheduler: the jobs of a run or a sweep, each on a set of devices sized to it.
 
-A `Job` is one unit of the stage graph (rat_jax.sweep.planned_runs gives the members runs;
+A `Job` is one unit of the stage graph (rat_jax.runs.planned_runs gives the members runs;
 selection and the per-target table are jobs too): its name, the jobs whose results it reads
 (`deps`), how many devices it wants (`devices`: the largest divisor of its member count that the
 machine has, so members spread evenly and no member's batch is split over devices) and its cost
-(training-image units, sweep.PlannedRun.cost). Jobs start when their inputs exist (selections and
+(training-image units, runs.PlannedRun.cost). Jobs start when their inputs exist (selections and
 tables first, then the longest run), each on free devices of its size; `run_jobs` executes them (threads of this process, one
 per running job) and `simulate` replays the same policy on costs for `--plan`'s schedule.
 
@@ -29,7 +29,7 @@ MODES = ("auto", "serial", "parallel")
 
 @dataclasses.dataclass(frozen=True)
 class Job:
-    """One job of the stage graph. `run`: the members run it trains (sweep.PlannedRun; None
+    """One job of the stage graph. `run`: the members run it trains (runs.PlannedRun; None
     for selection and tables), `members` its member count (devices are sized by it)."""
     name: str
     kind: str                       # "run", "selection" or "table"

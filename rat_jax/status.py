@@ -1,7 +1,7 @@
 """python -m rat_jax.status --workdir DIR [--config configs/NAME.py[:VARIANT]] [--json]
 
 What a run or sweep workdir holds, without JAX (nothing here imports it; no device is touched):
-every members run the config implies (rat_jax.sweep.planned_runs) as done (its done.json),
+every members run the config implies (rat_jax.run_model.planned_runs) as done (its done.json),
 partial (its step: the Orbax step folders under <run>/checkpoints/, else the last record of its
 member_*/results.jsonl) or pending; each target's table; and the time left at the last measured
 rate (the `step_time` of the newest record). The config is the workdir's config.json (written
@@ -18,6 +18,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from rat_jax import report, sweep
+from rat_jax import runs as run_model
 
 
 def load_config(workdir: pathlib.Path, config_file: str | None = None) -> dict:
@@ -50,7 +51,7 @@ def _last_record(path: pathlib.Path) -> dict | None:
     return None
 
 
-def run_state(run: sweep.PlannedRun) -> dict:
+def run_state(run: run_model.PlannedRun) -> dict:
     """{"state": done / partial / pending, "step": steps done (None when pending), ...} of one
     planned run, from its folder."""
     p = run.path
@@ -80,9 +81,9 @@ def status(workdir: str | pathlib.Path, config_file: str | None = None) -> dict:
     it)."""
     root = pathlib.Path(workdir).absolute()
     cfg = load_config(root, config_file)
-    runs = [run_state(r) for r in sweep.planned_runs(cfg, root)]
+    runs = [run_state(r) for r in run_model.planned_runs(cfg, root)]
     tables = {}
-    for t, d in sweep.target_dirs(cfg, root).items():
+    for t, d in run_model.target_dirs(cfg, root).items():
         path = d / "results.json"
         tables[t] = report.read_rows(path) if path.exists() else None
     timed = [r for r in runs if r["step_time"]]
@@ -93,7 +94,7 @@ def status(workdir: str | pathlib.Path, config_file: str | None = None) -> dict:
                 "step": last["record_step"]}
     left = sum((r["steps"] - (r["step"] or 0)) * r["members"] for r in runs
                if r["state"] != "done")
-    return {"workdir": str(root), "sweep": sweep.is_sweep(cfg), "targets": list(tables),
+    return {"workdir": str(root), "sweep": run_model.is_sweep(cfg), "targets": list(tables),
             "runs": runs, "tables": {t: "done" if rows is not None else "pending"
                                      for t, rows in tables.items()},
             "rows": tables, "member_steps_left": left, "rate": rate,

@@ -14,6 +14,7 @@ import time
 import pytest
 
 from rat_jax import report, sweep
+from rat_jax import runs as run_model
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = f"{REPO}/configs/paper.py:smoke"
@@ -265,11 +266,11 @@ def test_full_paper_config_runs_are_counted_from_specs_without_data(tmp_path):
     c = module.get_config()
     assert tuple(c.sweep.targets) == ("PACS", "VLCS", "OfficeHome", "TerraIncognita",
                                       "DomainNet")
-    t = sweep.target_config(c, "PACS")
+    t = run_model.target_config(c, "PACS")
     assert t.target.name == "PACS" and sorted(t.aux) == ["DomainNet", "OfficeHome",
                                                           "TerraIncognita", "VLCS"]
     assert t.trials == (0, 1, 2) and t.n_hparams == 20 and t.arch == "resnet50"
-    runs = sweep.planned_runs(c, tmp_path)
+    runs = run_model.planned_runs(c, tmp_path)
     shared = [r for r in runs if r.stage == "auxiliary pools"]
     assert len(shared) == 5 and {r.members for r in shared} == {4}
     targets = [r for r in runs if r.stage == "target runs"]
@@ -280,8 +281,8 @@ def test_full_paper_config_runs_are_counted_from_specs_without_data(tmp_path):
 
 def test_host_memory_counts_the_worst_run_and_refuses_what_the_ram_cannot_hold(monkeypatch):
     from rat_jax.stages import TrainSettings
-    info = sweep.DatasetInfo("d", (100, 100, 100), 5, True, decoded_bytes=3e6)
-    run = lambda name, members, per_step, lp=False: sweep.PlannedRun(
+    info = run_model.DatasetInfo("d", (100, 100, 100), 5, True, decoded_bytes=3e6)
+    run = lambda name, members, per_step, lp=False: run_model.PlannedRun(
         "target runs", "d", name, pathlib.Path(name), members, 10, 5, per_step, 40.0, lp, 5)
     runs = [run("lp/a", 1, 64, lp=True), run("target/small", 8, 16), run("target/big", 4, 64)]
     settings = TrainSettings(arch="resnet_tiny", image_size=16, augment_on="host")
