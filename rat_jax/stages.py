@@ -69,6 +69,7 @@ class TrainSettings:
     remat: bool | str = False
     data_parallel: str | bool = "auto"
     cpu_ynn: str = "auto"
+    device_prefetch: int = 1              # training batches placed on the devices ahead
     save_every: int = 500
     cache_dir: str = ""                   # decoded-image cache ("" = the default location)
     augment_on: str = "auto"              # training augmentation: "host", "device" or "auto"
@@ -98,7 +99,9 @@ class TrainSettings:
                    max_eval_images=config.max_eval_images, lr_scale=config.lr_scale,
                    conv_impl=config.conv_impl, compute_dtype=e.compute_dtype,
                    strategy=e.strategy, remat=e.remat, data_parallel=e.data_parallel,
-                   cpu_ynn=e.get("cpu_ynn", "auto"), save_every=config.save_every,
+                   cpu_ynn=e.get("cpu_ynn", "auto"),
+                   device_prefetch=int(e.get("device_prefetch", 1)),
+                   save_every=config.save_every,
                    cache_dir=config.cache_dir, quiet=config.quiet,
                    tensorboard=bool(config.get("tensorboard", False)),
                    augment_on=config.get("augment_on", "auto"),
@@ -144,7 +147,7 @@ class TrainSettings:
         return EngineConfig(batch_size=batch_size, strategy=self.engine_strategy,
                             classifier_only=classifier_only, remat=self.remat,
                             data_parallel=self.data_parallel_flag, cpu_ynn=self.cpu_ynn,
-                            devices=self.devices)
+                            devices=self.devices, device_prefetch=self.device_prefetch)
 
     def stream_spec(self) -> StreamSpec:
         """What the member loader's training batches hold (augmented, on the host or the
