@@ -220,7 +220,8 @@ def _loop(args, distributed):
     result = loop_lib.train_members(
         model, [v["params"] for v in variables], variables[0]["batch_stats"], hparams, source,
         loop_lib.LoopConfig(4, 2, eval_sets=eval_sets, val_names=["env0_out", "env1_out"]),
-        loop_lib.RunOutput(workdir=args.workdir, quiet=True), EngineConfig(batch_size=N))
+        loop_lib.RunOutput(workdir=args.workdir, quiet=True),
+        members_lib.EngineConfig(batch_size=N))
     if jax.process_count() > 1:  # each process was told to load only its half of the members
         assert source.local is not None and len(source.local) == M // 2, source.local
     # every property is a to_host() of member-sharded arrays: a collective, so on every process
