@@ -9,10 +9,10 @@ Training goes through `live = engine.start(members, hparams)`: `live.step(batch)
 member once (on a loader batch, or on one that `engine.feed(batches)` placed on the devices while
 the previous step ran: feed.DeviceFeed), `live.stacked()` gives the stacked members for
 evaluation, selection and checkpoints, `live.params_for_eval()` their params for
-`evaluate_batch`. With the "loop" strategy and several
-members per device, the live members are held in parts (local member i of every device group per
-part), each stepped in place with donated buffers, so no step slices members out of the stacked
-tree and writes them back; the stacked tree is assembled only when asked for.
+`evaluate_batch`. With the "loop" strategy and several members per device, the live members are
+held in parts (local member i of every device group per part), each stepped in place with
+donated buffers, so no step slices members out of the stacked tree and writes them back; the
+stacked tree is assembled only when asked for.
 
 Evaluation and selection: `engine.logits(params, images)` gives every member's logits [M, N, C]
 (host numpy on every process) from one compiled `jit(shard_map)`: members split over 'model',
@@ -247,6 +247,9 @@ class MemberEngine:
         """One update of every member in the training form; each part is donated. Returns
         (parts, metrics [M] in member order)."""
         batch = self.place_train(batch)
+        if len(batch.parts) != len(parts):
+            raise ValueError(f"a batch placed in {len(batch.parts)} part(s) for an engine "
+                             f"training {len(parts)}: place it with this engine's place_train")
         new, outs = [], []
         for members, hp, (x, y, aug) in zip(parts, hparams, batch.parts):
             members, metrics = self.train_program(members, hp, x, y, aug, self.batch_stats,
