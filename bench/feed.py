@@ -6,15 +6,15 @@ host buffers, side by side, in one run.
 
 One row per (device_prefetch, reuse_buffers): the members of one MemberEngine (`--members` of
 `--arch` over `--devices` emulated CPU devices, the default local strategy) trained on the
-embedded digits dataset (rat_jax.data.demo, one ImageStore; two training envs, `--per-domain` images per env
-and member, `--image` px, host augmentation) from a MemberLoader (thread workers, its default
-prefetch, FeedOptions.reuse_buffers) through `engine.feed(depth=...)`, stepped as run_loop
-steps them (one step in flight). All rows share the engine (one compilation); each has its own
-loader, feed and members. Rows are timed in interleaved bursts, so load from other processes
-hits every row alike; each burst starts with `--skip` untimed steps (a queue filled while the
-row waited its turn does not count). member_steps_per_s: the median over rounds of members x
-steps / s; ratio: the median over rounds of the row's rate over the baseline row's (prefetch 0,
-fresh buffers) in the same round.
+embedded digits dataset (rat_jax.data.demo, one ImageStore; two training envs, `--per-domain`
+images per env and member, `--image` px, host augmentation) from a MemberLoader (thread workers,
+its default prefetch, FeedOptions.reuse_buffers) through `engine.feed(depth=...)`, stepped as
+run_loop steps them (one step in flight). All rows share the engine (one compilation); each has
+its own loader, feed and members. Rows are timed in interleaved bursts, so load from other
+processes hits every row alike; each burst starts with `--skip` untimed steps (a queue filled
+while the row waited its turn does not count). member_steps_per_s: the median over rounds of
+members x steps / s; ratio: the median over rounds of the row's rate over the baseline row's
+(prefetch 0, fresh buffers) in the same round.
 """
 from __future__ import annotations
 

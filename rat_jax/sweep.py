@@ -596,11 +596,12 @@ def memory_check(settings, runs: Sequence[PlannedRun]) -> dict:
 def host_memory(settings, runs: Sequence[PlannedRun], infos: dict, device: dict) -> dict:
     """Host memory (bytes) of the worst run of `runs` besides what the devices hold: the process
     itself (PROCESS_BYTES), the loader's batches in flight (MemberLoader's prefetch, the device
-    feed's batches placed ahead, the one being consumed and the one on the devices), the host copies a checkpoint save makes (params,
-    Adam moments and best params of every member), and the decoded-image cache of the largest
-    dataset as page cache (mapped and reread every evaluation; reclaimable, so reported but not
-    counted against the RAM). On CPU the devices are host memory: `device["bytes_needed"]` (the
-    compiled member step, memory_check) is added. `infos`: {dataset name: DatasetInfo}."""
+    feed's batches placed ahead, the one being consumed and the one on the devices), the host copies
+    a checkpoint save makes (params, Adam moments and best params of every member), and the
+    decoded-image cache of the largest dataset as page cache (mapped and reread every evaluation;
+    reclaimable, so reported but not counted against the RAM). On CPU the devices are host memory:
+    `device["bytes_needed"]` (the compiled member step, memory_check) is added. `infos`: {dataset
+    name: DatasetInfo}."""
     import jax
     import numpy as np
     from rat_jax.data.loader import DEFAULT_PREFETCH
@@ -786,7 +787,8 @@ def _memory_note(mem: dict) -> str:
             f"the largest member batch of any run ({mem['images_per_step']} images) and the "
             f"most classes: {_gib(mem['bytes_per_device'])} per device (arguments + outputs + "
             f"temporaries - aliased + best-so-far params + batches placed ahead), "
-            f"{_gib(mem['bytes_needed'])} in all; available {limit} ({mem['limit_source'] or 'no limit reported'}).")
+            f"{_gib(mem['bytes_needed'])} in all; available {limit} "
+            f"({mem['limit_source'] or 'no limit reported'}).")
 
 
 def _host_memory_note(host: dict) -> str:

@@ -85,8 +85,8 @@ class MemberLoader:
     seed per member (int for all). `train_envs`: env indices trained on, in env order.
     `spec` (stream.StreamSpec): what a batch holds (batch size, image size, augmentation on
     the host or the device, output dtype, cache side); `feed` (FeedOptions): how it is computed
-    (workers, worker type, prefetch, cache dir, buffer reuse). `store`: an ImageStore to read from (default:
-    one over `feed.cache_dir`).
+    (workers, worker type, prefetch, cache dir, buffer reuse). `store`: an ImageStore to read
+    from (default: one over `feed.cache_dir`).
 
     With worker_type="process", close() (or `with`, or garbage collection) ends the processes
     and unlinks the shared memory; arrays of batches already returned stay valid for as long
