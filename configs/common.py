@@ -85,6 +85,7 @@ def base() -> ml_collections.ConfigDict:
         cpu_ynn="auto",               # XLA:CPU YNNPACK fusions: "auto" (by step cost) / on / off
         schedule="auto",              # runs side by side on device subsets (rat_jax.schedule):
                                       # auto (accelerators), parallel or serial
+        device_prefetch=1,            # training batches placed on the devices ahead of their step
     ))
     c.save_minutes = 20.0             # resume checkpoint of a run every so many minutes of
                                       # wall-clock time (written in the background), after its

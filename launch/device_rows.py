@@ -260,12 +260,15 @@ def windows_row(engines: Engines, shape: Shape, batch: dict, steps: int) -> dict
 
 
 def fed_row(engines: Engines, shape: Shape, source, steps: int) -> dict:
-    """Input path (c): the member step fed by the loader (its workers and prefetch)."""
+    """Input path (c): the member step fed by the loader (its workers and prefetch) through the
+    engine's device feed (each batch placed on the device while the step before it runs), as
+    run_loop trains."""
     live = engines.live(shape)
-    row = timed_steps(live, lambda: next(source), steps, shape.members * shape.batch)
+    with engines.engine(shape).feed(source) as feed:
+        row = timed_steps(live, lambda: next(feed), steps, shape.members * shape.batch)
     row.update(value=f"{row['images_per_s']:.1f} img/s",
-               detail=f"{source.workers} {source.worker_type} workers, step "
-                      f"{row['step_ms']:.1f} ms")
+               detail=f"{source.workers} {source.worker_type} workers, device prefetch "
+                      f"{feed.depth}, step {row['step_ms']:.1f} ms")
     return row
 
 

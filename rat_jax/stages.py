@@ -70,6 +70,7 @@ class TrainSettings:
     remat: bool | str = False
     data_parallel: str | bool = "auto"
     cpu_ynn: str = "auto"
+    device_prefetch: int = 1              # training batches placed on the devices ahead
     save_minutes: float = SAVE_MINUTES    # resume checkpoint every so many minutes (and on SIGTERM)
     save_every: int = 0                   # > 0: also every so many steps
     cache_dir: str = ""                   # decoded-image cache ("" = the default location)
@@ -101,6 +102,7 @@ class TrainSettings:
                    conv_impl=config.conv_impl, compute_dtype=e.compute_dtype,
                    strategy=e.strategy, remat=e.remat, data_parallel=e.data_parallel,
                    cpu_ynn=e.get("cpu_ynn", "auto"),
+                   device_prefetch=int(e.get("device_prefetch", 1)),
                    save_minutes=float(config.get("save_minutes", SAVE_MINUTES)),
                    save_every=int(config.get("save_every", 0) or 0),
                    cache_dir=config.cache_dir, quiet=config.quiet,
@@ -148,7 +150,7 @@ class TrainSettings:
         return EngineConfig(batch_size=batch_size, strategy=self.engine_strategy,
                             classifier_only=classifier_only, remat=self.remat,
                             data_parallel=self.data_parallel_flag, cpu_ynn=self.cpu_ynn,
-                            devices=self.devices)
+                            devices=self.devices, device_prefetch=self.device_prefetch)
 
     def stream_spec(self) -> StreamSpec:
         """What the member loader's training batches hold (augmented, on the host or the

@@ -248,13 +248,14 @@ def measure_rate(settings, num_classes: int, images_per_step: int) -> dict:
 def memory_check(settings, runs: Sequence[PlannedRun]) -> dict:
     """XLA's memory analysis of the compiled train step of the worst case of `runs` (the most
     members per device, with the largest per-member batch and class count of any run), laid
-    on the devices as training lays it, against the device's memory (jax's bytes_limit; on CPU
-    the machine's RAM, shared by the emulated devices). Returns the numbers and `fits`."""
+    on the devices as training lays it, plus the batches the device feed places ahead of the
+    step (device_prefetch), against the device's memory (jax's bytes_limit; on CPU the
+    machine's RAM, shared by the emulated devices). Returns the numbers and `fits`."""
     import jax
     import numpy as np
     from rat_jax.engine import MemberEngine, make_hparams
     from rat_jax.engine import step as step_lib
-    from rat_jax.engine.mesh import MEMBER_AXIS, plan_mesh
+    from rat_jax.engine.mesh import DATA_AXIS, MEMBER_AXIS, plan_mesh
     dp = settings.data_parallel_flag
     devices = jax.devices()
     trained = [r for r in runs if not r.classifier_only] or list(runs)
@@ -284,9 +285,12 @@ def memory_check(settings, runs: Sequence[PlannedRun]) -> dict:
                                "labels": fake((m, batch), np.int32)})
     param_bytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
                       for x in jax.tree.leaves(shapes["params"]))
+    ahead = (settings.device_prefetch * per_device * (batch // mesh.shape[DATA_AXIS])
+             * (s * s * 3 * 4 + 4))              # batches the device feed placed ahead
     need = (mem["argument_size_in_bytes"] + mem["output_size_in_bytes"]
             + mem["temp_size_in_bytes"] - mem.get("alias_size_in_bytes", 0)
-            + per_device * param_bytes)          # + the best-so-far params the loop keeps
+            + per_device * param_bytes           # + the best-so-far params the loop keeps
+            + ahead)
     used = int(np.prod(list(mesh.shape.values())))
     platform = devices[0].platform
     limit, source = None, ""
@@ -312,12 +316,13 @@ def memory_check(settings, runs: Sequence[PlannedRun]) -> dict:
 
 def host_memory(settings, runs: Sequence[PlannedRun], infos: dict, device: dict) -> dict:
     """Host memory (bytes) of the worst run of `runs` besides what the devices hold: the process
-    itself (PROCESS_BYTES), the loader's batches in flight (MemberLoader's prefetch plus the one
-    being consumed and the one on the devices), the host copies a checkpoint save makes (params,
-    Adam moments and best params of every member), and the decoded-image cache of the largest
-    dataset as page cache (mapped and reread every evaluation; reclaimable, so reported but not
-    counted against the RAM). On CPU the devices are host memory: `device["bytes_needed"]` (the
-    compiled member step, memory_check) is added. `infos`: {dataset name: DatasetInfo}."""
+    itself (PROCESS_BYTES), the loader's batches in flight (MemberLoader's prefetch, the device
+    feed's batches placed ahead, the one being consumed and the one on the devices), the host copies
+    a checkpoint save makes (params, Adam moments and best params of every member), and the
+    decoded-image cache of the largest dataset as page cache (mapped and reread every evaluation;
+    reclaimable, so reported but not counted against the RAM). On CPU the devices are host memory:
+    `device["bytes_needed"]` (the compiled member step, memory_check) is added. `infos`: {dataset
+    name: DatasetInfo}."""
     import jax
     import numpy as np
     from rat_jax.data.loader import DEFAULT_PREFETCH
@@ -330,7 +335,8 @@ def host_memory(settings, runs: Sequence[PlannedRun], infos: dict, device: dict)
     if mode == "auto":
         mode = "host" if on_cpu else "device"
     image = s * s * 3 * 4 if mode == "host" else device_canvas(s) ** 2 * 3
-    loader = (DEFAULT_PREFETCH + 2) * worst.members * worst.images_per_step * image
+    in_flight = DEFAULT_PREFETCH + settings.device_prefetch + 2
+    loader = in_flight * worst.members * worst.images_per_step * image
     _, shapes = _abstract_model(settings, max(r.num_classes for r in runs))
     param_bytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize
                       for x in jax.tree.leaves(shapes["params"]))
@@ -501,8 +507,9 @@ def _memory_note(mem: dict) -> str:
             f"{mem['members_per_device']} per device on {mem['devices_used']} device(s)) with "
             f"the largest member batch of any run ({mem['images_per_step']} images) and the "
             f"most classes: {_gib(mem['bytes_per_device'])} per device (arguments + outputs + "
-            f"temporaries - aliased + best-so-far params), {_gib(mem['bytes_needed'])} in all; "
-            f"available {limit} ({mem['limit_source'] or 'no limit reported'}).")
+            f"temporaries - aliased + best-so-far params + batches placed ahead), "
+            f"{_gib(mem['bytes_needed'])} in all; available {limit} "
+            f"({mem['limit_source'] or 'no limit reported'}).")
 
 
 def _host_memory_note(host: dict) -> str:

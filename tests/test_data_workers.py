@@ -1,5 +1,6 @@
 """MemberLoader process workers: bit-identical to threads in every mode, resumable, errors
-naming the file, no shared memory left behind, and the worker_type="auto" rule."""
+naming the file, no shared memory left behind, and the worker_type="auto" rule. Reused host
+buffers of the thread path: bit-identical to fresh arrays, never overwritten while referenced."""
 import concurrent.futures.process
 import gc
 import json
@@ -164,6 +165,56 @@ def test_held_batches_are_never_overwritten(tiny, cache):
         assert len(p._batches.procs.segments.names()) >= 6
         for step, b in enumerate(held):
             _assert_same(b, t.batch(step))
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_reused_thread_buffers_equal_fresh_arrays(tiny, cache, mode):
+    """Batches written into reused host blocks are the bits of fresh arrays, for every mode
+    (device canvases: the window of a later step is smaller than an earlier one's somewhere,
+    and the rest of the canvas must be zero again)."""
+    kw = MODES[mode]
+    with _loader(tiny, cache, "thread", **kw) as r, \
+            _loader(tiny, cache, "thread", reuse_buffers=False, prefetch=0, **kw) as f:
+        for _ in range(8):
+            _assert_same(next(r), next(f))  # each batch dropped: its block is reused
+        assert len(r._batches._blocks.names()) <= r.prefetch + 2
+        _assert_same(r.batch(11), f.batch(11))
+
+
+def test_reused_block_rewrites_rows_of_members_not_loaded(tiny, cache):
+    """One block, used in turn with every member and with only member 1 loaded: the rows of
+    member 0 are zero (normalize(0) for float32 images) whenever it is not loaded."""
+    for kw in ({}, {"augment_on": "device"}, {"output": "uint8"}):
+        with _loader(tiny, cache, "thread", **kw) as r, \
+                _loader(tiny, cache, "thread", reuse_buffers=False, **kw) as f:
+            builder = r._batches
+            for step, members in enumerate([None, [1], None, [1], [0, 1], [1]]):
+                _assert_same(builder.batch(step, members), f._batches.batch(step, members))
+            assert len(builder._blocks.names()) == 1
+
+
+def test_referenced_batches_are_never_overwritten(tiny, cache):
+    """A batch the consumer holds, or that a device array made from it (zero-copy on CPU)
+    still reads, keeps its block: later batches use other ones."""
+    import jax
+    with _loader(tiny, cache, "thread", prefetch=1, output="uint8") as r, \
+            _loader(tiny, cache, "thread", reuse_buffers=False, prefetch=0,
+                    output="uint8") as f:
+        held = [next(r) for _ in range(3)]
+        on_device = jax.device_put(next(r)["images"])  # host batch dropped at once
+        later = [next(r) for _ in range(4)]
+        assert len(r._batches._blocks.names()) >= 4 + 1
+        for step, b in enumerate(held):
+            _assert_same(b, f.batch(step))
+        np.testing.assert_array_equal(np.asarray(on_device), f.batch(3)["images"])
+        for step, b in enumerate(later, start=4):
+            _assert_same(b, f.batch(step))
+        del held, later, on_device, b
+        gc.collect()
+        before = len(r._batches._blocks.names())
+        for _ in range(4):
+            next(r)
+        assert len(r._batches._blocks.names()) == before  # released blocks are reused
 
 
 def test_auto_rule(tiny, monkeypatch):

@@ -391,3 +391,100 @@ def test_loop_strategy_run_loop_equals_map_and_resumes(setup, tmp_path):
     resumed = _run(s, engine=eng, workdir=tmp_path / "split", save_every=2)
     assert max_abs_diff(resumed.final_params, res.final_params) == 0.0
     assert max_abs_diff(resumed.best_params, res.best_params) == 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# The device feed: batches placed ahead of their step
+# ----------------------------------------------------------------------------------------------
+class _CountingLoader(ListLoader):
+    """A ListLoader that counts the batches pulled from it (by any thread)."""
+
+    def __init__(self, batches, fail_at=None):
+        super().__init__(batches)
+        self.fail_at = fail_at
+
+    def __next__(self):
+        if self.pos == self.fail_at:
+            raise RuntimeError(f"no batch {self.pos}")
+        return super().__next__()
+
+
+def _wait_for(cond, timeout=10.0):
+    import time
+    end = time.monotonic() + timeout
+    while not cond() and time.monotonic() < end:
+        time.sleep(0.01)
+    return cond()
+
+
+@pytest.mark.parametrize("strategy", ["map", "loop"])
+def test_feed_places_ahead_in_order_and_reports_the_consumers_position(setup, strategy):
+    """depth 2: batches are pulled and placed two ahead of the consumer, never more and never
+    past `limit`; each served batch is the source's batch in the step's layout (one slice per
+    part in the 'loop' strategy's split form); get_state() is the consumer's position."""
+    s = setup
+    eng = engine_for(s["model"], s["bs"], M, 1, strategy)
+    source = _CountingLoader(s["batches"])
+    feed = eng.feed(source, limit=5, stateful=source, depth=2)
+    assert _wait_for(lambda: source.pos == 2) and feed.get_state() == {"pos": 0}
+    for k in range(5):
+        placed = next(feed)
+        assert feed.get_state() == {"pos": k + 1}
+        assert _wait_for(lambda: source.pos == min(k + 3, 5))
+        want = eng.place_train(s["batches"][k])
+        assert len(placed.parts) == (M if strategy == "loop" else 1)
+        for got_part, want_part in zip(placed.parts, want.parts):
+            for a, b in zip(jax.tree.leaves(got_part), jax.tree.leaves(want_part)):
+                assert a.sharding == b.sharding
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        assert placed.num_images == M * N
+    with pytest.raises(StopIteration):
+        next(feed)
+    assert source.pos == 5
+    feed.close()
+
+
+def test_feed_raises_the_sources_error_at_its_step_and_closes(setup):
+    s = setup
+    eng = _engine(s)
+    source = _CountingLoader(s["batches"], fail_at=2)
+    feed = eng.feed(source, stateful=source, depth=3)
+    next(feed), next(feed)  # batches 0 and 1 are served although batch 2 failed ahead
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="no batch 2"):
+            next(feed)
+    feed.close()
+    held = eng.feed(_CountingLoader(s["batches"]), depth=2)
+    thread = held._thread
+    assert _wait_for(lambda: not held._queue.empty())
+    held.close()  # the thread stops though nobody consumes
+    assert not thread.is_alive()
+    with pytest.raises(StopIteration):
+        next(held)
+
+
+def _checkpoint_meta(workdir):
+    import orbax.checkpoint as ocp
+    manager = ocp.CheckpointManager(workdir / "checkpoints")
+    step = manager.latest_step()
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    manager.close()
+    return step, meta
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_checkpoints_record_the_next_batch_a_step_reads(setup, tmp_path, depth):
+    """However far the feed has read ahead, a checkpoint after step k holds the loader's state
+    at batch k + 1: a run that fails at batch 7 (its last checkpoint after step 5) resumes at
+    batch 6 and ends with the bits of an uninterrupted run with depth 0."""
+    s = setup
+    eng = engine_for(s["model"], s["bs"], M, 1, "map", device_prefetch=depth)
+    with pytest.raises(RuntimeError, match="no batch 7"):
+        _run(s, workdir=tmp_path, num_steps=10, engine=eng, save_every=3,
+             loader=_CountingLoader(s["batches"], fail_at=7))
+    step, meta = _checkpoint_meta(tmp_path)
+    assert step == 5 and meta["loader"] == {"pos": 6}
+    resumed = _run(s, workdir=tmp_path, num_steps=10, engine=eng, save_every=3)
+    ref = _run(s, num_steps=10, engine=engine_for(s["model"], s["bs"], M, 1, "map",
+                                                  device_prefetch=0))
+    assert max_abs_diff(resumed.state, ref.state) == 0.0

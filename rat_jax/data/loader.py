@@ -64,11 +64,14 @@ class FeedOptions:
     processes writing into shared memory: batches.ProcessBatches) or "auto" (default, see
     `resolve_worker_type`). `prefetch`: steps computed ahead of the one consumed (0: none).
     `cache_dir`: the ImageStore's cache when the loader opens its own (DEFAULT_CACHE: the
-    default dir; None: no disk cache)."""
+    default dir; None: no disk cache). `reuse_buffers` (threads; processes always reuse their
+    shared memory): write each batch into a host buffer reused once nothing references the
+    batch it held any more (batches.ThreadBatches), instead of fresh arrays every step."""
     workers: Optional[int] = None
     worker_type: str = "auto"
     prefetch: int = DEFAULT_PREFETCH
     cache_dir: Any = DEFAULT_CACHE
+    reuse_buffers: bool = True
 
     def __post_init__(self):
         if self.worker_type not in WORKER_TYPES:
@@ -82,14 +85,18 @@ class MemberLoader:
     seed per member (int for all). `train_envs`: env indices trained on, in env order.
     `spec` (stream.StreamSpec): what a batch holds (batch size, image size, augmentation on
     the host or the device, output dtype, cache side); `feed` (FeedOptions): how it is computed
-    (workers, worker type, prefetch, cache dir). `store`: an ImageStore to read from (default:
-    one over `feed.cache_dir`).
+    (workers, worker type, prefetch, cache dir, buffer reuse). `store`: an ImageStore to read
+    from (default: one over `feed.cache_dir`).
 
     With worker_type="process", close() (or `with`, or garbage collection) ends the processes
     and unlinks the shared memory; arrays of batches already returned stay valid for as long
     as they are referenced. Under "auto", processes that die before delivering any batch (e.g.
     a main script without the `__main__` guard spawn needs) mean threads, with a warning.
-    The batches are bit-identical for every worker type, worker count and prefetch depth.
+    A batch's arrays may be views of a reused host buffer (`reuse_buffers`, process workers'
+    shared memory): the buffer is written again only once nothing references them, so a batch
+    stays valid however long it is held.
+    The batches are bit-identical for every worker type, worker count, prefetch depth and
+    buffer reuse.
     """
 
     def __init__(self, dataset, train_envs: Sequence[int], seeds: Sequence[int], *,
@@ -100,12 +107,13 @@ class MemberLoader:
         self.store = store or ImageStore(dataset, feed.cache_dir, feed.workers)
         self.workers = feed.workers or default_workers()
         self.prefetch = feed.prefetch
+        self.reuse_buffers = feed.reuse_buffers
         images = self.stream.num_members * self.stream.rows
         self.worker_type = resolve_worker_type(feed.worker_type, self.workers, dataset, images,
                                                spec.augment_on if spec.augment else "host")
         self._auto = feed.worker_type == "auto"
-        builder = ProcessBatches if self.worker_type == "process" else ThreadBatches
-        self._batches = builder(self.stream, self.store, self.workers)
+        self._batches = (ProcessBatches(self.stream, self.store, self.workers)
+                         if self.worker_type == "process" else self._thread_batches())
         self._queue = collections.deque()  # (step, Future or PendingBatch) started ahead
         self._step = 0
         self._served = 0  # batches returned
@@ -123,6 +131,9 @@ class MemberLoader:
         if self._queue:
             raise RuntimeError("load_only must be called before the first batch is drawn")
         self.local_members = members
+
+    def _thread_batches(self) -> ThreadBatches:
+        return ThreadBatches(self.stream, self.store, self.workers, self.reuse_buffers)
 
     @property
     def num_members(self) -> int:
@@ -149,7 +160,7 @@ class MemberLoader:
                           "using threads", RuntimeWarning, stacklevel=3)
             self._drop_prefetch()
             self._batches.close()
-            self._batches = ThreadBatches(self.stream, self.store, self.workers)
+            self._batches = self._thread_batches()
             self.worker_type = "thread"
             out = self._batches.batch(step, self.local_members)
         self._served += 1

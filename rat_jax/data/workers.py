@@ -6,12 +6,11 @@ straight into shared memory (multiprocessing.shared_memory), so no image array i
   needs from a picklable `filler` (batches.ProcessBatches sends the stream's fill_rows bound
   to a pickled ImageStore: each worker opens its own store over the parent's cache dir, whose
   uint8 cache is a read-only memmap that the OS page cache shares between processes).
-- Buffers: one shared-memory segment per batch, laid out as named arrays (`layout`). The parent
-  maps each segment once and returns the batch's arrays as views of a per-batch base array; the
-  segment goes back to the free list only when that base array is garbage collected, i.e. when
-  the consumer (and anything that aliases the arrays, e.g. a zero-copy jax.device_put on CPU)
-  holds none of them any more. Segments are therefore never overwritten under a reader; their
-  number is what is in flight (prefetch + 1) plus the batches the consumer still holds.
+- Buffers: one shared-memory segment per batch (buffers.SharedBlock), laid out as named arrays
+  (`layout`). The parent maps each segment once and leases the batch's arrays (buffers.Blocks):
+  the segment goes back to the free list only when nothing holds an array of its batch any
+  more, so segments are never overwritten under a reader; their number is what is in flight
+  (prefetch + 1) plus the batches the consumer still holds.
 - Clean-up: close() (or garbage collection of the pool) shuts the workers down and unlinks every
   segment, so nothing is left in /dev/shm; a segment still held by the consumer stays mapped
   (unlinked) until its arrays are freed.
@@ -22,121 +21,15 @@ import concurrent.futures
 import concurrent.futures.process
 import mmap
 import multiprocessing
-import threading
 import weakref
 from multiprocessing import shared_memory
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, Sequence
 
 import numpy as np
 
+from rat_jax.data.buffers import Block, Blocks, Layout, SharedBlock, views
+
 START_METHOD = "spawn"
-ALIGN = 64  # byte alignment of every array in a segment (SIMD loads, zero-copy device_put)
-
-Layout = Tuple[Tuple[str, str, Tuple[int, ...], int], ...]  # (key, dtype str, shape, offset)
-
-
-def make_layout(fields: Sequence[Tuple[str, object, Tuple[int, ...]]]) -> Tuple[Layout, int]:
-    """((key, dtype, shape, offset), ...) and the total bytes of `fields` packed with ALIGN."""
-    out, offset = [], 0
-    for key, dtype, shape in fields:
-        dtype = np.dtype(dtype)
-        out.append((key, dtype.str, tuple(int(s) for s in shape), offset))
-        nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-        offset += -(-max(nbytes, 1) // ALIGN) * ALIGN
-    return tuple(out), max(offset, ALIGN)
-
-
-def views(buffer, layout: Layout) -> Dict[str, np.ndarray]:
-    return {key: np.ndarray(shape, np.dtype(dt), buffer=buffer, offset=off)
-            for key, dt, shape, off in layout}
-
-
-class Segment:
-    """One shared-memory block, mapped once in the parent. `rows` records, per member row,
-    what the block holds there ("zero", "data", or a fill tag), so that rows which must hold
-    a constant are rewritten only when they hold something else."""
-
-    def __init__(self, layout: Layout, size: int):
-        shm = shared_memory.SharedMemory(create=True, size=size)
-        self.name, self.size, self.layout = shm.name, size, layout
-        try:
-            # Our own mapping: it lives as long as any array made from it, without the
-            # BufferError SharedMemory.close() raises while views exist.
-            self.mm = mmap.mmap(shm._fd, size)
-        except Exception:
-            shm.close()
-            shm.unlink()
-            raise
-        shm.close()
-        self._shm = shm
-        self.rows: Dict[int, str] = {}
-        self.unlinked = False
-
-    def arrays(self):
-        """(base, {key: view of base}): the views keep `base` alive (numpy's view chain)."""
-        base = np.frombuffer(self.mm, np.uint8, self.size)
-        return base, views(base, self.layout)
-
-    def unlink(self):
-        if not self.unlinked:
-            self.unlinked = True
-            try:
-                self._shm.unlink()
-            except FileNotFoundError:
-                pass
-
-
-class Segments:
-    """The parent's segments: a free list per layout. Leases are returned by weakref
-    finalizers of the batch base arrays, from whatever thread collects them."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._free: Dict[Layout, List[Segment]] = {}
-        self._all: Dict[str, Segment] = {}
-        self.closed = False
-
-    def names(self) -> List[str]:
-        with self._lock:
-            return list(self._all)
-
-    def acquire(self, layout: Layout, size: int) -> Segment:
-        with self._lock:
-            if self.closed:
-                raise RuntimeError("the loader's process workers are closed")
-            free = self._free.get(layout)
-            if free:
-                return free.pop()
-        seg = Segment(layout, size)
-        with self._lock:
-            self._all[seg.name] = seg
-        return seg
-
-    def release(self, seg: Segment):
-        with self._lock:
-            if not self.closed and seg.name in self._all:
-                self._free.setdefault(seg.layout, []).append(seg)
-
-    def lease(self, seg: Segment) -> Dict[str, np.ndarray]:
-        """The segment's arrays; the segment is released once none of them is referenced."""
-        base, arrays = seg.arrays()
-        weakref.finalize(base, self.release, seg)
-        return arrays
-
-    def close(self):
-        with self._lock:
-            self.closed = True
-            segs = list(self._all.values())
-            free = {id(s) for group in self._free.values() for s in group}
-            self._all.clear()
-            self._free.clear()
-        for seg in segs:
-            seg.unlink()
-            if id(seg) in free:
-                try:
-                    seg.mm.close()
-                except BufferError:  # a view made elsewhere still exists: unmapped when freed
-                    pass
 
 
 # -- worker side -------------------------------------------------------------------------------
@@ -174,7 +67,7 @@ def _run(name: str, size: int, layout: Layout, items: list):
 class PendingBatch:
     """A batch whose rows the workers are computing; result() waits and returns the arrays."""
 
-    def __init__(self, segments: Segments, seg: Segment, futures, finish: Callable):
+    def __init__(self, segments: Blocks, seg: SharedBlock, futures, finish: Callable):
         self._segments, self._seg, self._futures, self._finish = segments, seg, futures, finish
         self._done = False
 
@@ -234,13 +127,13 @@ class ProcessWorkers:
             raise ValueError("process workers use 'spawn' or 'forkserver', never 'fork'")
         self.n = int(n)
         ctx = multiprocessing.get_context(start_method)
-        self.segments = Segments()
+        self.segments = Blocks(SharedBlock)
         self._executor = concurrent.futures.ProcessPoolExecutor(
             self.n, mp_context=ctx, initializer=_init_worker, initargs=(filler,))
         self._finalizer = weakref.finalize(self, _shutdown, self._executor, self.segments)
 
     def submit(self, layout: Layout, size: int, chunks: Sequence[list],
-               prepare: Callable[[Segment, Dict[str, np.ndarray]], None],
+               prepare: Callable[[Block, Dict[str, np.ndarray]], None],
                finish: Callable[[Dict[str, np.ndarray]], dict]) -> PendingBatch:
         """Acquire a segment, let `prepare(segment, arrays)` write what the workers do not
         (rows of members not loaded), send each chunk of plan items to a worker."""

@@ -11,9 +11,10 @@
 
 Modules: step.py (one member's update and evaluation), optim.py (torch Adam, LP schedule),
 mesh.py (which devices hold which members), strategies.py (how members sharing a device run),
-members.py (MemberEngine: compiled stacked steps; its parts in placement.py and programs.py), loop.py (evaluation, records, checkpoints),
-resume.py (Orbax checkpoints), savepoints.py (when a run saves: wall-clock period, SIGTERM),
-progress.py (the progress line). Stacked trees: rat_jax.trees.
+members.py (MemberEngine: compiled stacked steps; its parts in placement.py and programs.py),
+feed.py (training batches placed on the devices ahead of their step), loop.py (evaluation,
+records, checkpoints), resume.py (Orbax checkpoints), savepoints.py (when a run saves: wall-clock
+period, SIGTERM), progress.py (the progress line). Stacked trees: rat_jax.trees.
 """
 from rat_jax.engine.loop import (LoopConfig, RunOutput, TrainResult, evaluate, id_val_names,
                                  run_loop, train_members)

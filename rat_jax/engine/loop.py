@@ -7,7 +7,9 @@ replaced only on a strict improvement. One DomainBed-style JSONL record per memb
 
 Inputs are duck-typed so this module does not depend on rat_jax.data:
   train_batches  an iterable of dict(images=float32 [M, N, H, W, C], labels=int32 [M, N]); if it
-                 (or its iterator) has get_state()/set_state(), that state is checkpointed;
+                 (or its iterator) has get_state()/set_state(), that state is checkpointed: the
+                 position of the next batch a step reads, although its batches are placed on
+                 the devices ahead of their step (engine.feed, EngineConfig.device_prefetch);
   eval_sets      {name: batches}, name like "env0_in"; batches is a re-iterable or a callable
                  returning an iterable of dict(images [B, H, W, C], labels [B]) (or tuples); the
                  images are shared by all members. A callable with a `step` parameter is called
@@ -515,6 +517,10 @@ def _train(run: _Run, engine: MemberEngine, state: dict, hparams: dict,
         train_batches if hasattr(train_batches, "get_state") else None)
     state, latest = run.restore(state, stateful)
     progress = run.open_console(latest)
+    # Batches are placed on the devices while the step before them runs; checkpoints record the
+    # feed's state (the next batch a step reads), not how far it has read ahead.
+    feed = engine.feed(iterator, limit=max(loop.num_steps - run.start, 0), stateful=stateful)
+    stateful = feed if stateful is not None else None
     per_step_images = None
     # The live members train; their stacked state is asked for only where it is read
     # (evaluation, selection, checkpoints, the result).
@@ -522,9 +528,9 @@ def _train(run: _Run, engine: MemberEngine, state: dict, hparams: dict,
     state = {**state, "members": None}
     for step in range(run.start, loop.num_steps):
         t0 = time.perf_counter()
-        batch = next(iterator)
+        batch = next(feed)
         if per_step_images is None:
-            per_step_images = int(np.prod(np.shape(batch["labels"])))
+            per_step_images = batch.num_images
         t_step = time.perf_counter()
         metrics = live.step(batch)
         if step == run.start:  # the first update compiles: timed alone, kept out of the ETA
@@ -553,6 +559,7 @@ def _train(run: _Run, engine: MemberEngine, state: dict, hparams: dict,
             progress.restart(step + 1)
         else:
             progress.update(step + 1, per_step_images or 0, run.last_losses)
+    feed.close()
     run.flush_losses()
     state = {**state, "members": live.stacked()}
     run.fill_final(state)

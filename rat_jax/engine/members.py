@@ -6,11 +6,13 @@ rat_jax.engine.mesh; on each device the local members run with a local strategy
 (rat_jax.engine.strategies: "loop" on CPU, "map" on accelerators, "vmap").
 
 Training goes through `live = engine.start(members, hparams)`: `live.step(batch)` updates every
-member once, `live.stacked()` gives the stacked members for evaluation, selection and checkpoints,
-`live.params_for_eval()` their params for `evaluate_batch`. With the "loop" strategy and several
-members per device, the live members are held in parts (local member i of every device group per
-part), each stepped in place with donated buffers, so no step slices members out of the stacked
-tree and writes them back; the stacked tree is assembled only when asked for.
+member once (on a loader batch, or on one that `engine.feed(batches)` placed on the devices while
+the previous step ran: feed.DeviceFeed), `live.stacked()` gives the stacked members for
+evaluation, selection and checkpoints, `live.params_for_eval()` their params for
+`evaluate_batch`. With the "loop" strategy and several members per device, the live members are
+held in parts (local member i of every device group per part), each stepped in place with
+donated buffers, so no step slices members out of the stacked tree and writes them back; the
+stacked tree is assembled only when asked for.
 
 Evaluation and selection: `engine.logits(params, images)` gives every member's logits [M, N, C]
 (host numpy on every process) from one compiled `jit(shard_map)`: members split over 'model',
@@ -27,7 +29,7 @@ extra pmean/psum of the gradients (tests/test_members.py checks the gradient nor
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +41,7 @@ import rat_jax.runtime as runtime
 import rat_jax.trees as trees
 from rat_jax.engine import programs
 from rat_jax.engine import step as step_lib
+from rat_jax.engine.feed import DeviceFeed, PlacedBatch
 from rat_jax.engine.mesh import DATA_AXIS, MEMBER_AXIS, default_data_parallel, plan_mesh
 from rat_jax.engine.placement import PartLayout, Parts, Placement
 from rat_jax.engine.placement import put as placement_put
@@ -100,7 +103,9 @@ class EngineConfig:
     `strategy`: the local strategy (None = by backend, strategies.default_strategy).
     `classifier_only=True` is the linear-probe stage (featurizer never stepped); `remat`: a
     step_lib.remat_policy. `cpu_ynn` ("auto", "on", "off"): XLA:CPU's YNNPACK dot fusions for
-    the train step, decided per compiled step by runtime.cpu_compiler_options."""
+    the train step, decided per compiled step by runtime.cpu_compiler_options.
+    `device_prefetch`: training batches placed on the devices ahead of the step that reads
+    them (`feed`; 0: each placed when its step starts)."""
     batch_size: int | None = None
     devices: Sequence[jax.Device] | None = None
     strategy: str | None = None
@@ -109,6 +114,7 @@ class EngineConfig:
     model_axis: int | None = None
     data_parallel: bool | None = None
     cpu_ynn: str = "auto"
+    device_prefetch: int = 1
 
     def replace(self, **changes) -> "EngineConfig":
         return dataclasses.replace(self, **changes)
@@ -117,8 +123,9 @@ class EngineConfig:
 class LiveMembers:
     """The members one engine is training (`MemberEngine.start`).
 
-    `step(batch)` updates every member once on its own batch and returns the metrics [M] (the
-    members' buffers are donated to the step). `stacked()` is the stacked member state [M] on the
+    `step(batch)` updates every member once on its own batch (a loader batch, or one already
+    placed by `MemberEngine.place_train` / `feed`) and returns the metrics [M] (the members'
+    buffers are donated to the step). `stacked()` is the stacked member state [M] on the
     mesh and `params_for_eval()` the params in the form `MemberEngine.evaluate_batch` reads; both
     are valid until the next `step` (with one part they are its very buffers, which the next step
     donates).
@@ -129,7 +136,7 @@ class LiveMembers:
         self._parts = engine.parts.split(members)
         self._hparams = engine.parts.split(hparams)
 
-    def step(self, batch: dict) -> dict:
+    def step(self, batch: dict | PlacedBatch) -> dict:
         self._parts, metrics = self.engine._train_parts(self._parts, self._hparams, batch)
         return metrics
 
@@ -153,7 +160,8 @@ class MemberEngine:
 
     Its parts: `placement` (mesh and shardings, placement.Placement), `parts` (the training form
     of the local strategy, placement.PartLayout), `train_program` (the compiled train step and
-    its memory analysis, programs.TrainProgram) and the evaluation programs. `config`:
+    its memory analysis, programs.TrainProgram), the evaluation programs, and `feed(batches)`
+    (training batches placed ahead of their step by `place_train`, feed.DeviceFeed). `config`:
     EngineConfig; `mesh` replaces the one planned from it.
     """
 
@@ -206,25 +214,50 @@ class MemberEngine:
     def _join(self, parts: Parts) -> Any:
         return self.parts.join(parts)
 
-    def _train_parts(self, parts: Parts, hparams: Parts, batch: dict) -> tuple[Parts, dict]:
+    def place_train(self, batch: dict | PlacedBatch) -> PlacedBatch:
+        """A loader batch on the mesh in the form the train step reads: the whole batch, or
+        with several parts each part's members sliced on the host (no device copy of the
+        batch) and placed; with several processes each places only its devices' blocks. A
+        PlacedBatch is returned as it is."""
+        if isinstance(batch, PlacedBatch):
+            return batch
+        if not self.parts.split_form:
+            parts = (self.placement.place_batch(batch),)
+        else:
+            images, labels = self.placement.check_batch(batch)
+            aug_all = batch.get("augment") or {}
+
+            def part(i):
+                index = self.parts.local_index(i)
+                put = lambda x: placement_put(x[index], self.placement.batch_sharding)
+                return put(images), put(labels), jax.tree.map(put, aug_all)
+            parts = tuple(part(i) for i in range(self.local_members))
+        return PlacedBatch(parts, batch.get("image_size"), tuple(np.shape(batch["labels"])))
+
+    def feed(self, batches: Iterable, *, limit: int | None = None, stateful: Any = None,
+             depth: int | None = None) -> DeviceFeed:
+        """`batches` placed by `place_train`, `depth` (default: the config's device_prefetch)
+        batches ahead of the step that reads them (feed.DeviceFeed), at most `limit`;
+        `stateful`: whose get_state() is the position of `batches`."""
+        depth = self.config.device_prefetch if depth is None else depth
+        return DeviceFeed(batches, self.place_train, depth, limit, stateful)
+
+    def _train_parts(self, parts: Parts, hparams: Parts,
+                     batch: dict | PlacedBatch) -> tuple[Parts, dict]:
         """One update of every member in the training form; each part is donated. Returns
         (parts, metrics [M] in member order)."""
-        size = batch.get("image_size")
-        if not self.parts.split_form:
-            images, labels, aug = self.placement.place_batch(batch)
-            members, metrics = self.train_program(parts[0], hparams[0], images, labels, aug,
-                                                  self.batch_stats, size)
-            return Parts((members,)), metrics
-        images, labels = self.placement.check_batch(batch)
-        aug_all = batch.get("augment") or {}
+        batch = self.place_train(batch)
+        if len(batch.parts) != len(parts):
+            raise ValueError(f"a batch placed in {len(batch.parts)} part(s) for an engine "
+                             f"training {len(parts)}: place it with this engine's place_train")
         new, outs = [], []
-        for i, (members, hp) in enumerate(zip(parts, hparams)):
-            index = self.parts.local_index(i)  # sliced on the host: no device copy of the batch
-            put = lambda x: placement_put(x[index], self.placement.batch_sharding)
-            x, y, aug = put(images), put(labels), jax.tree.map(put, aug_all)
-            members, metrics = self.train_program(members, hp, x, y, aug, self.batch_stats, size)
+        for members, hp, (x, y, aug) in zip(parts, hparams, batch.parts):
+            members, metrics = self.train_program(members, hp, x, y, aug, self.batch_stats,
+                                                  batch.image_size)
             new.append(members)
             outs.append(metrics)
+        if not self.parts.split_form:
+            return Parts(new), outs[0]
         return Parts(new), self.parts.gather_local(outs)
 
     # -- public steps ------------------------------------------------------------------------
