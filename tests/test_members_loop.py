@@ -40,8 +40,8 @@ def setup():
     return dict(model=model, params=params, bs=bs, batches=batches, hp=hp, eval_sets=eval_sets)
 
 
-def _engine(s):
-    return engine_for(s["model"], s["bs"], M, 1, "map")
+def _engine(s, **kwargs):
+    return engine_for(s["model"], s["bs"], M, 1, "map", **kwargs)
 
 
 def _run(s, workdir=None, loader=None, num_steps=6, engine=None, save_every=None, **loop_kw):
@@ -146,9 +146,14 @@ class _Clock:
         return self.t
 
 
+def _at_its_step(s):
+    return _engine(s, device_prefetch=0)
+
+
 class _ClockedLoader(ListLoader):
     """Step s runs at minute s of `clock`; a crash or a SIGTERM (as from a scheduler) while the
-    batch of step `crash_at` / `sigterm_at` is fetched."""
+    batch of step `crash_at` / `sigterm_at` is fetched. Runs with it use `_at_its_step(s)`, an
+    engine without device prefetch, so each batch is fetched at the step that reads it."""
 
     def __init__(self, batches, clock, crash_at=None, sigterm_at=None):
         super().__init__(batches)
@@ -182,18 +187,18 @@ def test_clock_saves_every_period_and_resumes_bit_identically(setup, tmp_path):
     s = setup
     ref = _run(s)  # no workdir: no checkpoint at all
     clock = _Clock()
-    full = _run(s, workdir=tmp_path / "full", loader=_ClockedLoader(s["batches"], clock),
+    full = _run(s, workdir=tmp_path / "full", engine=_at_its_step(s), loader=_ClockedLoader(s["batches"], clock),
                 save_minutes=1.5, clock=clock, max_to_keep=10)
     assert _saved_steps(tmp_path / "full") == [2, 4, 5]
     _assert_same_run(full, ref)
     clock = _Clock()
     with pytest.raises(RuntimeError, match="simulated crash"):
         _run(s, workdir=tmp_path / "crash", save_minutes=1.5, clock=clock, max_to_keep=10,
-             loader=_ClockedLoader(s["batches"], clock, crash_at=4))
+             engine=_at_its_step(s), loader=_ClockedLoader(s["batches"], clock, crash_at=4))
     assert _saved_steps(tmp_path / "crash") == [2]
     clock = _Clock()
     resumed = _run(s, workdir=tmp_path / "crash", save_minutes=1.5, clock=clock,
-                   loader=_ClockedLoader(s["batches"], clock))
+                   engine=_at_its_step(s), loader=_ClockedLoader(s["batches"], clock))
     _assert_same_run(resumed, ref)
 
 
@@ -205,7 +210,7 @@ def test_sigterm_saves_the_step_under_way_then_a_rerun_resumes(setup, tmp_path, 
     ref = _run(s)
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(savepoints.Preempted) as stop:
-        _run(s, workdir=tmp_path, loader=_ClockedLoader(s["batches"], _Clock(), sigterm_at=3))
+        _run(s, workdir=tmp_path, engine=_at_its_step(s), loader=_ClockedLoader(s["batches"], _Clock(), sigterm_at=3))
     assert stop.value.code == savepoints.EXIT_CODE == 143
     assert _saved_steps(tmp_path) == [3]
     err = capsys.readouterr().err
