@@ -5,6 +5,7 @@ import hashlib
 import json
 import os
 import pathlib
+import threading
 from typing import Any
 
 
@@ -22,12 +23,18 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def temp_path(path: str | os.PathLike, suffix: str = ".tmp") -> str:
+    """A temporary name beside `path`, unique to this process and thread (jobs running side by
+    side may write the same file; each writes its own and renames it over `path`)."""
+    return f"{path}.{os.getpid()}-{threading.get_ident()}{suffix}"
+
+
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> pathlib.Path:
     """Write `data` to `path` through a temporary file and a rename: a reader (or a resume after a
     kill) sees the old file or the new one, never half of one."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp = temp_path(path)
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()

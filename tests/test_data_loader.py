@@ -233,3 +233,20 @@ def test_originals_too_big_for_the_disk_are_decoded_instead(tiny, tmp_path, monk
         got = loader.batch(1)["images"]
     np.testing.assert_array_equal(got, _reference_batch(tiny, loader, 1))
     assert not os.path.exists(os.path.join(loader.store.env_dir(), "train_s0", "env0.u8"))
+
+
+def test_two_stores_building_one_cache_side_by_side(tiny, tmp_path):
+    """Jobs running side by side open their own ImageStore over one cache dir: building the
+    same env's caches at once in two threads leaves one complete cache (each writes its own
+    temporary file and renames it)."""
+    import concurrent.futures
+    cache = str(tmp_path / "c")
+    stores = [ImageStore(tiny, cache) for _ in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        list(ex.map(lambda s: s.warm([0, 1, 2], eval_size=16, train=True), stores))
+    ref = ImageStore(tiny, None)
+    for env in range(3):
+        for idx in (0, len(tiny.samples[env]) - 1):
+            np.testing.assert_array_equal(stores[0].eval_array(env, idx, 16),
+                                          ref.eval_array(env, idx, 16))
+    assert not [p for p in (tmp_path / "c").rglob("*tmp*")]

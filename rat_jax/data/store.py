@@ -29,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from rat_jax.data import transforms as T
+from rat_jax.files import temp_path
 from rat_jax.runtime import usable_cores
 
 CACHE_ENV_VAR = "RAT_JAX_CACHE"
@@ -180,7 +181,7 @@ class ImageStore:
             self._write_meta()
             n = len(self.dataset.samples[env])
             index = np.zeros((n, 3), np.int64)
-            tmp = f"{data_path}.{os.getpid()}.tmp"
+            tmp = temp_path(data_path)
             with open(tmp, "wb") as f, concurrent.futures.ThreadPoolExecutor(self.workers) as ex:
                 capped = lambda i: np.asarray(cap_shorter_side(self.original(env, i), side))
                 offset = 0
@@ -188,7 +189,7 @@ class ImageStore:
                     index[i] = (offset, im.shape[0], im.shape[1])
                     f.write(np.ascontiguousarray(im, np.uint8).tobytes())
                     offset += im.size
-            tmp_idx = f"{index_path}.{os.getpid()}.tmp.npy"
+            tmp_idx = temp_path(index_path, ".tmp.npy")
             np.save(tmp_idx, index)
             os.replace(tmp, data_path)
             os.replace(tmp_idx, index_path)
@@ -207,7 +208,7 @@ class ImageStore:
             os.makedirs(d, exist_ok=True)
             self._write_meta()
             n = len(self.dataset.samples[env])
-            tmp = f"{path}.{os.getpid()}.tmp.npy"
+            tmp = temp_path(path, ".tmp.npy")
             out = np.lib.format.open_memmap(tmp, "w+", np.uint8, (n, size, size, 3))
 
             def fill(i):
