@@ -138,7 +138,11 @@ class Pipeline:
             return lambda devices: self._select(job.env, devices)
         if job.kind == "table":
             return lambda devices: self._table()
-        return self._run_fn(job.run)
+        train = self._run_fn(job.run)
+
+        def run(devices):
+            train(devices)   # its result is on disk; later jobs load it (nothing held here)
+        return run
 
     def _settings(self, devices) -> stages.TrainSettings:
         return self.settings.replace(devices=tuple(devices))
@@ -194,7 +198,7 @@ class Pipeline:
         return stages.target_members(self.target, k, trial, self._probe(k), self.foundation,
                                      self.target_plan(), settings=settings, store=self.store)
 
-    def _select(self, k: int, devices) -> list[dict]:
+    def _select(self, k: int, devices) -> None:
         """Selection, soups and figures of test env `k` from its members of every trial."""
         c, plan = self.c, self.target_plan()
         by_trial = {t: self._members(k, t) for t in c.trials}
@@ -208,9 +212,9 @@ class Pipeline:
                                      foundation_hash=self.foundation.hash,
                                      image_size=c.image_size)))
         self.rows_by_env[k] = rows
+        del by_trial
         # this test env's members, and (one run at a time) its compiled programs
         runtime.release_memory(compiled=not self.parallel)
-        return rows
 
     def _table(self) -> list[dict]:
         """The per-env table of every test env, in test-env order, with its notes."""
