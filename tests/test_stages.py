@@ -120,10 +120,11 @@ def test_workdir_store_loads_done_runs_prunes_checkpoints_and_retrains_changed_o
     kept = stages.GroupResult.load(tmp_path / "shared" / "glyphs_notest", [{}, {}])
     assert kept.best_params is not None and kept.final_params is not None  # everything kept
 
-    # one copy: only the params later stages read are written
-    store.run("aux/textures_notest", "fp", [{}, {}], train(5.0), keep=("final",))
+    # one copy: only the params later stages read are written, and kept in memory
+    trained = store.run("aux/textures_notest", "fp", [{}, {}], train(5.0), keep=("final",))
     final_only = stages.GroupResult.load(tmp_path / "aux" / "textures_notest", [{}, {}])
     assert final_only.best_params is None and float(final_only.final_params["w"][0, 0]) == 5.0
+    assert trained.best_params is None and float(trained.final_params["w"][0, 0]) == 5.0
     assert final_only.subset([1]).best_params is None
     with pytest.raises(ValueError, match="unknown"):
         _fake_result(1.0).save(tmp_path / "bad", keep=("last",))
