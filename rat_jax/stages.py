@@ -494,7 +494,9 @@ def _run_group(store, job: _Job, dataset, inits, members: Sequence[MemberSpec], 
         return GroupResult.from_train(train_group(dataset, inits, members, batch_stats, run,
                                                   settings, workdir=directory,
                                                   tensorboard=tensorboard), members)
-    return store.run(job.name, job.fp, members, train, keep=job.keep)
+    result = store.run(job.name, job.fp, members, train, keep=job.keep)
+    runtime.release_memory()  # the run's host copies and the store's buffers
+    return result
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ import numpy as np
 
 import rat_jax.distributed as distributed
 import rat_jax.files as files
+import rat_jax.runtime as runtime
 import rat_jax.trees as trees
 from rat_jax.engine import savepoints
 from rat_jax.engine.members import EngineConfig, MemberEngine, init_state
@@ -523,6 +524,7 @@ def _train(run: _Run, engine: MemberEngine, initial: list, hparams: dict,
     # (evaluation, selection, checkpoints, the result).
     live = engine.start(state["members"], hparams_dev)
     state = {**state, "members": None}
+    runtime.trim_heap()  # the initial state's host copies, now placed
     for step in range(run.start, loop.num_steps):
         t0 = time.perf_counter()
         batch = next(iterator)
@@ -533,6 +535,7 @@ def _train(run: _Run, engine: MemberEngine, initial: list, hparams: dict,
         if step == run.start:  # the first update compiles: timed alone, kept out of the ETA
             jax.block_until_ready(metrics["loss"])
             progress.compiled(time.perf_counter() - t_step)
+            runtime.trim_heap()  # the memory the compiler and the first update freed
         if run.pending:  # keep at most one step in flight
             jax.block_until_ready(run.pending[-1])
         run.pending.append(metrics["loss"])
@@ -550,6 +553,8 @@ def _train(run: _Run, engine: MemberEngine, initial: list, hparams: dict,
         if is_save:
             run.save(step, state, stateful)
         state = {**state, "members": None}  # not kept while the live members train on
+        if is_eval or is_save:  # the stacked copy, evaluation and checkpoint buffers are freed
+            runtime.trim_heap()
         if due.stop:
             run.stopped(step)
         if step == run.start:  # rate and ETA from here on: compilation and first evaluation out
