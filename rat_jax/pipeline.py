@@ -164,13 +164,22 @@ class Pipeline:
                                    name=f"{name}_notest")
 
     def _probe(self, k: int, devices=None) -> dict:
-        """Test env k's linear probe on the foundation (trained, or loaded when done)."""
+        """Test env k's linear probe on the foundation (trained, or loaded when done). As a job
+        (`devices` given) run one at a time, it drops JAX's compiled programs before (those of
+        the auxiliary pool or the previous test env) and after (its own): no later run has
+        their shapes, and they would otherwise stay through the members runs."""
         c = self.c
         lp_steps = c.lp_probe_steps if c.lp_probe_steps > 0 else c.target.steps
         settings = self.settings if devices is None else self._settings(devices)
-        return stages.linear_probe(self.target, self.foundation, test_envs=[k], steps=lp_steps,
+        job = devices is not None and not self.parallel
+        if job:
+            runtime.release_memory(compiled=True)
+        w_lp = stages.linear_probe(self.target, self.foundation, test_envs=[k], steps=lp_steps,
                                    settings=settings, checkpoint_freq=c.target.checkpoint_freq,
                                    store=self.store, name=f"{self.target.name}_test{k}")
+        if job:
+            runtime.release_memory(compiled=True)
+        return w_lp
 
     def target_plan(self) -> stages.TargetPlan:
         """The members plan of every (test env, trial): the auxiliary pool (its trained runs,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import rat_jax as rj
-from rat_jax import stages, trees
+from rat_jax import runtime, stages, trees
 from rat_jax.pipeline import Pipeline
 from rat_jax.specs import MemberSpec
 
@@ -37,10 +37,28 @@ def _assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_api_train_reproduces_the_pipelines_target_members(tmp_path):
+def test_api_train_reproduces_the_pipelines_target_members(tmp_path, monkeypatch):
+    events = []  # members runs and memory releases, in order
+    real_release, real_train = runtime.release_memory, stages.train_group
+
+    def release(compiled=False):
+        events.append(("release", compiled))
+        real_release(compiled)
+
+    def train(*args, **kwargs):
+        events.append(("train", args[4].stage))
+        return real_train(*args, **kwargs)
+    monkeypatch.setattr(runtime, "release_memory", release)
+    monkeypatch.setattr(stages, "train_group", train)
     c = _smoke_config()
     pipe = Pipeline(c, tmp_path / "run")
     rows = pipe.run()
+    trains = [i for i, e in enumerate(events) if e[0] == "train"]
+    # compiled programs are dropped once no later run uses them: the auxiliary pool's before
+    # the test env's probe, the probe's before the members, the test env's after its selection
+    assert ("release", True) in events[:trains[0]]
+    assert ("release", True) in events[trains[0] + 1:trains[1]]
+    assert events[-1] == ("release", True)
     assert {r["method"] for r in rows} == {"ERM (vanilla fine-tuning)", "Soups/DiWA"}
     run_dir = tmp_path / "run" / "target" / "digits_test0_trial0"
     stored = stages.GroupResult.load(run_dir, [])
