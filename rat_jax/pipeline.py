@@ -144,16 +144,24 @@ class Pipeline:
         return self.settings.replace(devices=tuple(devices))
 
     def _run_fn(self, run):
+        """The job of a members run. It returns None: the scheduler keeps what each job returns
+        until the schedule ends, and a run's params are read from the store where a later job
+        needs them (loaded once the run is done), so the job does not hand them on."""
         role = run.role
         if role[0] == "aux_lp":
-            return lambda devices: self._aux_probe(role[1], devices)
-        if role[0] == "aux":
-            return lambda devices: stages.aux_runs(
+            train = lambda devices: self._aux_probe(role[1], devices)
+        elif role[0] == "aux":
+            train = lambda devices: stages.aux_runs(
                 role[1], self.tasks[role[1]], self.foundation, self.target, self.c.n_aux_hparams,
                 self._settings(devices), self.store)
-        if role[0] == "lp":
-            return lambda devices: self._probe(role[1], devices)
-        return lambda devices: self._members(role[1], role[2], devices)
+        elif role[0] == "lp":
+            train = lambda devices: self._probe(role[1], devices)
+        else:
+            train = lambda devices: self._members(role[1], role[2], devices)
+
+        def job(devices) -> None:
+            train(devices)
+        return job
 
     def _aux_probe(self, name: str, devices) -> dict:
         task = self.tasks[name]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import rat_jax as rj
-from rat_jax import runtime, stages, trees
+from rat_jax import runtime, schedule, stages, trees
 from rat_jax.pipeline import Pipeline
 from rat_jax.specs import MemberSpec
 
@@ -48,11 +48,21 @@ def test_api_train_reproduces_the_pipelines_target_members(tmp_path, monkeypatch
     def train(*args, **kwargs):
         events.append(("train", args[4].stage))
         return real_train(*args, **kwargs)
+    kept = {}  # what the schedule keeps of each job until it ends
+
+    def run_jobs(*args, **kwargs):
+        kept.update(real_run_jobs(*args, **kwargs))
+        return kept
+    real_run_jobs = schedule.run_jobs
     monkeypatch.setattr(runtime, "release_memory", release)
     monkeypatch.setattr(stages, "train_group", train)
+    monkeypatch.setattr(schedule, "run_jobs", run_jobs)
     c = _smoke_config()
     pipe = Pipeline(c, tmp_path / "run")
     rows = pipe.run()
+    # no members run's params stay with the schedule (the selection loads them from the store)
+    runs_kept = {n: out for n, out in kept.items() if n.split("/")[0] in ("lp", "aux", "target")}
+    assert runs_kept and all(out is None for out in runs_kept.values())
     trains = [i for i, e in enumerate(events) if e[0] == "train"]
     # compiled programs are dropped once no later run uses them: the auxiliary pool's before
     # the test env's probe, the probe's before the members, the test env's after its selection
