@@ -148,16 +148,24 @@ class Pipeline:
         return self.settings.replace(devices=tuple(devices))
 
     def _run_fn(self, run):
+        """The job of a members run. It returns None: the scheduler keeps what each job returns
+        until the schedule ends, and a run's params are read from the store where a later job
+        needs them (loaded once the run is done), so the job does not hand them on."""
         role = run.role
         if role[0] == "aux_lp":
-            return lambda devices: self._aux_probe(role[1], devices)
-        if role[0] == "aux":
-            return lambda devices: stages.aux_runs(
+            train = lambda devices: self._aux_probe(role[1], devices)
+        elif role[0] == "aux":
+            train = lambda devices: stages.aux_runs(
                 role[1], self.tasks[role[1]], self.foundation, self.target, self.c.n_aux_hparams,
                 self._settings(devices), self.store)
-        if role[0] == "lp":
-            return lambda devices: self._probe(role[1], devices)
-        return lambda devices: self._members(role[1], role[2], devices)
+        elif role[0] == "lp":
+            train = lambda devices: self._probe(role[1], devices)
+        else:
+            train = lambda devices: self._members(role[1], role[2], devices)
+
+        def job(devices) -> None:
+            train(devices)
+        return job
 
     def _aux_probe(self, name: str, devices) -> dict:
         task = self.tasks[name]
@@ -168,13 +176,22 @@ class Pipeline:
                                    name=f"{name}_notest")
 
     def _probe(self, k: int, devices=None) -> dict:
-        """Test env k's linear probe on the foundation (trained, or loaded when done)."""
+        """Test env k's linear probe on the foundation (trained, or loaded when done). As a job
+        (`devices` given) run one at a time, it drops JAX's compiled programs before (those of
+        the auxiliary pool or the previous test env) and after (its own): no later run has
+        their shapes, and they would otherwise stay through the members runs."""
         c = self.c
         lp_steps = c.lp_probe_steps if c.lp_probe_steps > 0 else c.target.steps
         settings = self.settings if devices is None else self._settings(devices)
-        return stages.linear_probe(self.target, self.foundation, test_envs=[k], steps=lp_steps,
+        job = devices is not None and not self.parallel
+        if job:
+            runtime.release_memory(compiled=True)
+        w_lp = stages.linear_probe(self.target, self.foundation, test_envs=[k], steps=lp_steps,
                                    settings=settings, checkpoint_freq=c.target.checkpoint_freq,
                                    store=self.store, name=f"{self.target.name}_test{k}")
+        if job:
+            runtime.release_memory(compiled=True)
+        return w_lp
 
     def target_plan(self) -> stages.TargetPlan:
         """The members plan of every (test env, trial): the auxiliary pool (its trained runs,

@@ -205,6 +205,14 @@ def release_memory(compiled: bool = False) -> None:
     if compiled and "jax" in sys.modules:
         sys.modules["jax"].clear_caches()
     gc.collect()
+    trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand glibc's free pages back to the OS (malloc_trim, every arena; a no-op elsewhere).
+    glibc returns freed memory on its own only from the top of a heap, so the pages of large
+    blocks freed in the middle (a checkpoint's host copies, XLA's temporaries) stay resident
+    until the process reuses them or this is called; after such a burst is the time."""
     if _is_glibc():
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)

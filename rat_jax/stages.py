@@ -209,6 +209,12 @@ class GroupResult:
         return cls(get("best_params"), get("final_params"), np.asarray(tree["best_score"]),
                    np.asarray(tree["nonfinite"]), list(info))
 
+    def keeping(self, keep: Sequence[str]) -> "GroupResult":
+        """This result with only the params in `keep` ("best", "final"); the others None (as
+        `load` gives them when they were not saved), so that they are freed."""
+        return dataclasses.replace(self, **{f"{which}_params": None for which in PARAMS
+                                            if which not in keep})
+
     def subset(self, idx: Sequence[int]) -> "GroupResult":
         idx = list(idx)
         pick = lambda t: None if t is None else trees.select(t, idx)
@@ -306,13 +312,14 @@ class WorkdirStore(MemoryStore):
         result = train(directory, self.root / "tensorboard" / name)
         self.trained_members += len(result.best_score)
         self.trained_runs.append((name, len(result.best_score)))
-        result.save(directory, PARAMS if self.keep_checkpoints else keep)
+        kept = PARAMS if self.keep_checkpoints else keep
+        result.save(directory, kept)
         self.write_json(f"{name}/done.json", {"fingerprint": fp,
                                                 "info": [m.to_dict() for m in result.info]})
         if not self.keep_checkpoints and distributed.is_main_process():
             shutil.rmtree(directory / "checkpoints", ignore_errors=True)  # resume-only state
         distributed.barrier(f"pruned:{directory}")
-        return result
+        return result.keeping(kept)  # what a later load of the run gives
 
     def write_json(self, name: str, obj: Any) -> None:
         path = self.path(name)
@@ -489,7 +496,9 @@ def _run_group(store, job: _Job, dataset, inits, members: Sequence[MemberSpec], 
         return GroupResult.from_train(train_group(dataset, inits, members, batch_stats, run,
                                                   settings, workdir=directory,
                                                   tensorboard=tensorboard), members)
-    return store.run(job.name, job.fp, members, train, keep=job.keep)
+    result = store.run(job.name, job.fp, members, train, keep=job.keep)
+    runtime.release_memory()  # the run's host copies and the store's buffers
+    return result
 
 
 # ---------------------------------------------------------------------------------------------

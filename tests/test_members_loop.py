@@ -1,10 +1,12 @@
 """The members loop: evaluation schedule, records, strict best-so-far selection, progress, resume."""
+import gc
 import io
 import json
 import os
 import signal
 import threading
 import time
+import weakref
 
 import jax
 import numpy as np
@@ -90,6 +92,42 @@ def test_records_schedule_accuracy_and_strict_best(setup, tmp_path):
         first_best = int(np.argmax(scores))  # argmax returns the first maximum: strict improvement
         assert res.best_step[i] == recs[first_best]["step"]
         assert res.best_score[i] == pytest.approx(scores[first_best])
+
+
+def test_train_members_keeps_no_host_copy_of_the_initial_state_during_the_run(setup,
+                                                                              monkeypatch):
+    """The initial state's host arrays (stacked params, Adam state, best params) are dropped
+    once run_loop has placed them: nothing keeps them beside the live members for the run. (On
+    CPU the placed members may alias them until the first update donates those buffers.) The
+    pages such copies leave free are handed back to the OS (runtime.trim_heap)."""
+    s = setup
+    refs = []
+    real_init_state = loop_lib.init_state
+
+    def recording_init_state(stacked):
+        state = real_init_state(stacked)
+        refs.extend(weakref.ref(x) for x in jax.tree.leaves(state) if isinstance(x, np.ndarray))
+        return state
+    monkeypatch.setattr(loop_lib, "init_state", recording_init_state)
+    alive, trims = [], []
+    monkeypatch.setattr(loop_lib.runtime, "trim_heap", lambda: trims.append(len(alive) - 1))
+
+    class Loader(ListLoader):
+        def __next__(self):  # called at every step, after the state was placed
+            gc.collect()
+            alive.append(sum(r() is not None for r in refs))
+            return super().__next__()
+    loop = loop_lib.LoopConfig(3, 2, eval_sets=s["eval_sets"],
+                               val_names=loop_lib.id_val_names(3, [2]))
+    engine = members_lib.EngineConfig(batch_size=N, devices=jax.devices()[:1], strategy="map")
+    result = loop_lib.train_members(s["model"], s["params"], s["bs"], s["hp"],
+                                    Loader(s["batches"]), loop, loop_lib.RunOutput(quiet=True),
+                                    engine)
+    assert refs and alive[1:] == [0, 0]
+    # freed pages go back to the OS once the state is placed, after the first (compiling)
+    # update and after each evaluation (steps 0 and 2) instead of staying resident for the run
+    assert trims == [-1, 0, 0, 2]
+    assert trees.num_members(result.best_params) == M
 
 
 def test_update_best_is_strict(setup):

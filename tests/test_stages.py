@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import rat_jax as rj
-from rat_jax import stages, trees
+from rat_jax import runtime, schedule, stages, trees
 from rat_jax.pipeline import Pipeline
 from rat_jax.specs import MemberSpec
 
@@ -37,10 +37,38 @@ def _assert_trees_equal(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_api_train_reproduces_the_pipelines_target_members(tmp_path):
+def test_api_train_reproduces_the_pipelines_target_members(tmp_path, monkeypatch):
+    events = []  # members runs and memory releases, in order
+    real_release, real_train = runtime.release_memory, stages.train_group
+
+    def release(compiled=False):
+        events.append(("release", compiled))
+        real_release(compiled)
+
+    def train(*args, **kwargs):
+        events.append(("train", args[4].stage))
+        return real_train(*args, **kwargs)
+    kept = {}  # what the schedule keeps of each job until it ends
+
+    def run_jobs(*args, **kwargs):
+        kept.update(real_run_jobs(*args, **kwargs))
+        return kept
+    real_run_jobs = schedule.run_jobs
+    monkeypatch.setattr(runtime, "release_memory", release)
+    monkeypatch.setattr(stages, "train_group", train)
+    monkeypatch.setattr(schedule, "run_jobs", run_jobs)
     c = _smoke_config()
     pipe = Pipeline(c, tmp_path / "run")
     rows = pipe.run()
+    # no members run's params stay with the schedule (the selection loads them from the store)
+    runs_kept = {n: out for n, out in kept.items() if n.split("/")[0] in ("lp", "aux", "target")}
+    assert runs_kept and all(out is None for out in runs_kept.values())
+    trains = [i for i, e in enumerate(events) if e[0] == "train"]
+    # compiled programs are dropped once no later run uses them: the auxiliary pool's before
+    # the test env's probe, the probe's before the members, the test env's after its selection
+    assert ("release", True) in events[:trains[0]]
+    assert ("release", True) in events[trains[0] + 1:trains[1]]
+    assert events[-1] == ("release", True)
     assert {r["method"] for r in rows} == {"ERM (vanilla fine-tuning)", "Soups/DiWA"}
     run_dir = tmp_path / "run" / "target" / "digits_test0_trial0"
     stored = stages.GroupResult.load(run_dir, [])
@@ -120,10 +148,11 @@ def test_workdir_store_loads_done_runs_prunes_checkpoints_and_retrains_changed_o
     kept = stages.GroupResult.load(tmp_path / "shared" / "glyphs_notest", [{}, {}])
     assert kept.best_params is not None and kept.final_params is not None  # everything kept
 
-    # one copy: only the params later stages read are written
-    store.run("aux/textures_notest", "fp", [{}, {}], train(5.0), keep=("final",))
+    # one copy: only the params later stages read are written, and kept in memory
+    trained = store.run("aux/textures_notest", "fp", [{}, {}], train(5.0), keep=("final",))
     final_only = stages.GroupResult.load(tmp_path / "aux" / "textures_notest", [{}, {}])
     assert final_only.best_params is None and float(final_only.final_params["w"][0, 0]) == 5.0
+    assert trained.best_params is None and float(trained.final_params["w"][0, 0]) == 5.0
     assert final_only.subset([1]).best_params is None
     with pytest.raises(ValueError, match="unknown"):
         _fake_result(1.0).save(tmp_path / "bad", keep=("last",))

@@ -38,6 +38,7 @@ import numpy as np
 
 import rat_jax.distributed as distributed
 import rat_jax.files as files
+import rat_jax.runtime as runtime
 import rat_jax.trees as trees
 from rat_jax.engine import savepoints
 from rat_jax.engine.members import EngineConfig, MemberEngine, init_state
@@ -496,9 +497,11 @@ def run_loop(engine: MemberEngine, state: dict, hparams: dict, train_batches: It
     """
     run = _Run(engine, hparams, loop, output or RunOutput())
     finished = False
+    initial = [state]  # _train takes the only reference: the state's host copies are freed
+    del state          # once it is placed, not kept beside the live members for the run
     with savepoints.sigterm_guard():
         try:
-            result = _train(run, engine, state, hparams, train_batches)
+            result = _train(run, engine, initial, hparams, train_batches)
             finished = True
         finally:
             run.close(finished)  # the run's end waits for its checkpoint to be on disk
@@ -507,10 +510,11 @@ def run_loop(engine: MemberEngine, state: dict, hparams: dict, train_batches: It
     return result
 
 
-def _train(run: _Run, engine: MemberEngine, state: dict, hparams: dict,
+def _train(run: _Run, engine: MemberEngine, initial: list, hparams: dict,
            train_batches: Iterable) -> TrainResult:
+    """The run; `initial`: [the initial state], emptied here (see run_loop)."""
     loop = run.loop
-    state = engine.place(state)
+    state = engine.place(initial.pop())
     hparams_dev = engine.place(jax.tree.map(np.asarray, hparams))
     iterator = iter(train_batches)
     stateful = iterator if hasattr(iterator, "get_state") else (
@@ -526,6 +530,7 @@ def _train(run: _Run, engine: MemberEngine, state: dict, hparams: dict,
     # (evaluation, selection, checkpoints, the result).
     live = engine.start(state["members"], hparams_dev)
     state = {**state, "members": None}
+    runtime.trim_heap()  # the initial state's host copies, now placed
     for step in range(run.start, loop.num_steps):
         t0 = time.perf_counter()
         batch = next(feed)
@@ -536,6 +541,7 @@ def _train(run: _Run, engine: MemberEngine, state: dict, hparams: dict,
         if step == run.start:  # the first update compiles: timed alone, kept out of the ETA
             jax.block_until_ready(metrics["loss"])
             progress.compiled(time.perf_counter() - t_step)
+            runtime.trim_heap()  # the memory the compiler and the first update freed
         if run.pending:  # keep at most one step in flight
             jax.block_until_ready(run.pending[-1])
         run.pending.append(metrics["loss"])
@@ -553,6 +559,8 @@ def _train(run: _Run, engine: MemberEngine, state: dict, hparams: dict,
         if is_save:
             run.save(step, state, stateful)
         state = {**state, "members": None}  # not kept while the live members train on
+        if is_eval or is_save:  # the stacked copy, evaluation and checkpoint buffers are freed
+            runtime.trim_heap()
         if due.stop:
             run.stopped(step)
         if step == run.start:  # rate and ETA from here on: compilation and first evaluation out
@@ -578,14 +586,20 @@ def train_members(model, params: Sequence[Any] | Any, batch_stats: Any, hparams:
     as run_loop's. `engine`: the engine's placement and compilation (members.EngineConfig;
     `classifier_only=True` is the linear-probe stage, featurizer never stepped).
     """
-    stacked = trees.stack(list(params)) if isinstance(params, (list, tuple)) else params
-    m = trees.num_members(stacked)
+    m = len(params) if isinstance(params, (list, tuple)) else trees.num_members(params)
     config = engine or EngineConfig()
     engine = MemberEngine(model, batch_stats, m, config)
-    state = init_state(stacked)
     if jax.process_count() > 1 and hasattr(train_batches, "load_only"):
         # each process decodes only the members whose batches live on its devices
         spec_shape = (m, config.batch_size or engine.data_size)
         local = distributed.process_indices(engine.mesh, engine.batch_spec, spec_shape)[0]
         train_batches.load_only(local)
-    return run_loop(engine, state, hparams, train_batches, loop, output)
+    # The initial state is made in the call and held by run_loop alone, which drops it once it
+    # is placed: its host copies (stacked params, Adam state, best params) do not outlive the
+    # run's start.
+    return run_loop(engine, _initial_state(params), hparams, train_batches, loop, output)
+
+
+def _initial_state(params: Sequence[Any] | Any) -> dict:
+    """init_state of a list of M param trees or of one stacked tree."""
+    return init_state(trees.stack(list(params)) if isinstance(params, (list, tuple)) else params)
