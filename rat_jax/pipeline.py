@@ -138,11 +138,7 @@ class Pipeline:
             return lambda devices: self._select(job.env, devices)
         if job.kind == "table":
             return lambda devices: self._table()
-        train = self._run_fn(job.run)
-
-        def run(devices):
-            train(devices)   # its result is on disk; later jobs load it (nothing held here)
-        return run
+        return self._run_fn(job.run)
 
     def _settings(self, devices) -> stages.TrainSettings:
         return self.settings.replace(devices=tuple(devices))
