@@ -119,7 +119,9 @@ def test_train_members_keeps_no_host_copy_of_the_initial_state_during_the_run(se
             return super().__next__()
     loop = loop_lib.LoopConfig(3, 2, eval_sets=s["eval_sets"],
                                val_names=loop_lib.id_val_names(3, [2]))
-    engine = members_lib.EngineConfig(batch_size=N, devices=jax.devices()[:1], strategy="map")
+    # no device prefetch: each batch is pulled at the step that reads it
+    engine = members_lib.EngineConfig(batch_size=N, devices=jax.devices()[:1], strategy="map",
+                                      device_prefetch=0)
     result = loop_lib.train_members(s["model"], s["params"], s["bs"], s["hp"],
                                     Loader(s["batches"]), loop, loop_lib.RunOutput(quiet=True),
                                     engine)
