@@ -98,9 +98,24 @@ def test_train_members_keeps_no_host_copy_of_the_initial_state_during_the_run(se
                                                                               monkeypatch):
     """The initial state's host arrays (stacked params, Adam state, best params) are dropped
     once run_loop has placed them: nothing keeps them beside the live members for the run. (On
-    CPU the placed members may alias them until the first update donates those buffers.) The
-    pages such copies leave free are handed back to the OS (runtime.trim_heap)."""
+    CPU the placed members may alias them until the first update donates those buffers.) Once
+    the last update is done, the live members' parts are dropped for the stacked state that
+    holds them. The pages such copies leave free are handed back to the OS (runtime.trim_heap)."""
     s = setup
+    parts, parts_alive = [], []
+    real_step, real_fill_final = members_lib.LiveMembers.step, loop_lib._Run.fill_final
+
+    def recording_step(live, batch):
+        out = real_step(live, batch)
+        parts[:] = [weakref.ref(x) for x in jax.tree.leaves(tuple(live._parts))]
+        return out
+
+    def recording_fill_final(run, state):
+        gc.collect()
+        parts_alive.append(sum(r() is not None for r in parts))
+        return real_fill_final(run, state)
+    monkeypatch.setattr(members_lib.LiveMembers, "step", recording_step)
+    monkeypatch.setattr(loop_lib._Run, "fill_final", recording_fill_final)
     refs = []
     real_init_state = loop_lib.init_state
 
@@ -119,8 +134,9 @@ def test_train_members_keeps_no_host_copy_of_the_initial_state_during_the_run(se
             return super().__next__()
     loop = loop_lib.LoopConfig(3, 2, eval_sets=s["eval_sets"],
                                val_names=loop_lib.id_val_names(3, [2]))
-    # no device prefetch: each batch is pulled at the step that reads it
-    engine = members_lib.EngineConfig(batch_size=N, devices=jax.devices()[:1], strategy="map",
+    # "loop" with both members on one device: two parts, joined into a copy for the result; no
+    # device prefetch: each batch is pulled at the step that reads it
+    engine = members_lib.EngineConfig(batch_size=N, devices=jax.devices()[:1], strategy="loop",
                                       device_prefetch=0)
     result = loop_lib.train_members(s["model"], s["params"], s["bs"], s["hp"],
                                     Loader(s["batches"]), loop, loop_lib.RunOutput(quiet=True),
@@ -129,6 +145,7 @@ def test_train_members_keeps_no_host_copy_of_the_initial_state_during_the_run(se
     # freed pages go back to the OS once the state is placed, after the first (compiling)
     # update and after each evaluation (steps 0 and 2) instead of staying resident for the run
     assert trims == [-1, 0, 0, 2]
+    assert parts and parts_alive == [0]
     assert trees.num_members(result.best_params) == M
 
 

@@ -570,6 +570,7 @@ def _train(run: _Run, engine: MemberEngine, initial: list, hparams: dict,
     feed.close()
     run.flush_losses()
     state = {**state, "members": live.stacked()}
+    del live  # its parts: the stacked state holds the members now (the final sets, the result)
     run.fill_final(state)
     jax.block_until_ready(state)
     return TrainResult(state=state, records=run.writer.records)
