@@ -557,6 +557,8 @@ def _train(run: _Run, engine: MemberEngine, initial: list, hparams: dict,
         if is_eval:
             state = run.evaluate(state, live, step)
         if is_save:
+            if is_eval:  # the evaluation's buffers, before the checkpoint's host copy
+                runtime.trim_heap()
             run.save(step, state, stateful)
         state = {**state, "members": None}  # not kept while the live members train on
         if is_eval or is_save:  # the stacked copy, evaluation and checkpoint buffers are freed
