@@ -100,7 +100,8 @@ def test_train_members_keeps_no_host_copy_of_the_initial_state_during_the_run(se
     once run_loop has placed them: nothing keeps them beside the live members for the run. (On
     CPU the placed members may alias them until the first update donates those buffers.) Once
     the last update is done, the live members' parts are dropped for the stacked state that
-    holds them. The pages such copies leave free are handed back to the OS (runtime.trim_heap)."""
+    holds them; an evaluation point joins only the entries it reads. The pages such copies
+    leave free are handed back to the OS (runtime.trim_heap)."""
     s = setup
     parts, parts_alive = [], []
     real_step, real_fill_final = members_lib.LiveMembers.step, loop_lib._Run.fill_final
@@ -114,8 +115,15 @@ def test_train_members_keeps_no_host_copy_of_the_initial_state_during_the_run(se
         gc.collect()
         parts_alive.append(sum(r() is not None for r in parts))
         return real_fill_final(run, state)
+    evaluated = []  # the members' entries joined for each evaluation (no checkpoint here)
+    real_evaluate = loop_lib._Run.evaluate
+
+    def recording_evaluate(run, state, live, step):
+        evaluated.append(sorted(state["members"]))
+        return real_evaluate(run, state, live, step)
     monkeypatch.setattr(members_lib.LiveMembers, "step", recording_step)
     monkeypatch.setattr(loop_lib._Run, "fill_final", recording_fill_final)
+    monkeypatch.setattr(loop_lib._Run, "evaluate", recording_evaluate)
     refs = []
     real_init_state = loop_lib.init_state
 
@@ -146,6 +154,7 @@ def test_train_members_keeps_no_host_copy_of_the_initial_state_during_the_run(se
     # update and after each evaluation (steps 0 and 2) instead of staying resident for the run
     assert trims == [-1, 0, 0, 2]
     assert parts and parts_alive == [0]
+    assert evaluated == [["nonfinite", "params"]] * 2  # not Adam's moments
     assert trees.num_members(result.best_params) == M
 
 

@@ -47,6 +47,7 @@ from rat_jax.engine.resume import RunCheckpoints, decode_state, encode_state
 from rat_jax.engine.savepoints import Preempted, SavePoints
 
 RESULTS_FILE = "results.jsonl"
+EVAL_KEYS = ("params", "nonfinite")  # the members' entries an evaluation point reads
 
 
 def id_val_names(num_envs: int, test_envs: Sequence[int]) -> list[str]:
@@ -552,8 +553,8 @@ def _train(run: _Run, engine: MemberEngine, initial: list, hparams: dict,
         if is_eval or is_save or due.flush:
             run.flush_losses()
         run.time_sum += time.perf_counter() - t0
-        if is_eval or is_save:
-            state = {**state, "members": live.stacked()}
+        if is_eval or is_save:  # an evaluation alone reads the params and flags
+            state = {**state, "members": live.stacked(None if is_save else EVAL_KEYS)}
         if is_eval:
             state = run.evaluate(state, live, step)
         if is_save:

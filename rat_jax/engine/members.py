@@ -140,9 +140,14 @@ class LiveMembers:
         self._parts, metrics = self.engine._train_parts(self._parts, self._hparams, batch)
         return metrics
 
-    def stacked(self) -> Any:
-        """The members' stacked state {'params', 'opt_state', 'step', 'nonfinite'} [M, ...]."""
-        return self.engine.parts.join(self._parts)
+    def stacked(self, keys: Sequence[str] | None = None) -> Any:
+        """The members' stacked state {'params', 'opt_state', 'step', 'nonfinite'} [M, ...];
+        `keys`: only those entries (an evaluation reads the params and flags, not Adam's
+        moments: with several parts, each entry joined is a copy)."""
+        parts = self._parts
+        if keys is not None:
+            parts = Parts({k: p[k] for k in keys} for p in parts)
+        return self.engine.parts.join(parts)
 
     def params_for_eval(self) -> Any:
         """The members' params, for `evaluate_batch` / loop.evaluate (no copy)."""
