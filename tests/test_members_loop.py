@@ -158,6 +158,27 @@ def test_train_members_keeps_no_host_copy_of_the_initial_state_during_the_run(se
     assert trees.num_members(result.best_params) == M
 
 
+def test_the_last_checkpoint_is_written_before_the_final_state_is_joined(setup, tmp_path,
+                                                                        monkeypatch):
+    """The run's last checkpoint is written (its host copy freed) before the final stacked state
+    is joined and the final sets are evaluated, not beside them."""
+    s = setup
+    events = []
+    real_wait, real_fill_final = loop_lib.RunCheckpoints.wait, loop_lib._Run.fill_final
+
+    def wait(ckpts):
+        events.append("wait")
+        return real_wait(ckpts)
+
+    def fill_final(run, state):
+        events.append("fill_final")
+        return real_fill_final(run, state)
+    monkeypatch.setattr(loop_lib.RunCheckpoints, "wait", wait)
+    monkeypatch.setattr(loop_lib._Run, "fill_final", fill_final)
+    _run(s, workdir=tmp_path, num_steps=3)
+    assert "wait" in events and events.index("wait") < events.index("fill_final")
+
+
 def test_update_best_is_strict(setup):
     s = setup
     eng = _engine(s)

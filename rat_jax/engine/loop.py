@@ -572,6 +572,9 @@ def _train(run: _Run, engine: MemberEngine, initial: list, hparams: dict,
             progress.update(step + 1, per_step_images or 0, run.last_losses)
     feed.close()
     run.flush_losses()
+    if run.ckpts is not None:  # the last checkpoint's host copy is freed before the final
+        run.ckpts.wait()       # state is joined and the final sets are evaluated
+        runtime.trim_heap()
     state = {**state, "members": live.stacked()}
     del live  # its parts: the stacked state holds the members now (the final sets, the result)
     run.fill_final(state)
