@@ -57,6 +57,7 @@ def _trained(workdir):
 
 
 PARALLEL = ("--config.engine.cpu_devices=4", "--config.engine.schedule=parallel")
+ONE_DEVICE = ("--config.engine.cpu_devices=1",)
 
 
 @pytest.fixture(scope="module")
@@ -65,18 +66,6 @@ def swept(tmp_path_factory):
     devices: (workdir, stdout)."""
     workdir = tmp_path_factory.mktemp("sweep")
     return workdir, _run(workdir, *PARALLEL)
-
-
-def test_scheduled_sweep_equals_the_one_device_sweep(swept, tmp_path):
-    """The jobs of the 4-device parallel schedule give the numbers of one job at a time on one
-    device: every target's rows and the combined cells, bit for bit."""
-    ref_dir, _ = swept
-    _run(tmp_path, "--config.engine.cpu_devices=1")
-    for t in TARGETS:
-        got = report.read_rows(tmp_path / "targets" / t / "results.json")
-        assert got == report.read_rows(ref_dir / "targets" / t / "results.json"), t
-    cells = lambda d: json.loads((d / "results.json").read_text())["cells"]
-    assert cells(tmp_path) == cells(ref_dir)
 
 
 def test_sweep_table_and_each_shared_run_trained_once(swept):
@@ -212,12 +201,15 @@ def test_rerun_trains_nothing_and_prints_the_same_tables(swept):
     assert set(st["tables"].values()) == {"done"} and st["rate"]["member_steps_per_s"] > 0
 
 
-def test_killed_sweep_resumes_to_the_same_table(swept, tmp_path):
+def test_killed_one_device_sweep_resumes_to_the_parallel_sweeps_results(swept, tmp_path):
+    """The sweep run one job at a time on one device, killed (-9) once its first target is done
+    and rerun, ends with the numbers of the uninterrupted 4-device parallel sweep: every target's
+    rows and the combined cells bit for bit, and nothing that had finished is trained again."""
     ref_dir, ref_out = swept
     st = _status(tmp_path)  # before anything ran: every run pending
     assert {r["state"] for r in st["runs"]} == {"pending"} and len(st["runs"]) == 15
     assert st["member_steps_left"] == 234 and set(st["tables"].values()) == {"pending"}
-    proc = subprocess.Popen(_cmd(tmp_path), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(_cmd(tmp_path, *ONE_DEVICE), stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env=ENV, cwd=REPO)
     first = tmp_path / "targets" / "digits" / "results.json"
     deadline = time.time() + 600
@@ -240,10 +232,13 @@ def test_killed_sweep_resumes_to_the_same_table(swept, tmp_path):
     partial = json.loads((tmp_path / "results.json").read_text())
     assert "glyphs" in partial["pending"] and "digits" not in partial["pending"]
 
-    out = _run(tmp_path)  # the same command resumes; finished work is loaded
+    out = _run(tmp_path, *ONE_DEVICE)  # the same command resumes; finished work is loaded
     assert _tables(out)[-12:] == _tables(ref_out)[-12:]  # the combined table
-    got = json.loads((tmp_path / "results.json").read_text())["cells"]
-    assert got == json.loads((ref_dir / "results.json").read_text())["cells"]
+    for t in TARGETS:
+        got = report.read_rows(tmp_path / "targets" / t / "results.json")
+        assert got == report.read_rows(ref_dir / "targets" / t / "results.json"), t
+    cells = lambda d: json.loads((d / "results.json").read_text())["cells"]
+    assert cells(tmp_path) == cells(ref_dir)
     names = [n for n, _ in _trained(tmp_path)]
     assert len(names) == len(set(names)) == 15  # nothing finished was trained twice
     st = _status(tmp_path)
