@@ -149,13 +149,56 @@ def test_train_members_keeps_no_host_copy_of_the_initial_state_during_the_run(se
     result = loop_lib.train_members(s["model"], s["params"], s["bs"], s["hp"],
                                     Loader(s["batches"]), loop, loop_lib.RunOutput(quiet=True),
                                     engine)
-    assert refs and alive[1:] == [0, 0]
-    # freed pages go back to the OS once the state is placed, after the first (compiling)
+    # the state is made once the step is compiled on the first batch and dropped once placed
+    assert refs and alive == [0, 0, 0]
+    # freed pages go back to the OS after compiling, once the state is placed, after the first
     # update and after each evaluation (steps 0 and 2) instead of staying resident for the run
-    assert trims == [-1, 0, 0, 2]
+    assert trims == [0, 0, 0, 0, 2]
     assert parts and parts_alive == [0]
     assert evaluated == [["nonfinite", "params"]] * 2  # not Adam's moments
     assert trees.num_members(result.best_params) == M
+
+
+def test_the_train_step_is_compiled_before_the_state_is_placed_and_reused(setup, monkeypatch):
+    """A new run compiles its train step from the state's shapes and the first batch before the
+    state is placed, and train_members makes the state (params, Adam moments, best params) only
+    then (the compiler's memory and the state's do not add up), and the first
+    update reuses that program (one compiled step: the abstract members' shapes, dtypes and
+    shardings are the placed parts')."""
+    s = setup
+    events = []
+    real_compile = members_lib.MemberEngine.compile_train
+    real_init_state = loop_lib.init_state
+
+    def init_state(params):
+        events.append("make state")
+        return real_init_state(params)
+    monkeypatch.setattr(loop_lib, "init_state", init_state)
+    real_place = members_lib.MemberEngine.place
+
+    def compile_train(engine, members, hparams, batch):
+        events.append("compile")
+        return real_compile(engine, members, hparams, batch)
+
+    def place(engine, stacked):
+        if isinstance(stacked, dict) and "best_params" in stacked:
+            events.append("place state")
+        return real_place(engine, stacked)
+    monkeypatch.setattr(members_lib.MemberEngine, "compile_train", compile_train)
+    monkeypatch.setattr(members_lib.MemberEngine, "place", place)
+    for strategy in ("loop", "map"):  # 'loop' with both members on one device: two parts
+        events.clear()
+        engine = members_lib.MemberEngine(s["model"], s["bs"], M, members_lib.EngineConfig(
+            batch_size=N, devices=jax.devices()[:1], strategy=strategy))
+        _run(s, engine=engine)  # run_loop given the state: compiled before it is placed
+        assert events == ["compile", "place state"], strategy
+        assert len(engine.train_program._compiled) == 1, strategy
+    events.clear()  # train_members: the state is made after compiling (InitialState)
+    result = loop_lib.train_members(s["model"], s["params"], s["bs"], s["hp"],
+                                    ListLoader(s["batches"]), loop_lib.LoopConfig(2, 1),
+                                    engine=members_lib.EngineConfig(batch_size=N))
+    assert events == ["compile", "make state", "place state"]
+    assert trees.num_members(result.final_params) == M
 
 
 def test_the_last_checkpoint_is_written_before_the_final_state_is_joined(setup, tmp_path,

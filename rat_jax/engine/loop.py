@@ -41,7 +41,7 @@ import rat_jax.files as files
 import rat_jax.runtime as runtime
 import rat_jax.trees as trees
 from rat_jax.engine import savepoints
-from rat_jax.engine.members import EngineConfig, MemberEngine, init_state
+from rat_jax.engine.members import EngineConfig, MemberEngine, init_state, init_state_shapes
 from rat_jax.engine.progress import Progress, ScalarWriter
 from rat_jax.engine.resume import RunCheckpoints, decode_state, encode_state
 from rat_jax.engine.savepoints import Preempted, SavePoints
@@ -488,12 +488,33 @@ class _Run:
             self.progress.close(self.loop.num_steps, self.last_losses)
 
 
+@dataclasses.dataclass
+class InitialState:
+    """A run's initial state (init_state) from its members' params, made only once the train
+    step is compiled and only when no checkpoint resumes the run: its host copies (params, Adam
+    moments, best params) and the compiler's memory are not resident together."""
+    params: Sequence[Any] | Any  # a list of M param trees or one stacked tree
+
+    def shapes(self) -> dict:
+        """init_state's shapes and dtypes (ShapeDtypeStructs), without making it."""
+        p = self.params
+        if isinstance(p, (list, tuple)):
+            dtype = lambda x: x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+            p = jax.tree.map(lambda *xs: jax.ShapeDtypeStruct((len(xs),) + np.shape(xs[0]),
+                                                              dtype(xs[0])), *p)
+        return init_state_shapes(p)
+
+    def make(self) -> dict:
+        p = self.params
+        return init_state(trees.stack(list(p)) if isinstance(p, (list, tuple)) else p)
+
+
 def run_loop(engine: MemberEngine, state: dict, hparams: dict, train_batches: Iterable,
              loop: LoopConfig, output: RunOutput | None = None) -> TrainResult:
     """Train the engine's members for `loop.num_steps` updates (resuming from the output's
     workdir if it holds a checkpoint of this run), evaluating every `loop.checkpoint_freq`
-    steps (LoopConfig, RunOutput). `state` / `hparams` are the stacked state and [M] settings
-    (host or placed). Returns the final stacked state and per-member records. A SIGTERM
+    steps (LoopConfig, RunOutput). `state` / `hparams` are the stacked state (host or placed,
+    or an InitialState) and [M] settings (host or placed). Returns the final stacked state and per-member records. A SIGTERM
     during the run stops it once a checkpoint is saved (`Preempted`, rat_jax.engine.savepoints).
     """
     run = _Run(engine, hparams, loop, output or RunOutput())
@@ -515,17 +536,33 @@ def _train(run: _Run, engine: MemberEngine, initial: list, hparams: dict,
            train_batches: Iterable) -> TrainResult:
     """The run; `initial`: [the initial state], emptied here (see run_loop)."""
     loop = run.loop
-    state = engine.place(initial.pop())
+    host = initial.pop()  # the initial state, or the InitialState that makes it
+    template = engine.parts.abstract(  # the placed state's shapes and shardings
+        host.shapes() if isinstance(host, InitialState) else host)
     hparams_dev = engine.place(jax.tree.map(np.asarray, hparams))
     iterator = iter(train_batches)
     stateful = iterator if hasattr(iterator, "get_state") else (
         train_batches if hasattr(train_batches, "get_state") else None)
-    state, latest = run.restore(state, stateful)
+    state, latest = run.restore(template, stateful)  # a checkpoint's state, placed
+    if latest is not None:
+        host = None
     progress = run.open_console(latest)
     # Batches are placed on the devices while the step before them runs; checkpoints record the
     # feed's state (the next batch a step reads), not how far it has read ahead.
     feed = engine.feed(iterator, limit=max(loop.num_steps - run.start, 0), stateful=stateful)
     stateful = feed if stateful is not None else None
+    # The train step is compiled on the first batch before a new run's state is placed, so the
+    # compiler's memory and the members' state are not resident together.
+    first, compile_seconds = None, 0.0
+    if run.start < loop.num_steps:
+        first = next(feed)
+        t0 = time.perf_counter()
+        engine.compile_train(template["members"], hparams_dev, first)
+        compile_seconds = time.perf_counter() - t0
+        runtime.trim_heap()  # the memory the compiler freed
+    if host is not None:
+        state = engine.place(host.make() if isinstance(host, InitialState) else host)
+    del host, template
     per_step_images = None
     # The live members train; their stacked state is asked for only where it is read
     # (evaluation, selection, checkpoints, the result).
@@ -534,15 +571,15 @@ def _train(run: _Run, engine: MemberEngine, initial: list, hparams: dict,
     runtime.trim_heap()  # the initial state's host copies, now placed
     for step in range(run.start, loop.num_steps):
         t0 = time.perf_counter()
-        batch = next(feed)
+        batch, first = (first, None) if first is not None else (next(feed), None)
         if per_step_images is None:
             per_step_images = batch.num_images
         t_step = time.perf_counter()
         metrics = live.step(batch)
-        if step == run.start:  # the first update compiles: timed alone, kept out of the ETA
+        if step == run.start:  # compiling and the first update: timed alone, out of the ETA
             jax.block_until_ready(metrics["loss"])
-            progress.compiled(time.perf_counter() - t_step)
-            runtime.trim_heap()  # the memory the compiler and the first update freed
+            progress.compiled(compile_seconds + time.perf_counter() - t_step)
+            runtime.trim_heap()  # the memory the first update freed
         if run.pending:  # keep at most one step in flight
             jax.block_until_ready(run.pending[-1])
         run.pending.append(metrics["loss"])
@@ -604,9 +641,4 @@ def train_members(model, params: Sequence[Any] | Any, batch_stats: Any, hparams:
     # The initial state is made in the call and held by run_loop alone, which drops it once it
     # is placed: its host copies (stacked params, Adam state, best params) do not outlive the
     # run's start.
-    return run_loop(engine, _initial_state(params), hparams, train_batches, loop, output)
-
-
-def _initial_state(params: Sequence[Any] | Any) -> dict:
-    """init_state of a list of M param trees or of one stacked tree."""
-    return init_state(trees.stack(list(params)) if isinstance(params, (list, tuple)) else params)
+    return run_loop(engine, InitialState(params), hparams, train_batches, loop, output)

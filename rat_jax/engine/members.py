@@ -79,6 +79,19 @@ def make_hparams(num_members: int, *, lr: Any = 5e-5, weight_decay: Any = 0.0, d
             "lp_steps": arr("lp_steps", lp_steps, np.int32), "key": member_keys(seeds)}
 
 
+def init_state_shapes(params: Any) -> dict:
+    """The ShapeDtypeStructs of init_state(params) (stacked params [M, ...], host or abstract),
+    without making the state."""
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.dtype(x.dtype)), params)
+    m = trees.num_members(params)
+    return {
+        "members": jax.eval_shape(jax.vmap(step_lib.init_member), params),
+        "best_params": params,
+        "best_score": jax.ShapeDtypeStruct((m,), np.dtype(np.float32)),
+        "best_step": jax.ShapeDtypeStruct((m,), np.dtype(np.int32)),
+    }
+
+
 def init_state(params: Any) -> dict:
     """Stacked training state from stacked params (leading member axis on every leaf)."""
     m = trees.num_members(params)
@@ -264,6 +277,17 @@ class MemberEngine:
         if not self.parts.split_form:
             return Parts(new), outs[0]
         return Parts(new), self.parts.gather_local(outs)
+
+    def compile_train(self, members: Any, hparams: Any, batch: dict | PlacedBatch) -> None:
+        """Compile the train step for stacked `members` (host, placed or ShapeDtypeStructs:
+        their shapes are what is read) with the [M] `hparams` on `batch`'s shapes, without
+        running it; the first `LiveMembers.step` on such members then reuses it."""
+        batch = self.place_train(batch)
+        members = self.parts.abstract_part(members)
+        hparams = self.parts.split(hparams)[0]
+        x, y, aug = batch.parts[0]
+        self.train_program.compile(members, hparams, x, y, aug, self.batch_stats,
+                                   batch.image_size)
 
     # -- public steps ------------------------------------------------------------------------
     def start(self, members: Any, hparams: Any) -> LiveMembers:

@@ -115,6 +115,20 @@ class PartLayout:
             return Parts((stacked,))
         return Parts(self._take_jit(stacked, np.int32(i)) for i in range(self.local_members))
 
+    def abstract(self, stacked: Any) -> Any:
+        """The shapes, dtypes and shardings (ShapeDtypeStructs) of `stacked` [M, ...] placed."""
+        sharding = self.placement.member_sharding
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.dtype(x.dtype),
+                                                           sharding=sharding), stacked)
+
+    def abstract_part(self, stacked: Any) -> Any:
+        """The shapes, dtypes and shardings (ShapeDtypeStructs) of each part `split` makes of
+        `stacked` [M, ...] (host, placed or abstract); every part has the same."""
+        n = self.placement.model_size if self.split_form else self.placement.num_members
+        return self.abstract(jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct((n,) + tuple(np.shape(x))[1:], np.dtype(x.dtype)),
+            stacked))
+
     def join(self, parts: Parts) -> Any:
         """Parts -> the stacked tree [M, ...] on the mesh (a copy when there are several parts;
         with one part, that part itself)."""

@@ -71,9 +71,16 @@ class TrainProgram:
         return jax.jit(train, donate_argnums=(0,))
 
     def __call__(self, members, hparams, images, labels, aug, batch_stats, size=None):
+        """One update with the compiled train step for these shapes (`compile`). `aug`: the
+        device mode's per-image parameters ({} for ready images), `size`: its output size."""
+        compiled = self.compile(members, hparams, images, labels, aug, batch_stats, size)
+        return compiled(members, hparams, images, labels, aug, batch_stats)
+
+    def compile(self, members, hparams, images, labels, aug, batch_stats, size=None):
         """The compiled train step for these shapes: lowered once, its XLA:CPU options chosen by
-        runtime.cpu_compiler_options, compiled once per shape and reused. `aug`: the device
-        mode's per-image parameters ({} for ready images), `size`: its output size."""
+        runtime.cpu_compiler_options, compiled once per shape and reused. `members` may be
+        ShapeDtypeStructs with the placed members' shardings: the loop compiles before the
+        members' state is placed, so the compiler's memory and the state's do not add up."""
         size = int(size) if aug else None
         key = (jax.tree.structure((members, aug)), size,
                tuple((np.shape(x), str(x.dtype)) for x in jax.tree.leaves((members, images))))
@@ -85,7 +92,7 @@ class TrainProgram:
             options = runtime.cpu_compiler_options(lowered, n, platform, self.cpu_ynn)
             compiled, self.compiler_options = runtime.compile_with_options(lowered, options)
             self._compiled[key] = compiled
-        return compiled(members, hparams, images, labels, aug, batch_stats)
+        return compiled
 
     def memory(self, members, hparams, batch: dict, batch_stats, local_members: int) -> dict:
         """XLA's memory analysis of the compiled train step (bytes per device), without running
