@@ -4,7 +4,6 @@ import io
 import json
 import os
 import signal
-import sys
 import threading
 import time
 import weakref
@@ -200,36 +199,6 @@ def test_the_train_step_is_compiled_before_the_state_is_placed_and_reused(setup,
                                     engine=members_lib.EngineConfig(batch_size=N))
     assert events == ["compile", "make state", "place state"]
     assert trees.num_members(result.final_params) == M
-
-
-def test_on_cpu_an_evaluation_waits_for_the_checkpoint_in_flight(setup, tmp_path, monkeypatch):
-    """On CPU (device memory is the host's) an evaluation point first waits for the write of a
-    checkpoint in flight, so the save's copy of the state and the evaluation's are not resident
-    together."""
-    s = setup
-    events = []
-    real_wait, real_save = loop_lib.RunCheckpoints.wait, loop_lib.RunCheckpoints.save
-    real_evaluate = loop_lib._Run.evaluate
-
-    def wait(ckpts):  # the loop's own waits (not those of a save waiting for the last one)
-        events.append("wait" if sys._getframe(1).f_code.co_name == "_train" else "-")
-        return real_wait(ckpts)
-
-    def save(ckpts, step, state, meta):
-        events.append(f"save {step}")
-        return real_save(ckpts, step, state, meta)
-
-    def evaluate(run, state, live, step):
-        events.append(f"eval {step}")
-        return real_evaluate(run, state, live, step)
-    monkeypatch.setattr(loop_lib.RunCheckpoints, "wait", wait)
-    monkeypatch.setattr(loop_lib.RunCheckpoints, "save", save)
-    monkeypatch.setattr(loop_lib._Run, "evaluate", evaluate)
-    _run(s, workdir=tmp_path, num_steps=4, save_every=1)  # saves after every step, evals at 0, 2, 3
-    evals = [i for i, e in enumerate(events) if e.startswith("eval")]
-    assert [events[i] for i in evals] == ["eval 0", "eval 2", "eval 3"]
-    assert all(events[i - 1] == "wait" for i in evals)
-    assert "save 1" in events[evals[0]:evals[1]]  # a save between the evaluations
 
 
 def test_the_last_checkpoint_is_written_before_the_final_state_is_joined(setup, tmp_path,

@@ -564,9 +564,6 @@ def _train(run: _Run, engine: MemberEngine, initial: list, hparams: dict,
         state = engine.place(host.make() if isinstance(host, InitialState) else host)
     del host, template
     per_step_images = None
-    # On CPU the devices' memory is the host's: there an evaluation waits for a checkpoint write
-    # in flight (its copy of the state) instead of adding its own copies to it.
-    shared_memory = engine.mesh.devices.flat[0].platform == "cpu"
     # The live members train; their stacked state is asked for only where it is read
     # (evaluation, selection, checkpoints, the result).
     live = engine.start(state["members"], hparams_dev)
@@ -593,9 +590,6 @@ def _train(run: _Run, engine: MemberEngine, initial: list, hparams: dict,
         if is_eval or is_save or due.flush:
             run.flush_losses()
         run.time_sum += time.perf_counter() - t0
-        if is_eval and shared_memory and run.ckpts is not None:
-            run.ckpts.wait()  # a save in flight holds a copy of the state: written and freed
-            runtime.trim_heap()  # before the evaluation's copies and buffers are made
         if is_eval or is_save:  # an evaluation alone reads the params and flags
             state = {**state, "members": live.stacked(None if is_save else EVAL_KEYS)}
         if is_eval:
