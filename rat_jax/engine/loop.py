@@ -571,7 +571,10 @@ def _train(run: _Run, engine: MemberEngine, initial: list, hparams: dict,
     runtime.trim_heap()  # the initial state's host copies, now placed
     for step in range(run.start, loop.num_steps):
         t0 = time.perf_counter()
-        batch, first = (first, None) if first is not None else (next(feed), None)
+        if first is not None:  # the batch the step was compiled on
+            batch, first = first, None
+        else:
+            batch = next(feed)
         if per_step_images is None:
             per_step_images = batch.num_images
         t_step = time.perf_counter()
@@ -638,7 +641,7 @@ def train_members(model, params: Sequence[Any] | Any, batch_stats: Any, hparams:
         spec_shape = (m, config.batch_size or engine.data_size)
         local = distributed.process_indices(engine.mesh, engine.batch_spec, spec_shape)[0]
         train_batches.load_only(local)
-    # The initial state is made in the call and held by run_loop alone, which drops it once it
-    # is placed: its host copies (stacked params, Adam state, best params) do not outlive the
-    # run's start.
+    # run_loop makes the initial state once the train step is compiled (InitialState) and holds
+    # it alone, dropping it once placed: its host copies (stacked params, Adam state, best
+    # params) neither meet the compiler's memory nor outlive the run's start.
     return run_loop(engine, InitialState(params), hparams, train_batches, loop, output)
