@@ -33,7 +33,7 @@ EXTRAS = {
     # config.tensorboard=True: per-member scalars as TensorBoard event files (optional).
     "tensorboard": ["tensorboardX>=2.6"],
     # torch==2.13.0: an exact pin takes the local CPU wheel; a range pulls a multi-GB CUDA build.
-    "test": ["pytest>=8", "chex>=0.1.86", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29",
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "chex>=0.1.86", "torch==2.13.0", "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29",
              "tensorboardX>=2.6"],
 }
 
