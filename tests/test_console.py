@@ -111,7 +111,8 @@ def test_resume_notice_and_quiet(tmp_path, capsys):
     out = RunOutput(workdir=tmp_path, stage="rs")
     engine = EngineConfig(batch_size=8, devices=jax.devices()[:2])
 
-    class Killed(ListLoader):           # the run dies before step 4 (checkpoint of step 3 kept)
+    class Killed(ListLoader):  # the run dies before step 4: the checkpoint of step 2 is kept (the
+                               # save due at step 1 is made after the evaluation of step 2)
         def __next__(self):
             if self.pos == 4:
                 raise KeyboardInterrupt
@@ -122,7 +123,7 @@ def test_resume_notice_and_quiet(tmp_path, capsys):
     assert capsys.readouterr().err == ""   # quiet: nothing at all
     train_members(model, params, bs, hp, ListLoader(batches), loop, out, engine)
     err = capsys.readouterr().err
-    assert "[rs] resuming from the checkpoint of step 3: 4/6 updates done" in err
+    assert "[rs] resuming from the checkpoint of step 2: 3/6 updates done" in err
     assert re.search(r"\[rs\] step 4  2 members  train loss [\d.]+  ID-val mean", err)
 
 

@@ -400,6 +400,30 @@ def test_save_points_with_and_without_the_processes_vote(monkeypatch):
     assert saves(vote=True, sigterm_from=5) == [4, 6, "stop"]
 
 
+def test_a_save_one_step_before_an_evaluation_is_made_at_it(monkeypatch):
+    """A step-period or clock save due one step before an evaluation point is made at that point
+    (after its evaluation), once; a save at an evaluation point, the last step's and SIGTERM's
+    are not moved."""
+    def saves(save_every=0, eval_every=0, minutes=None, sigterm_at=None):
+        clock = _Clock()
+        points = savepoints.SavePoints(10, save_minutes=minutes, save_every=save_every,
+                                       clock=clock, eval_every=eval_every)
+        monkeypatch.setattr(savepoints, "sigterm_requested", lambda: step == sigterm_at)
+        out = []
+        for step in range(10):
+            clock.t = 25.0 * step  # 60 s elapse after 3 steps
+            if points.at(step).save:
+                points.saved(step)
+                out.append(step)
+        return out
+    assert saves(save_every=2) == [1, 3, 5, 7, 9]                     # no evaluation points
+    assert saves(save_every=2, eval_every=3) == [1, 3, 6, 7, 9]       # 5 -> 6; 3 is one
+    assert saves(save_every=2, eval_every=1) == [1, 3, 5, 7, 9]       # every step is one
+    assert saves(save_every=5, eval_every=5) == [5, 9]                # 4 -> 5; 9 is the last
+    assert saves(minutes=1.0, eval_every=4) == [4, 8, 9]              # the clock's 3 -> 4, 7 -> 8
+    assert saves(save_every=5, eval_every=5, sigterm_at=3) == [3, 5, 9]  # SIGTERM at once
+
+
 def test_async_save_holds_its_own_copy(tmp_path):
     """RunCheckpoints.save (asynchronous) returns once the arrays are copied to the host: deleting
     them at once (as the next train step donates them) leaves the checkpoint intact."""
@@ -459,14 +483,6 @@ def test_resume_refuses_other_settings(setup, tmp_path):
         loop_lib.run_loop(_engine(s), members_lib.init_state(trees.stack(s["params"])),
                           other, ListLoader(s["batches"]), loop_lib.LoopConfig(2, 2),
                           loop_lib.RunOutput(workdir=tmp_path, quiet=True))
-
-
-class _Clock:
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self):
-        return self.t
 
 
 def test_progress_plain_lines_tty_and_quiet():
@@ -610,15 +626,16 @@ def _checkpoint_meta(workdir):
 @pytest.mark.parametrize("depth", [0, 1, 3])
 def test_checkpoints_record_the_next_batch_a_step_reads(setup, tmp_path, depth):
     """However far the feed has read ahead, a checkpoint after step k holds the loader's state
-    at batch k + 1: a run that fails at batch 7 (its last checkpoint after step 5) resumes at
-    batch 6 and ends with the bits of an uninterrupted run with depth 0."""
+    at batch k + 1: a run that fails at batch 7 (its last checkpoint after step 6: the save due
+    at step 5 is made after the evaluation of step 6) resumes at
+    batch 7 and ends with the bits of an uninterrupted run with depth 0."""
     s = setup
     eng = engine_for(s["model"], s["bs"], M, 1, "map", device_prefetch=depth)
     with pytest.raises(RuntimeError, match="no batch 7"):
         _run(s, workdir=tmp_path, num_steps=10, engine=eng, save_every=3,
              loader=_CountingLoader(s["batches"], fail_at=7))
     step, meta = _checkpoint_meta(tmp_path)
-    assert step == 5 and meta["loader"] == {"pos": 6}
+    assert step == 6 and meta["loader"] == {"pos": 7}
     resumed = _run(s, workdir=tmp_path, num_steps=10, engine=eng, save_every=3)
     ref = _run(s, num_steps=10, engine=engine_for(s["model"], s["bs"], M, 1, "map",
                                                   device_prefetch=0))

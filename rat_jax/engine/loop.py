@@ -334,7 +334,11 @@ class _Run:
         if missing:
             raise ValueError(f"val_names {missing} are not among eval_sets "
                              f"{sorted(self.eval_sets)}")
-        self.points = SavePoints(loop.num_steps, loop.save_minutes, loop.save_every, loop.clock)
+        if loop.checkpoint_freq < 1:
+            raise ValueError(f"checkpoint_freq={loop.checkpoint_freq}: the loop evaluates every "
+                             "checkpoint_freq steps; give a period of at least 1 step")
+        self.points = SavePoints(loop.num_steps, loop.save_minutes, loop.save_every, loop.clock,
+                                 eval_every=loop.checkpoint_freq)
         self.workdir = pathlib.Path(out.workdir).absolute() if out.workdir is not None else None
         self.writer = RecordWriter(m, self.workdir, out.member_dirs)
         self.hp_meta = _hparams_meta(hparams)
@@ -587,7 +591,7 @@ def _train(run: _Run, engine: MemberEngine, initial: list, hparams: dict,
             jax.block_until_ready(run.pending[-1])
         run.pending.append(metrics["loss"])
         run.count += 1
-        is_eval = step % loop.checkpoint_freq == 0 or step == loop.num_steps - 1
+        is_eval = run.points.is_eval(step)
         due = run.points.at(step, progress.due())
         is_save = run.ckpts is not None and due.save
         if is_eval or is_save or due.flush:

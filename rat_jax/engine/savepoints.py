@@ -11,6 +11,9 @@ background by Orbax) after a step when
     on disk, prints where it is and raises `Preempted`, a SystemExit whose exit code is 143
     (128 + SIGTERM, what a shell reports for a process that SIGTERM ended). Rerunning the same
     command resumes from that checkpoint, with the same bits as a run never stopped.
+A clock or step-period save that falls one step before an evaluation point is made at that point
+instead, after the evaluation, so the checkpoint's write in flight and the evaluation's buffers are
+not resident together (`save_every=50` with an evaluation every 50 steps saves at steps 50, 100...).
 
 `sigterm_guard()` installs the SIGTERM handler for the duration of a run, from the main thread only,
 and puts the previous handler back afterwards; a SIGTERM that no run acted on (it came after the
@@ -137,11 +140,14 @@ class SavePoints:
     each step, `saved(step)` after each save, `stop_requested()` once after the last step."""
 
     def __init__(self, num_steps: int, save_minutes: float | None = SAVE_MINUTES,
-                 save_every: int | None = 0, clock: Callable[[], float] = time.monotonic):
+                 save_every: int | None = 0, clock: Callable[[], float] = time.monotonic,
+                 eval_every: int = 0):
         self.num_steps = num_steps
         self.period = 60.0 * save_minutes if save_minutes and save_minutes > 0 else math.inf
         self.save_every = int(save_every or 0)
+        self.eval_every = int(eval_every or 0)
         self.clock = clock
+        self.moved = False  # a save moved from the step before an evaluation onto it
         self.last_time, self.last_step = clock(), -1
         self.vote = distributed.AnyProcess(3) if jax.process_count() > 1 else None
 
@@ -157,9 +163,17 @@ class SavePoints:
             raised_at, flags = got if got is not None else (step, (False, False, False))
         timed = bool(flags[0]) and raised_at > self.last_step  # not one a save already answered
         periodic = self.save_every > 0 and (step + 1) % self.save_every == 0
-        last = step == self.num_steps - 1
-        return Decision(save=timed or periodic or last or bool(flags[1]), stop=bool(flags[1]),
-                        flush=bool(flags[2]))
+        stop, last = bool(flags[1]), step == self.num_steps - 1
+        due, self.moved = timed or periodic or self.moved, False
+        if due and not (stop or last or self.is_eval(step)) and self.is_eval(step + 1):
+            due, self.moved = False, True  # made after the evaluation of the next step
+        return Decision(save=due or last or stop, stop=stop, flush=bool(flags[2]))
+
+    def is_eval(self, step: int) -> bool:
+        """Whether `step` is an evaluation point: every `eval_every` steps and the last (none when
+        `eval_every` is 0)."""
+        return self.eval_every > 0 and (step % self.eval_every == 0
+                                        or step == self.num_steps - 1)
 
     def saved(self, step: int) -> None:
         self.last_time, self.last_step = self.clock(), step
