@@ -424,6 +424,14 @@ def test_a_save_one_step_before_an_evaluation_is_made_at_it(monkeypatch):
     assert saves(save_every=5, eval_every=5, sigterm_at=3) == [3, 5, 9]  # SIGTERM at once
 
 
+def test_an_evaluation_period_below_one_step_is_a_clear_error(setup):
+    s = setup
+    state = members_lib.init_state(trees.stack(s["params"]))
+    with pytest.raises(ValueError, match=r"checkpoint_freq=0: .* at least 1 step"):
+        loop_lib.run_loop(_engine(s), state, s["hp"], ListLoader(s["batches"]),
+                          loop_lib.LoopConfig(6, 0, eval_sets=s["eval_sets"]))
+
+
 def test_async_save_holds_its_own_copy(tmp_path):
     """RunCheckpoints.save (asynchronous) returns once the arrays are copied to the host: deleting
     them at once (as the next train step donates them) leaves the checkpoint intact."""
