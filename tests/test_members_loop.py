@@ -635,8 +635,8 @@ def _checkpoint_meta(workdir):
 def test_checkpoints_record_the_next_batch_a_step_reads(setup, tmp_path, depth):
     """However far the feed has read ahead, a checkpoint after step k holds the loader's state
     at batch k + 1: a run that fails at batch 7 (its last checkpoint after step 6: the save due
-    at step 5 is made after the evaluation of step 6) resumes at
-    batch 7 and ends with the bits of an uninterrupted run with depth 0."""
+    at step 5 is made after the evaluation of step 6) resumes at batch 7 and ends with the bits
+    of an uninterrupted run with depth 0."""
     s = setup
     eng = engine_for(s["model"], s["bs"], M, 1, "map", device_prefetch=depth)
     with pytest.raises(RuntimeError, match="no batch 7"):
